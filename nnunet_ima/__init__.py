@@ -1,0 +1,7 @@
+"""nnunet-ima: Increasing-Margin Adversarial (IMA) training for nnU-Net v2 and classifiers.
+
+The core (``attacks``, ``margins``, ``losses``, ``metrics``, ``config``) is plain PyTorch;
+``nnunet_ima.trainers`` holds the nnU-Net trainer classes, ``nnunet_ima.evaluation`` the
+robustness evaluator and ``nnunet_ima.classification`` the classification trainer.
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,56 @@
+"""``nnunet-ima``: the umbrella command.
+
+Subcommands live in their own modules, each exposing ``configure(parser)`` and ``run(args)``;
+they are imported only when chosen, so ``nnunet-ima trainer-dir`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from nnunet_ima.errors import UserInputError
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "trainer-dir": ("nnunet_ima.commands.trainer_dir",
+                    "print the folder to put in nnUNet_extTrainer"),
+    "split": ("nnunet_ima.commands.split",
+              "write splits_final.json and a held-out test_cases.json for a preprocessed dataset"),
+    "demo": ("nnunet_ima.commands.demo",
+             "train plain nnU-Net, Adv and IMA on a small synthetic dataset and print robustness tables"),
+    "make-synthetic": ("nnunet_ima.commands.make_synthetic",
+                       "write a small synthetic nnU-Net raw dataset"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnunet-ima",
+        description="IMA (Increasing-Margin Adversarial) training for nnU-Net v2.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_module=module)
+        try:
+            importlib.import_module(module).configure(sp)
+        except ModuleNotFoundError as e:  # a subcommand module that is not installed
+            if e.name != module:
+                raise
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UserInputError as e:
+        print(f"nnunet-ima {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``nnunet-ima`` command (each: ``configure(parser)`` and ``run(args)``)."""
