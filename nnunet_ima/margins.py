@@ -186,6 +186,10 @@ class MarginStore:
         """The records of the current epoch (for merging across processes)."""
         return {k: list(v) for k, v in self._records.items()}
 
+    def clear_records(self) -> None:
+        """Drop the current epoch's records (after they were merged elsewhere)."""
+        self._records = {}
+
     def add_records(self, records: Dict[Hashable, List[Tuple[bool, float, bool]]]) -> None:
         """Add records gathered elsewhere (e.g. another DDP rank) to the current epoch."""
         for key, items in records.items():
