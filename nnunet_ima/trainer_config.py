@@ -1,0 +1,196 @@
+"""Settings of the nnU-Net trainers, from class defaults, a JSON file and the saved run.
+
+A user sets any hyperparameter without writing code::
+
+    export NNUNET_IMA_CONFIG=/path/to/ima.json      # {"eps_max": 15, "pgd_steps": 10}
+    nnUNetv2_train Dataset002_Heart 2d 0 -tr nnUNetTrainerIMA
+
+Precedence: the trainer class's defaults (a named variant such as ``nnUNetTrainerIMA_eps15``
+overrides some of them), then the JSON file. The resolved settings are written to
+``ima_config.json`` in the training output folder; ``nnUNetv2_train ... --c`` without the
+environment variable reuses that file, and with a different file is an error (a run must not
+change its hyperparameters half way).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Dict, Optional
+
+from nnunet_ima.attacks import BOUNDARY_POINTS
+from nnunet_ima.config import AttackConfig, IMAConfig
+from nnunet_ima.errors import UserInputError
+from nnunet_ima.losses import check_threshold
+from nnunet_ima.metrics import SLICE_REDUCTIONS
+from nnunet_ima.norms import NORMS
+
+CONFIG_ENV = "NNUNET_IMA_CONFIG"
+CONFIG_FILENAME = "ima_config.json"
+ATTACK_OUTPUTS = ("deep_supervision", "full_resolution")
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """Every knob of ``nnUNetTrainerClean`` / ``Adv`` / ``IMA``; defaults are the paper's protocol.
+
+    Schedule: ``num_epochs`` x ``num_iterations_per_epoch`` training iterations,
+    ``num_val_iterations_per_epoch`` validation iterations, a checkpoint every ``save_every``
+    epochs (1: ``--c`` after a crash loses at most one epoch).
+
+    Attack (both trainers): ``norm``, ``pgd_steps`` steps of ``pgd_alpha * eps / pgd_steps``,
+    ``random_start``; ``attack_outputs`` chooses the objective: nnU-Net's Dice + CE on all
+    deep-supervision outputs with nnU-Net's weights, or on the full-resolution output only.
+
+    IMA: ``eps_max``, ``delta`` (``None`` = ``eps_max / num_epochs``), ``beta``,
+    ``binary_steps``, ``dice_threshold`` and ``dice_reduce`` (a slice is correct when its Dice,
+    the mean or max over foreground classes, is >= the threshold), ``margin_update``,
+    ``on_clean_wrong``, ``clip_min``, ``boundary`` (see :class:`nnunet_ima.config.IMAConfig`).
+
+    Adv: ``adv_eps``, the fixed budget of vanilla adversarial training.
+    """
+
+    num_epochs: int = 50
+    num_iterations_per_epoch: int = 50
+    num_val_iterations_per_epoch: int = 50
+    save_every: int = 1
+    initial_lr: float = 1e-2
+    norm: str = "l2"
+    pgd_steps: int = 20
+    pgd_alpha: float = 4.0
+    random_start: bool = True
+    attack_outputs: str = "deep_supervision"
+    eps_max: float = 25.0
+    delta: Optional[float] = None
+    beta: float = 0.5
+    binary_steps: int = 10
+    dice_threshold: float = 0.6
+    dice_reduce: str = "mean"
+    margin_update: str = "average"
+    on_clean_wrong: str = "shrink"
+    clip_min: str = "zero"
+    boundary: str = "last_correct"
+    adv_eps: float = 15.0
+
+    def __post_init__(self):
+        for name in ("num_epochs", "num_iterations_per_epoch", "save_every", "pgd_steps"):
+            _integer(name, getattr(self, name), 1)
+        _integer("num_val_iterations_per_epoch", self.num_val_iterations_per_epoch, 0)
+        _integer("binary_steps", self.binary_steps, 0)
+        for name in ("initial_lr", "pgd_alpha", "adv_eps"):
+            _positive(name, getattr(self, name))
+        if not isinstance(self.random_start, bool):
+            raise ValueError(f"random_start must be true or false, got {self.random_start!r}")
+        _choice("norm", self.norm, NORMS)
+        _choice("attack_outputs", self.attack_outputs, ATTACK_OUTPUTS)
+        _choice("dice_reduce", self.dice_reduce, SLICE_REDUCTIONS)
+        _choice("boundary", self.boundary, BOUNDARY_POINTS)
+        check_threshold(self.dice_threshold)
+        self.ima_config()  # validates eps_max, delta, beta and the margin-update options
+
+    def ima_config(self) -> IMAConfig:
+        """The IMA part as the core's :class:`IMAConfig` (validated there)."""
+        return IMAConfig(eps_max=self.eps_max, delta=self.delta, beta=self.beta,
+                         binary_steps=self.binary_steps, margin_update=self.margin_update,
+                         on_clean_wrong=self.on_clean_wrong, clip_min=self.clip_min,
+                         boundary=self.boundary)
+
+    def attack_config(self) -> AttackConfig:
+        """The PGD part as the core's :class:`AttackConfig` (the loss is set by the trainer)."""
+        return AttackConfig(norm=self.norm, steps=self.pgd_steps, alpha=self.pgd_alpha,
+                            random_start=self.random_start)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _integer(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _choice(name: str, value: Any, options) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+
+
+def settings_from_dict(values: Dict[str, Any], base: Optional[TrainerSettings] = None,
+                       source: str = "settings") -> TrainerSettings:
+    """``base`` (default: the paper's protocol) with ``values`` applied.
+
+    Raises:
+        UserInputError: unknown keys or out-of-range values, naming ``source``.
+    """
+    known = {f.name for f in fields(TrainerSettings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserInputError(f"{source}: unknown trainer option(s) {unknown}. "
+                             f"Known options: {sorted(known)}")
+    try:
+        return replace(base or TrainerSettings(), **values)
+    except (TypeError, ValueError) as e:
+        raise UserInputError(f"{source}: {e}") from None
+
+
+def read_config_file(path: str) -> Dict[str, Any]:
+    """The JSON object in ``path``; a clear error for a missing file or invalid JSON."""
+    if not os.path.isfile(path):
+        raise UserInputError(f"{CONFIG_ENV} points to {path!r}, which does not exist. "
+                             f"Set it to a JSON file such as {{\"eps_max\": 15}} or unset it.")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserInputError(f"{path} is not valid JSON ({e}); fix the file named by "
+                             f"{CONFIG_ENV}.") from None
+    if not isinstance(values, dict):
+        raise UserInputError(f"{path} must hold a JSON object of trainer options, "
+                             f"got {type(values).__name__}")
+    return values
+
+
+def resolve_settings(class_defaults: Dict[str, Any], output_folder: Optional[str],
+                     continuing: bool, environ: Optional[Dict[str, str]] = None) -> TrainerSettings:
+    """The settings of one training run.
+
+    Args:
+        class_defaults: the trainer class's overrides of the paper's defaults.
+        output_folder: the fold's output folder (holds ``ima_config.json`` of an earlier run).
+        continuing: ``nnUNetv2_train ... --c``.
+        environ: the environment (default ``os.environ``).
+    """
+    environ = os.environ if environ is None else environ
+    base = settings_from_dict(class_defaults, source="trainer class defaults")
+    saved_path = os.path.join(output_folder, CONFIG_FILENAME) if output_folder else None
+    saved = None
+    if continuing and saved_path and os.path.isfile(saved_path):
+        saved = settings_from_dict(read_config_file(saved_path), source=saved_path)
+    path = environ.get(CONFIG_ENV, "").strip()
+    if not path:
+        return saved if saved is not None else base
+    settings = settings_from_dict(read_config_file(path), base=base, source=path)
+    if saved is not None and saved != settings:
+        changed = sorted(k for k, v in settings.to_dict().items() if saved.to_dict()[k] != v)
+        raise UserInputError(
+            f"continuing a run whose saved settings ({saved_path}) differ from {path} in "
+            f"{changed}. Unset {CONFIG_ENV} to continue with the saved settings, or start a new "
+            f"run without --c.")
+    return settings
+
+
+def write_settings(settings: TrainerSettings, output_folder: str) -> str:
+    """Write ``ima_config.json`` atomically; returns its path."""
+    os.makedirs(output_folder, exist_ok=True)
+    path = os.path.join(output_folder, CONFIG_FILENAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(settings.to_dict(), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path

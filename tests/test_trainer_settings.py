@@ -1,0 +1,75 @@
+"""Trainer settings: defaults, variants, the NNUNET_IMA_CONFIG file, continuing a run."""
+import json
+
+import pytest
+
+from nnunet_ima.errors import UserInputError
+from nnunet_ima.trainer_config import (CONFIG_ENV, TrainerSettings, resolve_settings,
+                                       settings_from_dict, write_settings)
+
+
+def test_defaults_are_the_papers_protocol():
+    s = TrainerSettings()
+    assert (s.num_epochs, s.num_iterations_per_epoch) == (50, 50)
+    assert (s.eps_max, s.norm, s.pgd_steps, s.pgd_alpha, s.binary_steps) == (25.0, "l2", 20, 4.0, 10)
+    assert (s.beta, s.dice_threshold, s.margin_update) == (0.5, 0.6, "average")
+    assert s.ima_config().resolved_delta(s.num_epochs) == pytest.approx(0.5)  # 25 / 50
+
+
+def _env_file(tmp_path, values):
+    path = tmp_path / "ima.json"
+    path.write_text(json.dumps(values))
+    return {CONFIG_ENV: str(path)}
+
+
+def test_file_overrides_variant_defaults(tmp_path):
+    env = _env_file(tmp_path, {"pgd_steps": 3, "num_epochs": 4})
+    s = resolve_settings({"eps_max": 15.0}, str(tmp_path / "fold"), False, env)
+    assert (s.eps_max, s.pgd_steps, s.num_epochs) == (15.0, 3, 4)
+    assert s.ima_config().make_margin_store(s.num_epochs).initial == pytest.approx(15.0 / 4)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"epochs": 3}, "unknown trainer option(s) ['epochs']"),
+    ({"eps_max": -1}, "eps_max must be a finite number > 0"),
+    ({"eps_max": 0}, "eps_max must be a finite number > 0"),
+    ({"dice_threshold": 0}, "dice_threshold must lie strictly between 0 and 1"),
+    ({"dice_threshold": 1.0}, "dice_threshold must lie strictly between 0 and 1"),
+    ({"norm": "l1"}, "norm must be one of"),
+    ({"delta": 30.0}, "delta (30.0) must not exceed eps_max"),
+    ({"pgd_steps": 0}, "pgd_steps must be an integer >= 1"),
+    ({"beta": 1.5}, "beta must be in [0, 1]"),
+    ({"margin_update": "halve"}, "margin_update must be one of"),
+])
+def test_bad_values_name_the_problem(tmp_path, values, message):
+    with pytest.raises(UserInputError) as e:
+        resolve_settings({}, None, False, _env_file(tmp_path, values))
+    assert message in str(e.value)
+    assert "ima.json" in str(e.value)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(UserInputError, match="does not exist"):
+        resolve_settings({}, None, False, {CONFIG_ENV: str(tmp_path / "nope.json")})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{eps_max: 3")
+    with pytest.raises(UserInputError, match="not valid JSON"):
+        resolve_settings({}, None, False, {CONFIG_ENV: str(bad)})
+    bad.write_text("[1, 2]")
+    with pytest.raises(UserInputError, match="JSON object"):
+        resolve_settings({}, None, False, {CONFIG_ENV: str(bad)})
+
+
+def test_continuing_reuses_or_checks_the_saved_settings(tmp_path):
+    fold = tmp_path / "fold_0"
+    saved = settings_from_dict({"eps_max": 10.0, "num_epochs": 3})
+    write_settings(saved, str(fold))
+    # --c without the variable: the saved settings, not the class defaults.
+    assert resolve_settings({}, str(fold), True, {}) == saved
+    # --c with the same file content: fine; with a different one: an error naming the keys.
+    assert resolve_settings({}, str(fold), True,
+                            _env_file(tmp_path, {"eps_max": 10.0, "num_epochs": 3})) == saved
+    with pytest.raises(UserInputError, match=r"differ .* in \['eps_max'\]"):
+        resolve_settings({}, str(fold), True, _env_file(tmp_path, {"eps_max": 12.0, "num_epochs": 3}))
+    # A new run (no --c) ignores what an earlier run saved.
+    assert resolve_settings({}, str(fold), False, {}) == TrainerSettings()

@@ -1,0 +1,171 @@
+"""Vanilla adversarial training for nnU-Net, and the adversarial training step IMA shares.
+
+One training step (``train_step``):
+
+1. clean forward in train mode; backward of ``clean_weight * nnU-Net loss`` (this frees the
+   clean activations before the attack and lets the attack reuse the clean output);
+2. ``adversarial_batch(...)`` builds the adversarial inputs (PGD at a fixed eps here; BPGD at
+   per-slice margins in ``nnUNetTrainerIMA``) with the network in eval mode, parameters frozen,
+   fp32;
+3. adversarial forward; backward of ``adversarial_weight * nnU-Net loss``;
+4. nnU-Net's gradient clipping (12) and optimiser / grad-scaler step.
+
+For vanilla adversarial training the weights are 1/2 and 1/2: ``L = (loss(x) + loss(x_eps)) / 2``.
+The attack maximises nnU-Net's Dice + CE per sample (``nnunet_ima.nnunet_loss``).
+
+This file is imported by nnU-Net's trainer lookup as a top-level module: absolute imports only.
+"""
+import os
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any, List, Optional
+
+import torch
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+
+from nnunet_ima.attacks import detach, pgd
+from nnunet_ima.losses import DiceThresholdCorrect
+from nnunet_ima.nnunet_loss import PerSampleDiceCE
+from nnunet_ima.trainers.nnUNetTrainerClean import nnUNetTrainerClean
+from nnunet_ima.training_stats import (STATS_FILENAME, EpochAccumulator, format_for_log,
+                                       write_epoch_row)
+
+
+@dataclass
+class AdversarialBatch:
+    """What the attack of one training step produced.
+
+    Attributes:
+        x: ``(M, C, H, W)`` adversarial inputs (``M`` may be 0), or ``None``.
+        target: their labels (a tensor or nnU-Net's deep-supervision list), or ``None``.
+        weight: the weight of their batch-mean nnU-Net loss in the step's total loss.
+        clean_dice: ``(B,)`` slice Dice of the clean output.
+        clean_correct: ``(B,)`` bool, clean Dice >= threshold.
+    """
+
+    x: Optional[torch.Tensor]
+    target: Any
+    weight: float
+    clean_dice: torch.Tensor
+    clean_correct: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
+class nnUNetTrainerAdv(nnUNetTrainerClean):
+    """nnU-Net trained on ``(loss(x) + loss(x_eps)) / 2`` with ``x_eps`` from 20-step L2 PGD.
+
+    ``adv_eps`` (default 15, z-score units), the PGD settings and the schedule come from
+    ``NNUNET_IMA_CONFIG`` or a named variant such as ``nnUNetTrainerAdv_eps5``.
+    """
+
+    clean_weight: float = 0.5
+
+    def initialize(self):
+        super().initialize()
+        if self.label_manager.has_regions:
+            raise RuntimeError(f"{type(self).__name__} needs label-based training; region-based "
+                               f"datasets (dataset.json 'regions_class_order') are not supported")
+        s = self.ima_settings
+        self.attack_loss = PerSampleDiceCE(
+            ignore_label=self.label_manager.ignore_label,
+            full_resolution_only=s.attack_outputs == "full_resolution")
+        self.is_correct = DiceThresholdCorrect(s.dice_threshold, s.dice_reduce)
+
+    # ------------------------------------------------------------------ hooks
+    def adversarial_batch(self, data: torch.Tensor, target: Any, clean_output: Any,
+                          batch: dict) -> AdversarialBatch:
+        """PGD at ``adv_eps`` on every sample of the batch."""
+        s = self.ima_settings
+        clean_dice = self.is_correct.dice(clean_output, target)
+        x_adv = pgd(self.network, data, target, s.adv_eps, norm=s.norm, steps=s.pgd_steps,
+                    alpha=s.pgd_alpha, loss=self.attack_loss, random_start=s.random_start)
+        return AdversarialBatch(x_adv, target, 1.0 - self.clean_weight, clean_dice,
+                                clean_dice >= s.dice_threshold)
+
+    def after_step(self, batch: dict, adversarial: AdversarialBatch,
+                   adversarial_dice: torch.Tensor) -> None:
+        """Called after the optimiser step (IMA records the margins' evidence here)."""
+
+    def epoch_statistics(self) -> dict:
+        """The row of ``ima_stats.csv`` for the epoch that just ended."""
+        return {"epoch": self.current_epoch, "adv_eps": self.ima_settings.adv_eps,
+                **self._epoch_stats.summary()}
+
+    # ------------------------------------------------------------ training
+    def _autocast(self):
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" \
+            else dummy_context()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _optimizer_step(self) -> None:
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+
+    def train_step(self, batch: dict) -> dict:
+        start = perf_counter()
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] \
+            if isinstance(target, list) else target.to(self.device, non_blocking=True)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            output = self.network(data)
+            clean_loss = self.loss(output, target)
+        self._backward(self.clean_weight * clean_loss)
+        clean_output = detach(output)
+        del output
+
+        attack_start = perf_counter()
+        adversarial = self.adversarial_batch(data, target, clean_output, batch)
+        attack_seconds = perf_counter() - attack_start
+
+        total = self.clean_weight * clean_loss.detach()
+        adversarial_dice = torch.zeros(0)
+        if adversarial.x is not None and adversarial.x.shape[0] > 0:
+            with self._autocast():
+                adv_output = self.network(adversarial.x)
+                adv_loss = self.loss(adv_output, adversarial.target)
+            self._backward(adversarial.weight * adv_loss)
+            total = total + adversarial.weight * adv_loss.detach()
+            adversarial_dice = self.is_correct.dice(detach(adv_output), adversarial.target)
+            del adv_output
+        self._optimizer_step()
+        self.after_step(batch, adversarial, adversarial_dice)
+
+        attacked = adversarial.extra.get("attacked", data.shape[0])
+        self._epoch_stats.add(
+            clean_dice=adversarial.clean_dice.cpu().numpy(),
+            clean_correct=int(adversarial.clean_correct.sum()),
+            adv_dice=adversarial_dice.cpu().numpy(), attacked=attacked,
+            crossed=adversarial.extra.get(
+                "crossed", int((adversarial_dice < self.ima_settings.dice_threshold).sum())),
+            attack_seconds=attack_seconds, step_seconds=perf_counter() - start)
+        return {"loss": total.cpu().numpy()}
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._epoch_stats = EpochAccumulator()
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        row = self.epoch_statistics()
+        self.print_to_log_file("adversarial training: " + format_for_log(row))
+        if self.local_rank == 0:
+            write_epoch_row(os.path.join(self.output_folder, STATS_FILENAME), row)
+            self.after_epoch_written(row)
+
+    def after_epoch_written(self, row: dict) -> None:
+        """Rank 0, after the statistics row was written (IMA draws the margin histogram)."""

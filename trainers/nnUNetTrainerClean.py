@@ -1,0 +1,59 @@
+"""Plain nnU-Net training with nnunet-ima's settings: the clean baseline of the robustness tables.
+
+Its training step is nnU-Net's own; what it adds, and what ``nnUNetTrainerAdv`` and
+``nnUNetTrainerIMA`` inherit, is the settings machinery (class defaults + the JSON file named by
+``NNUNET_IMA_CONFIG``, written to ``ima_config.json``), the short schedules the paper uses
+(50 epochs x 50 iterations by default), a checkpoint every epoch, and atomic checkpoint writes.
+
+This file is imported by nnU-Net's trainer lookup as a top-level module: absolute imports only.
+"""
+import os
+from typing import Any, Dict
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_ima.trainer_config import resolve_settings, write_settings
+
+
+class nnUNetTrainerClean(nnUNetTrainer):
+    """nnU-Net's trainer with the schedule taken from nnunet-ima's settings.
+
+    Named variants override ``ima_defaults`` (a dict of :class:`TrainerSettings` fields).
+    """
+
+    ima_defaults: Dict[str, Any] = {}
+    supports_3d: bool = True
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        continuing = bool(plans.get("continue_training", False))
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if not self.supports_3d and len(self.configuration_manager.patch_size) != 2:
+            raise RuntimeError(
+                f"{type(self).__name__} trains nnU-Net's 2D configuration only (its margins are "
+                f"kept per 2D slice), but configuration {configuration!r} has the 3D patch size "
+                f"{self.configuration_manager.patch_size}. Use: nnUNetv2_train DATASET 2d FOLD "
+                f"-tr {type(self).__name__}")
+        self.ima_settings = resolve_settings(self.ima_defaults, self.output_folder, continuing)
+        s = self.ima_settings
+        self.num_epochs = s.num_epochs
+        self.num_iterations_per_epoch = s.num_iterations_per_epoch
+        self.num_val_iterations_per_epoch = s.num_val_iterations_per_epoch
+        self.save_every = s.save_every
+        self.initial_lr = s.initial_lr
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.local_rank == 0:
+            path = write_settings(self.ima_settings, self.output_folder)
+            self.print_to_log_file(f"nnunet-ima settings ({path}): {self.ima_settings.to_dict()}")
+
+    def save_checkpoint(self, filename: str) -> None:
+        # nnU-Net writes the checkpoint in place; a kill during the write would leave a truncated
+        # file for --c. Writing to a temporary name and renaming keeps the previous one intact.
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)
+        tmp = filename + ".tmp"
+        super().save_checkpoint(tmp)
+        os.replace(tmp, filename)

@@ -1,0 +1,128 @@
+"""IMA (Increasing-Margin Adversarial training) inside nnU-Net's 2D pipeline.
+
+Each 2D training slice ``(case identifier, slice index)`` has an estimated margin ``E`` in a
+:class:`nnunet_ima.margins.MarginStore`. A training step (Algorithm 1 of the paper):
+
+1. the clean output (already computed for the clean loss) splits the batch into slices whose
+   hard Dice is >= ``dice_threshold`` ("correct") and the others;
+2. BPGD (Algorithm 3) runs on the correct slices with budgets ``E``: PGD on nnU-Net's per-slice
+   Dice + CE until the Dice falls below the threshold, then ``binary_steps`` halvings locate the
+   boundary; slices that never cross keep their last iterate and are not trained on;
+3. ``L = ((1 - beta) * sum_b loss(x_b) + beta * sum_crossed loss(x_boundary)) / B`` with
+   nnU-Net's loss (deep supervision included);
+4. every slice's outcome is recorded; at the end of the epoch the margins shrink (crossed or
+   clean-wrong) or expand by ``delta`` (Algorithm 2), clipped to ``[0, eps_max]``.
+
+The margins are saved beside every checkpoint (``checkpoint_*.margins.json``) and restored by
+``nnUNetv2_train ... --c``; per-epoch statistics go to the log and ``ima_stats.csv``, the margin
+histogram to ``margins_hist.png``.
+
+This file is imported by nnU-Net's trainer lookup as a top-level module: absolute imports only.
+"""
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nnunet_ima.attacks import bpgd, select
+from nnunet_ima.margin_checkpoint import load_margins, remove_margins, save_margins
+from nnunet_ima.nnunet_data import sample_keys, slice_tracking_loaders
+from nnunet_ima.trainers.nnUNetTrainerAdv import AdversarialBatch, nnUNetTrainerAdv
+from nnunet_ima.training_stats import HISTOGRAM_FILENAME, plot_margin_histogram
+
+
+class nnUNetTrainerIMA(nnUNetTrainerAdv):
+    """IMA with the paper's defaults: 2D, 50 x 50 iterations, eps_max 25, L2, 20 PGD steps
+    (alpha 4), 10 binary steps, beta 0.5, Dice threshold 0.6, average-shrink margins."""
+
+    supports_3d = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support multi-GPU training (-num_gpus > 1) yet: "
+                f"the per-slice margins are not synchronised across processes. Train with "
+                f"-num_gpus 1.")
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.ima = self.ima_settings.ima_config()
+        self.clean_weight = 1.0 - self.ima.beta
+        self.margins = self.ima.make_margin_store(self.num_epochs)
+
+    def get_dataloaders(self):
+        with slice_tracking_loaders():
+            return super().get_dataloaders()
+
+    # ------------------------------------------------------------------ hooks
+    def adversarial_batch(self, data: torch.Tensor, target: Any, clean_output: Any,
+                          batch: dict) -> AdversarialBatch:
+        """BPGD on the clean-correct slices at their margins; the crossed ones are trained on."""
+        s = self.ima_settings
+        keys = sample_keys(batch)
+        clean_dice = self.is_correct.dice(clean_output, target)
+        correct = clean_dice >= s.dice_threshold
+        batch_size = data.shape[0]
+        crossed = torch.zeros(batch_size, dtype=torch.bool)
+        distance = torch.zeros(batch_size)
+
+        idx = correct.nonzero().flatten()
+        x_boundary, target_boundary = None, None
+        if idx.numel() > 0:
+            eps = self.margins.get([keys[i] for i in idx.tolist()], device=data.device)
+            result = bpgd(self.network, data[idx], select(target, idx), eps, self.is_correct,
+                          norm=s.norm, steps=s.pgd_steps, alpha=s.pgd_alpha,
+                          binary_steps=s.binary_steps, loss=self.attack_loss,
+                          random_start=s.random_start, boundary=s.boundary)
+            found = result.found.cpu()
+            crossed[idx.cpu()] = found
+            distance[idx.cpu()] = result.distance.detach().float().cpu()
+            found_idx = idx[result.found]
+            x_boundary = result.x_boundary[result.found]
+            target_boundary = select(target, found_idx)
+        n_crossed = int(crossed.sum())
+        return AdversarialBatch(
+            x_boundary, target_boundary, self.ima.beta * n_crossed / batch_size, clean_dice,
+            correct, extra={"keys": keys, "crossed_mask": crossed, "distance": distance,
+                            "attacked": int(idx.numel()), "crossed": n_crossed})
+
+    def after_step(self, batch: dict, adversarial: AdversarialBatch,
+                   adversarial_dice: torch.Tensor) -> None:
+        self.margins.record(adversarial.extra["keys"], adversarial.extra["crossed_mask"],
+                            adversarial.extra["distance"], adversarial.clean_correct.cpu())
+
+    def epoch_statistics(self) -> dict:
+        update = self.margins.end_epoch()
+        row = {"epoch": self.current_epoch, **self._epoch_stats.summary()}
+        row.update({
+            "margin_mean": update.margin_mean, "margin_median": update.margin_median,
+            "margin_min": update.margin_min, "margin_max": update.margin_max,
+            "fraction_expanded": update.fraction_expanded,
+            "fraction_shrunk": update.fraction_shrunk, "fraction_reset": update.fraction_reset,
+            "slices_updated": update.keys_updated, "slices_total": update.keys_total})
+        return row
+
+    def after_epoch_written(self, row: dict) -> None:
+        plot_margin_histogram(self.margins.values(),
+                              os.path.join(self.output_folder, HISTOGRAM_FILENAME),
+                              self.ima.eps_max, self.current_epoch, initial=self.margins.initial)
+
+    # ---------------------------------------------------------- checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            # Written first: see nnunet_ima.margin_checkpoint for why this order is crash-safe.
+            save_margins(filename, self.margins, self.current_epoch + 1)
+        super().save_checkpoint(filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        if isinstance(filename_or_checkpoint, str):
+            self.margins = load_margins(filename_or_checkpoint, self.current_epoch)
+            self.print_to_log_file(f"restored {len(self.margins)} slice margins from the "
+                                   f"checkpoint of epoch {self.current_epoch}")
+
+    def on_train_end(self):
+        super().on_train_end()
+        latest = os.path.join(self.output_folder, "checkpoint_latest.pth")
+        if self.local_rank == 0 and not os.path.isfile(latest):
+            remove_margins(latest)

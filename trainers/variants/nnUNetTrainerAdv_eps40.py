@@ -1,0 +1,6 @@
+"""Vanilla adversarial training at eps = 40 (z-score units, L2), a baseline of the paper's tables."""
+from nnunet_ima.trainers.nnUNetTrainerAdv import nnUNetTrainerAdv
+
+
+class nnUNetTrainerAdv_eps40(nnUNetTrainerAdv):
+    ima_defaults = {"adv_eps": 40.0}

@@ -1,0 +1,6 @@
+"""IMA with eps_max = 40 (z-score units, L2), a setting of the paper's segmentation tables."""
+from nnunet_ima.trainers.nnUNetTrainerIMA import nnUNetTrainerIMA
+
+
+class nnUNetTrainerIMA_eps40(nnUNetTrainerIMA):
+    ima_defaults = {"eps_max": 40.0}
