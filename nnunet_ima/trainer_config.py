@@ -56,6 +56,7 @@ class TrainerSettings:
     num_val_iterations_per_epoch: int = 50
     save_every: int = 1
     initial_lr: float = 1e-2
+    seed: Optional[int] = None
     norm: str = "l2"
     pgd_steps: int = 20
     pgd_alpha: float = 4.0
@@ -78,6 +79,8 @@ class TrainerSettings:
             _integer(name, getattr(self, name), 1)
         _integer("num_val_iterations_per_epoch", self.num_val_iterations_per_epoch, 0)
         _integer("binary_steps", self.binary_steps, 0)
+        if self.seed is not None:
+            _integer("seed", self.seed, 0)
         for name in ("initial_lr", "pgd_alpha", "adv_eps"):
             _positive(name, getattr(self, name))
         if not isinstance(self.random_start, bool):

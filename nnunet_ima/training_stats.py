@@ -21,8 +21,9 @@ class EpochAccumulator:
     """Sums over the training steps of one epoch.
 
     ``clean_dice`` sums the clean slice Dice of every sample; ``adv_dice`` sums the slice Dice
-    of every attacked input (the PGD output for Adv, the boundary points for IMA); ``attacked``
-    counts samples that were attacked and ``crossed`` those whose Dice fell below the threshold.
+    of every adversarial input trained on (the PGD outputs for Adv, the boundary points of the
+    crossed slices for IMA); ``attacked`` counts samples that were attacked and ``crossed``
+    those whose Dice fell below the threshold within their budget.
     """
 
     samples: int = 0
@@ -31,6 +32,7 @@ class EpochAccumulator:
     attacked: int = 0
     crossed: int = 0
     adv_dice: float = 0.0
+    adv_samples: int = 0
     attack_seconds: float = 0.0
     step_seconds: float = 0.0
 
@@ -40,6 +42,7 @@ class EpochAccumulator:
         self.clean_dice += float(np.sum(clean_dice))
         self.clean_correct += int(clean_correct)
         self.adv_dice += float(np.sum(adv_dice))
+        self.adv_samples += len(adv_dice)
         self.attacked += int(attacked)
         self.crossed += int(crossed)
         self.attack_seconds += attack_seconds
@@ -52,7 +55,7 @@ class EpochAccumulator:
         return {
             "clean_dice": ratio(self.clean_dice, self.samples),
             "fraction_clean_correct": ratio(self.clean_correct, self.samples),
-            "adv_dice": ratio(self.adv_dice, self.attacked),
+            "adv_dice": ratio(self.adv_dice, self.adv_samples),
             "fraction_crossed": ratio(self.crossed, self.attacked),
             "attack_seconds": self.attack_seconds,
             "step_seconds": self.step_seconds,

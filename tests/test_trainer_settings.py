@@ -73,3 +73,19 @@ def test_continuing_reuses_or_checks_the_saved_settings(tmp_path):
         resolve_settings({}, str(fold), True, _env_file(tmp_path, {"eps_max": 12.0, "num_epochs": 3}))
     # A new run (no --c) ignores what an earlier run saved.
     assert resolve_settings({}, str(fold), False, {}) == TrainerSettings()
+
+
+def test_epoch_accumulator_means():
+    from nnunet_ima.training_stats import EpochAccumulator
+    acc = EpochAccumulator()
+    # IMA-like steps: 4 samples, 3 attacked, 1 crossed whose boundary point has Dice 0.7.
+    acc.add([1.0, 0.9, 0.8, 0.1], 3, [0.7], attacked=3, crossed=1, attack_seconds=1.0,
+            step_seconds=2.0)
+    acc.add([0.5, 0.5, 0.5, 0.5], 0, [], attacked=0, crossed=0, attack_seconds=0.0,
+            step_seconds=1.0)
+    s = acc.summary()
+    assert s["clean_dice"] == pytest.approx(4.8 / 8)
+    assert s["fraction_clean_correct"] == pytest.approx(3 / 8)
+    assert s["adv_dice"] == pytest.approx(0.7)
+    assert s["fraction_crossed"] == pytest.approx(1 / 3)
+    assert (s["attack_seconds"], s["step_seconds"]) == (1.0, 3.0)

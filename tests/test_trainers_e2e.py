@@ -17,9 +17,11 @@ from nnunet_ima.margin_checkpoint import margins_path
 from nnunet_ima.margins import MarginStore
 
 TINY_IMA = {"num_epochs": 2, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1,
-            "pgd_steps": 3, "binary_steps": 3, "eps_max": 10.0}
+            "pgd_steps": 3, "binary_steps": 3, "eps_max": 10.0, "seed": 0}
+# Long enough for the network to segment some slices correctly, so that BPGD runs on them.
+SHORT_IMA = dict(TINY_IMA, num_epochs=5, num_iterations_per_epoch=8, eps_max=20.0)
 TINY_ADV = {"num_epochs": 2, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1,
-            "pgd_steps": 3, "adv_eps": 5.0}
+            "pgd_steps": 3, "adv_eps": 5.0, "seed": 0}
 
 
 def _stats_rows(fold: str):
@@ -43,28 +45,33 @@ def _predict(ws, trainer: str, tmp_path) -> list:
 
 def test_ima_trains_saves_margins_and_predicts(nnunet_workspace, tmp_path):
     ws = nnunet_workspace
-    train(ws, "nnUNetTrainerIMA", TINY_IMA)
+    train(ws, "nnUNetTrainerIMA", SHORT_IMA)
     fold = os.path.join(ws.model_folder("nnUNetTrainerIMA"), "fold_0")
 
     with open(os.path.join(fold, "ima_config.json")) as f:
         saved = json.load(f)
-    assert saved["eps_max"] == 10.0 and saved["pgd_steps"] == 3 and saved["dice_threshold"] == 0.6
+    assert saved["eps_max"] == 20.0 and saved["pgd_steps"] == 3 and saved["dice_threshold"] == 0.6
 
     with open(margins_path(os.path.join(fold, "checkpoint_final.pth"))) as f:
         state = json.load(f)["states"][-1]
-    assert state["current_epoch"] == 2
+    assert state["current_epoch"] == 5
     store = MarginStore.from_state_dict(state["margins"])
-    # 2 epochs x 3 iterations x batch 6 = 36 sampled slices, with repeats.
-    assert 6 <= len(store) <= 36
+    # 5 epochs x 8 iterations x batch 6 = 240 samples of the 5 x 16 training slices.
+    assert 20 <= len(store) <= 80
     cases = {case for case, _ in store.keys()}
     slices = {s for _, s in store.keys()}
     assert cases <= {f"syntheticorgan_{i:03d}" for i in range(8)}
     assert slices <= set(range(16))
-    assert store.initial == pytest.approx(10.0 / 2)  # delta = eps_max / num_epochs
-    assert any(v != store.initial for v in store.values())
+    assert store.initial == pytest.approx(20.0 / 5)  # delta = eps_max / num_epochs
+    values = store.values()
+    assert (values > store.initial).any(), "no slice survived its budget: nothing expanded"
+    assert (values < store.initial).any(), "no slice crossed or was wrong: nothing shrank"
+    assert values.max() <= 20.0
 
     rows = _stats_rows(fold)
-    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert [int(r["epoch"]) for r in rows] == list(range(5))
+    assert float(rows[-1]["fraction_clean_correct"]) > 0.1
+    assert any(float(r["fraction_crossed"]) > 0 for r in rows)  # BPGD reached the boundary
     assert float(rows[-1]["margin_mean"]) == pytest.approx(float(store.values().mean()), rel=1e-4)
     assert os.path.isfile(os.path.join(fold, "margins_hist.png"))
     assert not os.path.exists(os.path.join(fold, "checkpoint_latest.pth"))
@@ -170,3 +177,12 @@ def test_3d_configuration_is_refused(nnunet_workspace):
                      "nnUNetTrainerIMA", "-device", "cpu"], check=False)
     assert result.returncode != 0
     assert "trains nnU-Net's 2D configuration only" in result.stderr
+
+
+def test_multi_process_training_is_refused_before_any_work(monkeypatch):
+    import torch.distributed as dist
+    from nnunet_ima.trainers.nnUNetTrainerIMA import nnUNetTrainerIMA
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.raises(RuntimeError, match="-num_gpus 1"):
+        nnUNetTrainerIMA({}, "2d", 0, {}, torch.device("cpu"))

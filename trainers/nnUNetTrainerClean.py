@@ -8,8 +8,10 @@ Its training step is nnU-Net's own; what it adds, and what ``nnUNetTrainerAdv`` 
 This file is imported by nnU-Net's trainer lookup as a top-level module: absolute imports only.
 """
 import os
+import random
 from typing import Any, Dict
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -42,6 +44,11 @@ class nnUNetTrainerClean(nnUNetTrainer):
         self.num_val_iterations_per_epoch = s.num_val_iterations_per_epoch
         self.save_every = s.save_every
         self.initial_lr = s.initial_lr
+        if s.seed is not None:
+            # Before initialize() builds the network and get_dataloaders() starts sampling.
+            random.seed(s.seed)
+            np.random.seed(s.seed)
+            torch.manual_seed(s.seed)
 
     def on_train_start(self):
         super().on_train_start()
