@@ -1,0 +1,137 @@
+"""Trained nnU-Net models, loaded from plans + checkpoint without their trainer class.
+
+Evaluation must not depend on ``nnUNet_extTrainer``: the network is rebuilt from the
+architecture recorded in ``plans.json`` and the weights of ``fold_X/checkpoint_*.pth``, in eval
+mode, fp32, deep supervision off.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_ima.errors import UserInputError
+
+CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth",
+               "latest": "checkpoint_latest.pth"}
+
+
+class PaddedNetwork(nn.Module):
+    """Runs ``network`` on inputs zero-padded to a multiple of its total stride, then crops.
+
+    The attack perturbs the ``(B, C, H, W)`` slice itself, never the padding, so the noise
+    budget is spent on image pixels only; the logits come back as ``(B, K, H, W)``.
+    """
+
+    def __init__(self, network: nn.Module, divisor: Tuple[int, int]):
+        super().__init__()
+        self.network = network
+        self.divisor = tuple(int(d) for d in divisor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pad_h = (-h) % self.divisor[0]
+        pad_w = (-w) % self.divisor[1]
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        out = self.network(x)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return out[..., :h, :w]
+
+
+@dataclass
+class LoadedModel:
+    """A trained nnU-Net model ready to be attacked.
+
+    Attributes:
+        name: the trainer name (or the folder name), used in tables.
+        folder: the model folder (``.../Trainer__Plans__configuration``).
+        network: :class:`PaddedNetwork`, eval mode, fp32, on ``device``.
+        num_classes: output channels (background included).
+        configuration: e.g. ``"2d"``; ``data_identifier`` its preprocessed folder name.
+        dataset_name: e.g. ``"Dataset990_SyntheticOrgan"``.
+        ignore_label: nnU-Net's ignore label, if any.
+    """
+
+    name: str
+    folder: str
+    network: PaddedNetwork
+    num_classes: int
+    configuration: str
+    data_identifier: str
+    dataset_name: str
+    ignore_label: object
+    plans: dict
+    dataset_json: dict
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def configuration_of(folder: str) -> str:
+    """``Trainer__Plans__2d`` -> ``2d``."""
+    parts = os.path.basename(os.path.normpath(folder)).split("__")
+    if len(parts) != 3:
+        raise UserInputError(f"{folder} is not an nnU-Net model folder (expected a name like "
+                             f"nnUNetTrainer__nnUNetPlans__2d)")
+    return parts[2]
+
+
+def load_model(folder: str, fold: int, checkpoint: str, device: torch.device,
+               name: str = None) -> LoadedModel:
+    """Load ``folder/fold_{fold}/checkpoint_{checkpoint}.pth`` with the architecture of its plans."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    if not os.path.isdir(folder):
+        raise UserInputError(f"model folder {folder} does not exist: train the model first "
+                             f"(nnUNetv2_train) or check -d/-tr/-p/-c")
+    for required in ("plans.json", "dataset.json"):
+        if not os.path.isfile(os.path.join(folder, required)):
+            raise UserInputError(f"{os.path.join(folder, required)} is missing: not a trained "
+                                 f"nnU-Net model folder")
+    if checkpoint not in CHECKPOINTS:
+        raise UserInputError(f"--checkpoint must be one of {sorted(CHECKPOINTS)}, got {checkpoint!r}")
+    path = os.path.join(folder, f"fold_{fold}", CHECKPOINTS[checkpoint])
+    if not os.path.isfile(path):
+        raise UserInputError(f"checkpoint {path} does not exist: has fold {fold} finished "
+                             f"training? (use --checkpoint best/latest for unfinished runs)")
+    configuration = configuration_of(folder)
+    plans = _read_json(os.path.join(folder, "plans.json"))
+    dataset_json = _read_json(os.path.join(folder, "dataset.json"))
+    plans_manager = PlansManager(plans)
+    if configuration not in plans["configurations"]:
+        raise UserInputError(f"configuration {configuration!r} is not in {folder}/plans.json")
+    config = plans_manager.get_configuration(configuration)
+    if len(config.patch_size) != 2:
+        raise UserInputError(f"{folder} is a 3D model; nnunet-ima-eval attacks 2D models (-c 2d)")
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    if label_manager.has_regions:
+        raise UserInputError(f"{folder} was trained on regions; only label-based models are supported")
+    num_inputs = determine_num_input_channels(plans_manager, config, dataset_json)
+    num_classes = label_manager.num_segmentation_heads
+    network = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
+                                     config.network_arch_init_kwargs_req_import, num_inputs,
+                                     num_classes, allow_init=False, deep_supervision=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    weights = {k[7:] if k.startswith("module.") else k: v
+               for k, v in state["network_weights"].items()}
+    network.load_state_dict(weights)
+    strides = np.array(config.network_arch_init_kwargs["strides"]).reshape(-1, 2)
+    divisor = tuple(int(v) for v in np.prod(strides, axis=0))
+    padded = PaddedNetwork(network, divisor).to(device=device, dtype=torch.float32).eval()
+    return LoadedModel(name=name or state.get("trainer_name") or os.path.basename(folder),
+                       folder=folder, network=padded, num_classes=num_classes,
+                       configuration=configuration, data_identifier=config.data_identifier,
+                       dataset_name=plans["dataset_name"], ignore_label=label_manager.ignore_label,
+                       plans=plans, dataset_json=dataset_json)

@@ -1,0 +1,46 @@
+"""Checks that a model can be attacked meaningfully, run before any attack (as AutoAttack does).
+
+A model that hides its gradients, answers at random or returns probabilities would make PGD
+look weak and the robustness table look good; each failure stops the evaluation with its cause.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from nnunet_ima.errors import UserInputError
+from nnunet_ima.model_mode import attack_mode
+
+
+def preflight(name: str, network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+              loss_fn: Callable) -> None:
+    """``x``: ``(B, C, H, W)`` test slices, ``y``: ``(B, 1, H, W)`` labels.
+
+    Raises:
+        UserInputError: outputs that look like probabilities, two forward passes that differ,
+            or an input gradient that is zero or not finite.
+    """
+    with attack_mode(network), torch.no_grad():
+        first = network(x)
+        second = network(x)
+    if not torch.allclose(first, second, rtol=1e-4, atol=1e-5):
+        raise UserInputError(f"{name}: two forward passes on the same input differ (max "
+                             f"{(first - second).abs().max():.3g}); the network is random in eval "
+                             f"mode (dropout? stochastic layers?), so attack results would not be "
+                             f"reproducible")
+    if not torch.isfinite(first).all():
+        raise UserInputError(f"{name}: the network returns NaN or inf; check the checkpoint and "
+                             f"the input images (NaN in the data?)")
+    sums = first.sum(dim=1)
+    if first.min() >= 0 and first.max() <= 1 and torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+        raise UserInputError(f"{name}: the outputs are probabilities (non-negative, summing to 1 "
+                             f"over classes); the attack needs logits. Remove the final softmax.")
+    with attack_mode(network):
+        x_grad = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(network(x_grad), y).sum(), x_grad)
+    if not torch.isfinite(grad).all():
+        raise UserInputError(f"{name}: the input gradient holds NaN or inf")
+    if grad.abs().max() == 0:
+        raise UserInputError(f"{name}: the input gradient is zero everywhere (gradient masking, "
+                             f"or a non-differentiable layer); PGD cannot measure robustness")

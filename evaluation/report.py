@@ -1,0 +1,122 @@
+"""Results on disk: per-(model, noise) parts, summary.json, per_slice.csv, tables in markdown.
+
+Every file is written to a temporary name and renamed, so an interrupted run leaves either the
+old file or the new one, never a truncated one. A part (``parts/<model>__<noise>.npz``) holds
+the per-slice counts of one (model, noise level) and its example slice; a rerun with the same
+settings skips the parts that exist.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from nnunet_ima.metrics import adi, robustness_auc, tvdi
+
+from nnunet_ima.evaluation.robustness import NoiseResult
+
+CONFIG_FILENAME = "config.json"
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def noise_key(noise: float) -> str:
+    """``5.0`` -> ``"5"``, ``0.25`` -> ``"0.25"``: the JSON key and table header of a level."""
+    return f"{noise:g}"
+
+
+def part_path(out: str, model: str, noise: float) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model)
+    return os.path.join(out, "parts", f"{safe}__noise{noise_key(noise)}.npz")
+
+
+def save_part(path: str, result: NoiseResult) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, cases=np.array(result.cases), slices=np.array(result.slices),
+                        tp=result.tp, fp=result.fp, fn=result.fn,
+                        **{f"example_{k}": v for k, v in result.example.items()})
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def load_part(path: str) -> NoiseResult:
+    with np.load(path) as z:
+        example = {k[len("example_"):]: z[k] for k in z.files if k.startswith("example_")}
+        return NoiseResult([str(c) for c in z["cases"]], [int(s) for s in z["slices"]],
+                           z["tp"], z["fp"], z["fn"], example)
+
+
+def summarise(results: Dict[float, NoiseResult], class_names: Sequence[str]) -> dict:
+    """The ``summary.json`` entry of one model: TVDI, ADI, per-class values per noise, AUCs."""
+    noise_entries = {}
+    for noise in sorted(results):
+        r = results[noise]
+        total, per_class = tvdi(torch.as_tensor(r.tp), torch.as_tensor(r.fp), torch.as_tensor(r.fn))
+        per_class_adi = r.per_class_dice.mean(axis=0)
+        noise_entries[noise_key(noise)] = {
+            "tvdi": total, "adi": adi(r.slice_dice), "n_slices": len(r.cases),
+            "per_class": {name: {"tvdi": float(per_class[i]), "adi": float(per_class_adi[i])}
+                          for i, name in enumerate(class_names)}}
+    entry = {"noise": noise_entries}
+    levels = sorted(results)
+    if len(levels) >= 2 and levels[-1] > 0:
+        for metric in ("tvdi", "adi"):
+            entry[f"auc_{metric}"] = robustness_auc(
+                levels, [noise_entries[noise_key(n)][metric] for n in levels])
+    return entry
+
+
+def markdown_table(summary: dict, metric: str, noise_levels: Sequence[float]) -> str:
+    """One row per model, one column per noise level, percent with two decimals (paper style)."""
+    header = "| model | " + " | ".join(f"noise {noise_key(n)}" for n in noise_levels) + " |"
+    if any(f"auc_{metric}" in m for m in summary["models"].values()):
+        header += " AUC |"
+    lines = [f"{metric.upper()} (%)", "", header,
+             "|" + "---|" * (header.count("|") - 1)]
+    for name, entry in summary["models"].items():
+        cells = [f"{100 * entry['noise'][noise_key(n)][metric]:.2f}" for n in noise_levels]
+        if f"auc_{metric}" in entry:
+            cells.append(f"{100 * entry[f'auc_{metric}']:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def per_slice_rows(model: str, results: Dict[float, NoiseResult], class_names: Sequence[str]
+                   ) -> List[dict]:
+    rows = []
+    for noise in sorted(results):
+        r = results[noise]
+        dice = r.per_class_dice
+        for i, (case, index) in enumerate(zip(r.cases, r.slices)):
+            row = {"model": model, "noise": noise_key(noise), "case": case, "slice": index,
+                   "slice_dice": f"{r.slice_dice[i]:.6f}"}
+            row.update({f"dice_{name}": f"{dice[i, c]:.6f}" for c, name in enumerate(class_names)})
+            rows.append(row)
+    return rows
+
+
+def write_outputs(out: str, summary: dict, rows: List[dict], noise_levels: Sequence[float]) -> None:
+    atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_text(os.path.join(out, "per_slice.csv"), buffer.getvalue())
+    for metric in ("tvdi", "adi"):
+        atomic_write_text(os.path.join(out, f"{metric}.md"),
+                          markdown_table(summary, metric, noise_levels))

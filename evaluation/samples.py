@@ -1,0 +1,145 @@
+"""Test slices: 2D slices of held-out cases, as the network sees them (nnU-Net-preprocessed).
+
+Cases come from ``test_cases.json`` (``nnunet-ima split``), the validation fold of
+``splits_final.json``, an explicit list, or raw ``imagesTs`` / ``labelsTs`` folders that are
+preprocessed here with the model's plans (nnU-Net's own preprocessor: transpose, crop, resample,
+normalise).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from nnunet_ima.errors import UserInputError
+
+
+@dataclass
+class SliceSample:
+    """One test slice: ``image`` ``(C, H, W)`` float32 z-scored, ``label`` ``(H, W)`` int16."""
+
+    case: str
+    index: int
+    image: np.ndarray
+    label: np.ndarray
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def cases_from_source(preprocessed_dataset: str, source: Sequence[str], fold: int) -> List[str]:
+    """Case identifiers named by ``--cases``: ``[]``/``["test"]``, ``["val"]`` or explicit ids."""
+    if not source or list(source) == ["test"]:
+        path = os.path.join(preprocessed_dataset, "test_cases.json")
+        if not os.path.isfile(path):
+            raise UserInputError(f"{path} does not exist: run `nnunet-ima split -d DATASET --test N` "
+                                 f"or pass --cases val / --cases CASE [CASE ...] / --images/--labels")
+        cases = _read_json(path)["test"]
+        if not cases:
+            raise UserInputError(f"{path} lists no test cases")
+        return list(cases)
+    if list(source) == ["val"]:
+        path = os.path.join(preprocessed_dataset, "splits_final.json")
+        if not os.path.isfile(path):
+            raise UserInputError(f"{path} does not exist: train the model first or use --cases test")
+        splits = _read_json(path)
+        if fold >= len(splits):
+            raise UserInputError(f"{path} has {len(splits)} folds, fold {fold} asked")
+        return list(splits[fold]["val"])
+    return list(source)
+
+
+def _slices_of(case: str, data: np.ndarray, seg: np.ndarray, include_empty: bool
+               ) -> List[SliceSample]:
+    # data: (C, D, H, W), seg: (1, D, H, W); nnU-Net's 2D configuration slices axis 1.
+    samples = []
+    for z in range(data.shape[1]):
+        label = seg[0, z]
+        if not include_empty and not (label > 0).any():
+            continue
+        samples.append(SliceSample(case, z, np.ascontiguousarray(data[:, z], dtype=np.float32),
+                                   np.ascontiguousarray(label, dtype=np.int16)))
+    return samples
+
+
+def load_preprocessed_slices(preprocessed_dataset: str, data_identifier: str, cases: Sequence[str],
+                             include_empty: bool) -> List[SliceSample]:
+    """Slices of ``cases`` from ``$nnUNet_preprocessed/Dataset/<data_identifier>``."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    folder = os.path.join(preprocessed_dataset, data_identifier)
+    if not os.path.isdir(folder):
+        raise UserInputError(f"{folder} does not exist: run nnUNetv2_plan_and_preprocess for this "
+                             f"configuration, or give --images/--labels")
+    dataset_class = infer_dataset_class(folder)
+    available = set(dataset_class.get_identifiers(folder))
+    missing = [c for c in cases if c not in available]
+    if missing:
+        raise UserInputError(f"cases {missing} are not in {folder}")
+    dataset = dataset_class(folder, list(cases))
+    samples: List[SliceSample] = []
+    for case in cases:
+        data, seg, _, _ = dataset.load_case(case)
+        samples += _slices_of(case, np.asarray(data), np.asarray(seg), include_empty)
+    return samples
+
+
+def _raw_cases(images: str, labels: str, file_ending: str, num_channels: int
+               ) -> Dict[str, Tuple[List[str], str]]:
+    if not os.path.isdir(images):
+        raise UserInputError(f"--images {images} is not a folder")
+    if not os.path.isdir(labels):
+        raise UserInputError(f"--labels {labels} is not a folder")
+    suffix = "_0000" + file_ending
+    cases = sorted(f[:-len(suffix)] for f in os.listdir(images) if f.endswith(suffix))
+    if not cases:
+        raise UserInputError(f"no images named CASE_0000{file_ending} in {images}")
+    found = {}
+    for case in cases:
+        channels = [os.path.join(images, f"{case}_{c:04d}{file_ending}") for c in range(num_channels)]
+        absent = [p for p in channels if not os.path.isfile(p)]
+        if absent:
+            raise UserInputError(f"case {case}: channel files {absent} are missing")
+        label = os.path.join(labels, case + file_ending)
+        if not os.path.isfile(label):
+            raise UserInputError(f"case {case} in {images} has no label {label}: every test image "
+                                 f"needs its ground truth in --labels")
+        found[case] = (channels, label)
+    return found
+
+
+def load_raw_slices(images: str, labels: str, plans: dict, configuration: str, dataset_json: dict,
+                    include_empty: bool, cases: Optional[Sequence[str]] = None) -> List[SliceSample]:
+    """Preprocess raw test images + labels with the model's plans and return their slices."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    config = plans_manager.get_configuration(configuration)
+    num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": 0})))
+    raw = _raw_cases(images, labels, dataset_json["file_ending"], num_channels)
+    if cases:
+        unknown = [c for c in cases if c not in raw]
+        if unknown:
+            raise UserInputError(f"cases {unknown} are not in {images}")
+        raw = {c: raw[c] for c in cases}
+    preprocessor = DefaultPreprocessor(verbose=False)
+    samples: List[SliceSample] = []
+    for case, (channels, label) in raw.items():
+        data, seg, _ = preprocessor.run_case(channels, label, plans_manager, config, dataset_json)
+        samples += _slices_of(case, data, seg, include_empty)
+    return samples
+
+
+def limit_slices(samples: List[SliceSample], max_slices: Optional[int], seed: int
+                 ) -> List[SliceSample]:
+    """At most ``max_slices`` slices, drawn evenly at random (seeded), in their original order."""
+    if max_slices is None or len(samples) <= max_slices:
+        return samples
+    keep = np.sort(np.random.default_rng(seed).choice(len(samples), max_slices, replace=False))
+    return [samples[i] for i in keep]
