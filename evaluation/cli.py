@@ -169,9 +169,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     if len({m.name for m in models}) != len(models):  # same trainer, other plans or datasets
         for m in models:
             m.name = os.path.basename(m.folder)
-    config = _run_config(args, folders, noise, settings)
-    _prepare_output(args.output, config, args.overwrite)
-
     samples = {m.name: _samples(m, args) for m in models}
     for m in models:
         first = samples[m.name][0]
@@ -180,6 +177,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         x = torch.from_numpy(np.stack([s.image for s in batch])).to(device)
         y = torch.from_numpy(np.stack([s.label for s in batch])[:, None].astype(np.int64)).to(device)
         preflight(m.name, m.network, x, y, attack_loss(settings.loss, m.ignore_label))
+    # Only now, with every input checked, does anything get written.
+    config = _run_config(args, folders, noise, settings)
+    _prepare_output(args.output, config, args.overwrite)
 
     todo = [(m, n) for m in models for n in noise
             if not os.path.isfile(part_path(args.output, m.name, n))]

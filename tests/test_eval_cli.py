@@ -1,0 +1,151 @@
+"""nnunet-ima-eval on a really trained nnU-Net model: correctness, attack strength, resume, errors."""
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_ima.evaluation import cli
+from nnunet_ima.evaluation.cli import main
+
+
+def _args(ws, out, *extra):
+    return ["-d", str(ws.dataset_id), "-c", "2d", "-f", "0", "-tr", "nnUNetTrainerClean",
+            "--device", "cpu", "--no-progress", "-o", str(out), *extra]
+
+
+def _per_slice(out):
+    with open(os.path.join(out, "per_slice.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _independent_dice(ws, model_folder, case, index):
+    """Per-class Dice of the network's argmax, with nnU-Net's own predictor loading the model."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
+    predictor.initialize_from_trained_model_folder(model_folder, (0,), "checkpoint_final.pth")
+    net = predictor.network
+    net.load_state_dict(predictor.list_of_parameters[0])
+    net.eval()
+    folder = os.path.join(ws.preprocessed, ws.dataset_name, "nnUNetPlans_2d")
+    data, seg, _, _ = infer_dataset_class(folder)(folder).load_case(case)
+    with torch.no_grad():
+        pred = net(torch.from_numpy(np.asarray(data)[:, index][None]).float()).argmax(1)[0].numpy()
+    label = np.asarray(seg)[0, index]
+    dice = []
+    for c in (1, 2):
+        p, g = pred == c, label == c
+        denominator = p.sum() + g.sum()
+        dice.append(1.0 if denominator == 0 else 2 * (p & g).sum() / denominator)
+    return dice
+
+
+def test_clean_dice_matches_an_independent_computation(nnunet_workspace, trained_clean_model, tmp_path):
+    ws = nnunet_workspace
+    out = tmp_path / "clean"
+    assert main(_args(ws, out, "--noise", "0", "--max-slices", "6")) == 0
+    rows = _per_slice(out)
+    assert len(rows) == 6
+    for row in rows[:3]:
+        expected = _independent_dice(ws, trained_clean_model, row["case"], int(row["slice"]))
+        assert float(row["dice_organ"]) == pytest.approx(expected[0], abs=1e-6)
+        assert float(row["dice_lesion"]) == pytest.approx(expected[1], abs=1e-6)
+    for name in ("summary.json", "tvdi.md", "adi.md", "curves.png", "examples.png"):
+        assert os.path.isfile(out / name)
+
+
+def test_attack_lowers_dice_and_more_steps_never_help(nnunet_workspace, trained_clean_model, tmp_path):
+    ws = nnunet_workspace
+    common = ("--noise", "0", "8", "--max-slices", "8", "--seed", "3")
+    assert main(_args(ws, tmp_path / "weak", *common, "--steps", "5")) == 0
+    assert main(_args(ws, tmp_path / "strong", *common, "--steps", "25")) == 0
+    weak = json.loads((tmp_path / "weak" / "summary.json").read_text())["models"]["nnUNetTrainerClean"]
+    strong = json.loads((tmp_path / "strong" / "summary.json").read_text())["models"]["nnUNetTrainerClean"]
+    for metric in ("tvdi", "adi"):
+        assert weak["noise"]["8"][metric] < weak["noise"]["0"][metric]
+        assert strong["noise"]["8"][metric] <= weak["noise"]["8"][metric] + 0.01
+    weak_rows = {(r["case"], r["slice"]): float(r["slice_dice"]) for r in _per_slice(tmp_path / "weak")
+                 if r["noise"] == "8"}
+    strong_rows = {(r["case"], r["slice"]): float(r["slice_dice"]) for r in _per_slice(tmp_path / "strong")
+                   if r["noise"] == "8"}
+    assert weak_rows.keys() == strong_rows.keys()
+    assert all(strong_rows[k] <= weak_rows[k] + 0.05 for k in weak_rows)
+
+
+def test_interrupted_run_resumes_to_the_same_summary(nnunet_workspace, trained_clean_model, tmp_path,
+                                                     monkeypatch):
+    ws = nnunet_workspace
+    common = ("--noise", "0", "3", "6", "--max-slices", "5", "--steps", "4")
+    assert main(_args(ws, tmp_path / "full", *common)) == 0
+
+    original = cli.evaluate_noise
+    calls = []
+
+    def crash_after_two(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return original(*a, **k)
+    monkeypatch.setattr(cli, "evaluate_noise", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(ws, tmp_path / "resumed", *common))
+    assert len(os.listdir(tmp_path / "resumed" / "parts")) == 2
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    monkeypatch.setattr(cli, "evaluate_noise", original)
+    assert main(_args(ws, tmp_path / "resumed", *common)) == 0
+
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert full == resumed
+    assert (tmp_path / "full" / "per_slice.csv").read_text() == \
+        (tmp_path / "resumed" / "per_slice.csv").read_text()
+    # Other settings in the same folder are refused rather than mixed.
+    assert main(_args(ws, tmp_path / "resumed", "--noise", "0", "9")) == 2
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(nnunet_workspace, trained_clean_model, tmp_path,
+                                                  capsys):
+    ws = nnunet_workspace
+    cases = [
+        (_args(ws, tmp_path / "o1", "--noise", "0", "-3"), "noise levels must be finite and >= 0"),
+        (["-d", "987", "-tr", "nnUNetTrainerClean", "-o", str(tmp_path / "o2")], "no dataset with id 987"),
+        (_args(ws, tmp_path / "o3", "-tr", "nnUNetTrainerMissing"), "does not exist"),
+        (_args(ws, tmp_path / "o4", "--checkpoint", "latest"), "checkpoint_latest.pth does not exist"),
+        (["-m", str(tmp_path / "nowhere__nnUNetPlans__2d"), "-o", str(tmp_path / "o5")], "does not exist"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    # A test image without its label.
+    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
+    images.mkdir()
+    labels.mkdir()
+    raw = os.path.join(ws.raw, ws.dataset_name)
+    shutil.copy(os.path.join(raw, "imagesTr", "syntheticorgan_003_0000.nii.gz"), images)
+    assert main(_args(ws, tmp_path / "o6", "--images", str(images), "--labels", str(labels))) == 2
+    assert "has no label" in capsys.readouterr().err
+    for i in range(1, 7):
+        assert not (tmp_path / f"o{i}").exists()
+
+
+def test_raw_test_folders_are_preprocessed_with_the_models_plans(nnunet_workspace, trained_clean_model,
+                                                                 tmp_path):
+    """imagesTs/labelsTs give the same clean Dice as the preprocessed copy of the same case."""
+    ws = nnunet_workspace
+    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
+    images.mkdir()
+    labels.mkdir()
+    raw = os.path.join(ws.raw, ws.dataset_name)
+    shutil.copy(os.path.join(raw, "imagesTr", "syntheticorgan_003_0000.nii.gz"), images)
+    shutil.copy(os.path.join(raw, "labelsTr", "syntheticorgan_003.nii.gz"), labels)
+    assert main(_args(ws, tmp_path / "raw", "--noise", "0", "--images", str(images),
+                      "--labels", str(labels))) == 0
+    assert main(_args(ws, tmp_path / "pre", "--noise", "0", "--cases", "syntheticorgan_003")) == 0
+    raw_rows = _per_slice(tmp_path / "raw")
+    pre_rows = _per_slice(tmp_path / "pre")
+    assert [(r["slice"], r["dice_organ"]) for r in raw_rows] == \
+        [(r["slice"], r["dice_organ"]) for r in pre_rows]
