@@ -106,8 +106,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="L2 noise levels of the evaluation (default 0 2 4 8)")
     parser.add_argument("--eval-steps", type=int, default=100,
                         help="PGD steps of the evaluation (default 100, as in the paper)")
-    parser.add_argument("--max-slices", type=int, default=24,
-                        help="test slices evaluated per model (default 24)")
+    parser.add_argument("--max-slices", type=int, default=12,
+                        help="test slices evaluated per model (default 12)")
     parser.add_argument("--verbose", action="store_true",
                         help="show the output of nnU-Net's commands instead of writing logs")
     parser.add_argument("--fresh", action="store_true", help="delete WORKDIR first")
