@@ -24,10 +24,20 @@ from nnunet_ima.errors import UserInputError
 from nnunet_ima.margins import MarginStore
 
 
+SMALL_MODELS = ("mlp", "digits-cnn")
+
+
 def _device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserInputError("--device cuda asked but no CUDA device is available; use --device cpu")
     return torch.device(name)
+
+
+def _limit_threads(model_name: str, device: torch.device) -> None:
+    # The tiny networks run thousands of small ops per step: on a CPU, intra-op threads only add
+    # synchronisation (and oversubscribe the cores when several runs share a machine).
+    if device.type == "cpu" and model_name in SMALL_MODELS:
+        torch.set_num_threads(1)
 
 
 def add_train_parser(sub) -> None:
@@ -72,6 +82,7 @@ def run_train(args) -> int:
         moons_noise=args.moons_noise)
     config.validate()
     device = _device(args.device)
+    _limit_threads(config.model, device)
     split_path = os.path.join(args.output, "covid_split.json") if args.dataset == "covid-ct" else None
     if split_path:
         os.makedirs(args.output, exist_ok=True)
@@ -111,6 +122,7 @@ def _load_run(folder: str, device: torch.device):
     data = load_dataset(config.dataset, config.data_root, config.seed, split_path, config.moons_noise)
     model = build_model(config.model, data.num_classes, data.input_shape)
     model.load_state_dict(state["model"])
+    _limit_threads(config.model, device)
     return config, data, model.to(device).eval()
 
 
