@@ -1,30 +1,20 @@
 """``curves.png`` (Dice vs noise per model) and ``examples.png`` (the paper's Figures 12-14)."""
 from __future__ import annotations
 
-import os
 from typing import Dict, Sequence
 
 import numpy as np
+
+from nnunet_ima.plotting import pyplot, save_figure
 
 from nnunet_ima.evaluation.report import noise_key
 from nnunet_ima.evaluation.robustness import NoiseResult
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: str) -> None:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
 
 
 def plot_curves(summary: dict, noise_levels: Sequence[float], path: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, metric in zip(axes, ("tvdi", "adi")):
         for name, entry in summary["models"].items():
@@ -37,14 +27,13 @@ def plot_curves(summary: dict, noise_levels: Sequence[float], path: str) -> None
     axes[0].set_ylabel("Dice")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_examples(results: Dict[str, Dict[float, NoiseResult]], noise_levels: Sequence[float],
                   path: str) -> None:
     """Per model and noise level: the (attacked) input, its prediction, and the ground truth."""
-    plt = _pyplot()
+    plt = pyplot()
     models = list(results)
     cols = len(noise_levels) * 2 + 1
     fig, axes = plt.subplots(len(models), cols, figsize=(1.8 * cols, 2.0 * len(models)),
@@ -72,5 +61,4 @@ def plot_examples(results: Dict[str, Dict[float, NoiseResult]], noise_levels: Se
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)

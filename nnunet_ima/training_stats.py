@@ -99,11 +99,8 @@ def format_for_log(row: Dict[str, float]) -> str:
 def plot_margin_histogram(margins: np.ndarray, path: str, eps_max: float, epoch: int,
                           initial: Optional[float] = None, bins: int = 30) -> None:
     """Histogram of the per-slice margins (``(N,)``) to ``path`` (PNG, written atomically)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from nnunet_ima.plotting import pyplot, save_figure
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     if margins.size:
         ax.hist(margins, bins=np.linspace(0, eps_max, bins + 1), color="tab:blue", alpha=0.8)
     if initial is not None:
@@ -114,7 +111,4 @@ def plot_margin_histogram(margins: np.ndarray, path: str, eps_max: float, epoch:
     ax.set_ylabel("slices")
     ax.set_title(f"IMA margins after epoch {epoch} ({margins.size} slices)")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
