@@ -50,7 +50,12 @@ def digits_cnn(num_classes: int = 10) -> nn.Module:
 
 
 def resnet18_grey(num_classes: int = 2, norm: str = "group") -> nn.Module:
-    """torchvision's ResNet-18 with one input channel and BatchNorm replaced (instance / group)."""
+    """torchvision's ResNet-18 for ``(B, 1, H, W)`` with BatchNorm replaced by ``norm``.
+
+    ``"group"``: GroupNorm with 32 groups (``--model resnet18``); ``"instance"``: affine
+    InstanceNorm (``--model resnet18-in``). Batch statistics would make a sample's prediction
+    depend on the rest of its batch, which the attacks must not exploit.
+    """
     from torchvision.models import resnet18
     if norm == "group":
         norm_layer = lambda c: nn.GroupNorm(min(32, c), c)  # noqa: E731
@@ -94,14 +99,20 @@ def wide_resnet(depth: int = 28, widen: int = 4, num_classes: int = 10) -> nn.Mo
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "mlp": moons_mlp, "fashion-cnn": fashion_cnn, "svhn-cnn": svhn_cnn, "digits-cnn": digits_cnn,
-    "resnet18": resnet18_grey, "wrn-28-4": wide_resnet,
+    "resnet18": resnet18_grey,
+    "resnet18-in": lambda num_classes=2: resnet18_grey(num_classes, norm="instance"),
+    "wrn-28-4": wide_resnet,
 }
 DEFAULT_MODEL = {"moons": "mlp", "digits": "digits-cnn", "fashion-mnist": "fashion-cnn",
                  "svhn": "svhn-cnn", "cifar10": "wrn-28-4", "covid-ct": "resnet18"}
 
 
 def build_model(name: str, num_classes: int, input_shape: Tuple[int, ...]) -> nn.Module:
-    """The network ``name`` for ``num_classes`` outputs; checks it accepts ``input_shape``."""
+    """The network ``name`` for ``num_classes`` outputs, in train mode.
+
+    A dry forward pass on ``(2, *input_shape)`` zeros turns a model / dataset mismatch into a
+    :class:`UserInputError` before any training.
+    """
     if name not in MODELS:
         raise UserInputError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     model = MODELS[name](num_classes=num_classes)
