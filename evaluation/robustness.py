@@ -9,6 +9,7 @@ Slices are batched by shape; each batch draws its random start from a generator 
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -45,7 +46,9 @@ class NoiseResult:
     """Per-slice outcome of one (model, noise level).
 
     ``tp``, ``fp``, ``fn``: ``(N, K)`` counts over the ``K`` foreground classes;
-    ``example``: the inputs and predictions of the example slice (``(C, H, W)`` / ``(H, W)``).
+    ``example``: the example slice (:func:`example_index`): ``image`` and ``adversarial``
+    ``(C, H, W)``, ``prediction`` (of the adversarial input), ``clean_prediction`` and ``label``
+    ``(H, W)``.
     """
 
     cases: List[str]
@@ -96,9 +99,33 @@ def _batches(samples: List[SliceSample], batch_size: int) -> List[List[int]]:
     return [idx[k:k + batch_size] for idx in by_shape.values() for k in range(0, len(idx), batch_size)]
 
 
-def _generator(seed: int, noise: float, batch_index: int, device: torch.device) -> torch.Generator:
+def _generator(seed: int, noise: float, batch_index: int) -> torch.Generator:
+    # A CPU generator on every device: the core draws random starts on the CPU (the same start
+    # on CPU and GPU runs) and moves them to the input's device.
     key = zlib.crc32(f"{seed}/{noise!r}/{batch_index}".encode())
-    return torch.Generator(device=device).manual_seed(key)
+    return torch.Generator(device="cpu").manual_seed(key)
+
+
+@contextmanager
+def full_precision():
+    """True fp32 and deterministic kernels on CUDA for the duration of an evaluation.
+
+    PyTorch lets cuDNN convolutions run in TF32 by default, which rounds inputs to 10 mantissa
+    bits: clean predictions then differ from CPU ones, and PGD (a chaotic iteration) amplifies
+    the difference. Deterministic kernels make a resumed GPU run repeat an uninterrupted one.
+    The previous settings are restored on exit.
+    """
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        yield
+    finally:
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
 
 
 def evaluate_noise(model: LoadedModel, samples: List[SliceSample], noise: float,
@@ -116,7 +143,7 @@ def evaluate_noise(model: LoadedModel, samples: List[SliceSample], noise: float,
         if noise > 0:
             x_adv = pgd(model.network, x, y, float(noise), norm=settings.norm, steps=settings.steps,
                         alpha=settings.alpha, loss=loss_fn, random_start=settings.random_start,
-                        generator=_generator(settings.seed, noise, b, device))
+                        generator=_generator(settings.seed, noise, b))
         else:
             x_adv = x
         with torch.no_grad():
@@ -130,8 +157,11 @@ def evaluate_noise(model: LoadedModel, samples: List[SliceSample], noise: float,
             store[idx] = c.numpy()
         if show in idx:
             j = idx.index(show)
+            with torch.no_grad():
+                clean_pred = model.network(x[j:j + 1]).argmax(dim=1)[0]
             example = {"image": x[j].cpu().numpy(), "adversarial": x_adv[j].detach().cpu().numpy(),
                        "prediction": pred[j].cpu().numpy().astype(np.int16),
+                       "clean_prediction": clean_pred.cpu().numpy().astype(np.int16),
                        "label": samples[show].label}
         if progress is not None:
             progress.update(len(idx))

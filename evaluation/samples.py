@@ -17,14 +17,26 @@ import numpy as np
 from nnunet_ima.errors import UserInputError
 
 
+# nnU-Net's cropping writes -1 into the label outside the image's nonzero region (e.g. the air
+# around an MR volume); its training pipeline maps it to background (RemoveLabelTansform(-1, 0)).
+OUTSIDE_NONZERO = -1
+
+
 @dataclass
 class SliceSample:
-    """One test slice: ``image`` ``(C, H, W)`` float32 z-scored, ``label`` ``(H, W)`` int16."""
+    """One test slice: ``image`` ``(C, H, W)`` float32 z-scored, ``label`` ``(H, W)`` int16.
+
+    ``label`` holds the classes ``0 .. K-1`` (and nnU-Net's ignore label, if the dataset has one).
+    """
 
     case: str
     index: int
     image: np.ndarray
     label: np.ndarray
+
+    @property
+    def key(self) -> Tuple[str, int]:
+        return self.case, self.index
 
 
 def _read_json(path: str):
@@ -32,43 +44,82 @@ def _read_json(path: str):
         return json.load(f)
 
 
-def cases_from_source(preprocessed_dataset: str, source: Sequence[str], fold: int) -> List[str]:
-    """Case identifiers named by ``--cases``: ``[]``/``["test"]``, ``["val"]`` or explicit ids."""
-    if not source or list(source) == ["test"]:
-        path = os.path.join(preprocessed_dataset, "test_cases.json")
-        if not os.path.isfile(path):
-            raise UserInputError(f"{path} does not exist: run `nnunet-ima split -d DATASET --test N` "
-                                 f"or pass --cases val / --cases CASE [CASE ...] / --images/--labels")
-        cases = _read_json(path)["test"]
-        if not cases:
-            raise UserInputError(f"{path} lists no test cases")
-        return list(cases)
-    if list(source) == ["val"]:
-        path = os.path.join(preprocessed_dataset, "splits_final.json")
-        if not os.path.isfile(path):
-            raise UserInputError(f"{path} does not exist: train the model first or use --cases test")
-        splits = _read_json(path)
-        if fold >= len(splits):
-            raise UserInputError(f"{path} has {len(splits)} folds, fold {fold} asked")
-        return list(splits[fold]["val"])
-    return list(source)
+def resolve_case_source(preprocessed_dataset: str, source: Optional[Sequence[str]]) -> List[str]:
+    """``--cases`` with its default filled in: ``["test"]`` when ``test_cases.json`` exists,
+    else ``["val"]`` (the fold's validation cases, nnU-Net's own held-out data)."""
+    if source:
+        return list(source)
+    if os.path.isfile(os.path.join(preprocessed_dataset, "test_cases.json")):
+        return ["test"]
+    return ["val"]
 
 
-def _slices_of(case: str, data: np.ndarray, seg: np.ndarray, include_empty: bool
-               ) -> List[SliceSample]:
-    # data: (C, D, H, W), seg: (1, D, H, W); nnU-Net's 2D configuration slices axis 1.
+def _test_cases(preprocessed_dataset: str) -> List[str]:
+    path = os.path.join(preprocessed_dataset, "test_cases.json")
+    if not os.path.isfile(path):
+        raise UserInputError(f"{path} does not exist: run `nnunet-ima split -d DATASET --test N` "
+                             f"or pass --cases val / --cases CASE [CASE ...] / --images/--labels")
+    cases = _read_json(path)["test"]
+    if not cases:
+        raise UserInputError(f"{path} lists no test cases")
+    return list(cases)
+
+
+def _validation_cases(preprocessed_dataset: str, fold: int) -> List[str]:
+    path = os.path.join(preprocessed_dataset, "splits_final.json")
+    if not os.path.isfile(path):
+        raise UserInputError(f"{path} does not exist: train the model first or use --cases test")
+    splits = _read_json(path)
+    if not 0 <= fold < len(splits):
+        raise UserInputError(f"{path} has {len(splits)} folds, fold {fold} asked")
+    return list(splits[fold]["val"])
+
+
+def cases_from_source(preprocessed_dataset: str, source: Optional[Sequence[str]], fold: int
+                      ) -> List[str]:
+    """Case identifiers named by ``--cases``, in order: ``test`` stands for the cases of
+    ``test_cases.json``, ``val`` for the fold's validation cases, anything else is a case
+    identifier (``--cases test val`` takes both sets). ``None``: see :func:`resolve_case_source`."""
+    cases: List[str] = []
+    for token in resolve_case_source(preprocessed_dataset, source):
+        if token == "test":
+            cases += _test_cases(preprocessed_dataset)
+        elif token == "val":
+            cases += _validation_cases(preprocessed_dataset, fold)
+        else:
+            cases.append(token)
+    repeated = sorted({c for c in cases if cases.count(c) > 1})
+    if repeated:
+        raise UserInputError(f"--cases names {repeated} more than once (a test case must not also "
+                             f"be a validation case or be listed twice)")
+    return cases
+
+
+def _slices_of(case: str, data: np.ndarray, seg: np.ndarray, include_empty: bool,
+               ignore_label: Optional[int] = None) -> List[SliceSample]:
+    """The 2D slices of one preprocessed case: ``data`` ``(C, D, H, W)``, ``seg`` ``(1, D, H, W)``.
+
+    nnU-Net's 2D configuration slices axis 1 (``D``). ``-1`` (outside the nonzero region) becomes
+    background, as in nnU-Net's training. Without ``include_empty`` only slices with a foreground
+    class (not the ignore label) in the ground truth are kept.
+    """
     samples = []
     for z in range(data.shape[1]):
-        label = seg[0, z]
-        if not include_empty and not (label > 0).any():
+        label = np.asarray(seg[0, z]).astype(np.int16)
+        label[label == OUTSIDE_NONZERO] = 0
+        foreground = label > 0
+        if ignore_label is not None:
+            foreground &= label != ignore_label
+        if not include_empty and not foreground.any():
             continue
         samples.append(SliceSample(case, z, np.ascontiguousarray(data[:, z], dtype=np.float32),
-                                   np.ascontiguousarray(label, dtype=np.int16)))
+                                   np.ascontiguousarray(label)))
     return samples
 
 
 def load_preprocessed_slices(preprocessed_dataset: str, data_identifier: str, cases: Sequence[str],
-                             include_empty: bool) -> List[SliceSample]:
+                             include_empty: bool, ignore_label: Optional[int] = None
+                             ) -> List[SliceSample]:
     """Slices of ``cases`` from ``$nnUNet_preprocessed/Dataset/<data_identifier>``."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
@@ -85,7 +136,7 @@ def load_preprocessed_slices(preprocessed_dataset: str, data_identifier: str, ca
     samples: List[SliceSample] = []
     for case in cases:
         data, seg, _, _ = dataset.load_case(case)
-        samples += _slices_of(case, np.asarray(data), np.asarray(seg), include_empty)
+        samples += _slices_of(case, np.asarray(data), np.asarray(seg), include_empty, ignore_label)
     return samples
 
 
@@ -114,9 +165,14 @@ def _raw_cases(images: str, labels: str, file_ending: str, num_channels: int
 
 
 def load_raw_slices(images: str, labels: str, plans: dict, configuration: str, dataset_json: dict,
-                    include_empty: bool, cases: Optional[Sequence[str]] = None) -> List[SliceSample]:
-    """Preprocess raw test images + labels with the model's plans and return their slices."""
-    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+                    include_empty: bool, cases: Optional[Sequence[str]] = None,
+                    ignore_label: Optional[int] = None) -> List[SliceSample]:
+    """Preprocess raw test images + labels with the model's plans and return their slices.
+
+    The configuration's own preprocessor (``DefaultPreprocessor`` unless the plans name another)
+    runs nnU-Net's ``run_case``: transpose, crop to nonzero, resample (the label with the
+    segmentation resampling) and normalise, exactly as for the training data.
+    """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans_manager = PlansManager(plans)
@@ -128,11 +184,11 @@ def load_raw_slices(images: str, labels: str, plans: dict, configuration: str, d
         if unknown:
             raise UserInputError(f"cases {unknown} are not in {images}")
         raw = {c: raw[c] for c in cases}
-    preprocessor = DefaultPreprocessor(verbose=False)
+    preprocessor = config.preprocessor_class(verbose=False)
     samples: List[SliceSample] = []
     for case, (channels, label) in raw.items():
         data, seg, _ = preprocessor.run_case(channels, label, plans_manager, config, dataset_json)
-        samples += _slices_of(case, data, seg, include_empty)
+        samples += _slices_of(case, data, seg, include_empty, ignore_label)
     return samples
 
 

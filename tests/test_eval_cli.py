@@ -60,9 +60,11 @@ def test_clean_dice_matches_an_independent_computation(nnunet_workspace, trained
 
 def test_attack_lowers_dice_and_more_steps_never_help(nnunet_workspace, trained_clean_model, tmp_path):
     ws = nnunet_workspace
+    # Same random start and step size (0.3125 * noise); the strong attack runs 16 steps instead
+    # of 4, i.e. it continues the weak one.
     common = ("--noise", "0", "8", "--max-slices", "8", "--seed", "3")
-    assert main(_args(ws, tmp_path / "weak", *common, "--steps", "5")) == 0
-    assert main(_args(ws, tmp_path / "strong", *common, "--steps", "25")) == 0
+    assert main(_args(ws, tmp_path / "weak", *common, "--steps", "4", "--alpha", "1.25")) == 0
+    assert main(_args(ws, tmp_path / "strong", *common, "--steps", "16", "--alpha", "5")) == 0
     weak = json.loads((tmp_path / "weak" / "summary.json").read_text())["models"]["nnUNetTrainerClean"]
     strong = json.loads((tmp_path / "strong" / "summary.json").read_text())["models"]["nnUNetTrainerClean"]
     for metric in ("tvdi", "adi"):
@@ -103,8 +105,39 @@ def test_interrupted_run_resumes_to_the_same_summary(nnunet_workspace, trained_c
     assert full == resumed
     assert (tmp_path / "full" / "per_slice.csv").read_text() == \
         (tmp_path / "resumed" / "per_slice.csv").read_text()
-    # Other settings in the same folder are refused rather than mixed.
+    # Other settings in the same folder are refused rather than mixed, and nothing is touched.
+    before = {f: os.path.getmtime(tmp_path / "resumed" / f) for f in ("summary.json", "config.json")}
     assert main(_args(ws, tmp_path / "resumed", "--noise", "0", "9")) == 2
+    assert main(_args(ws, tmp_path / "resumed", *common, "--batch-size", "2")) == 2
+    assert before == {f: os.path.getmtime(tmp_path / "resumed" / f) for f in before}
+
+
+def test_changed_weights_are_not_mixed_with_old_results(nnunet_workspace, trained_clean_model, tmp_path,
+                                                       capsys):
+    ws = nnunet_workspace
+    model = tmp_path / "models" / "nnUNetTrainerClean__nnUNetPlans__2d"
+    shutil.copytree(trained_clean_model, model)
+    argv = ["-m", str(model), "--noise", "0", "--max-slices", "2", "--no-progress", "-o", str(tmp_path / "o")]
+    assert main(argv) == 0
+    checkpoint = model / "fold_0" / "checkpoint_final.pth"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    key = next(iter(state["network_weights"]))
+    state["network_weights"][key] = state["network_weights"][key] + 0.01
+    torch.save(state, checkpoint)
+    assert main(argv) == 2
+    assert "checkpoint_sha256" in capsys.readouterr().err.replace(" ", "")
+    assert main(argv + ["--overwrite"]) == 0
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["models"]["nnUNetTrainerClean"][
+        "checkpoint_sha256"] != ""
+    # A damaged checkpoint, and weights of another architecture, stop with their cause.
+    checkpoint.write_bytes(b"truncated")
+    assert main(argv[:-1] + [str(tmp_path / "o2")]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    del state["network_weights"][key]
+    torch.save(state, checkpoint)
+    assert main(argv[:-1] + [str(tmp_path / "o2")]) == 2
+    assert "do not fit the network" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
 
 
 def test_bad_inputs_fail_clearly_and_write_nothing(nnunet_workspace, trained_clean_model, tmp_path,
@@ -149,3 +182,53 @@ def test_raw_test_folders_are_preprocessed_with_the_models_plans(nnunet_workspac
     pre_rows = _per_slice(tmp_path / "pre")
     assert [(r["slice"], r["dice_organ"]) for r in raw_rows] == \
         [(r["slice"], r["dice_organ"]) for r in pre_rows]
+
+
+def test_labels_outside_the_nonzero_region_count_as_background(nnunet_workspace, trained_clean_model,
+                                                               tmp_path):
+    """nnU-Net's cropping marks zero-valued image regions (air around an MR scan) with label -1.
+    The evaluator scores them as background, as nnU-Net's training does; the Dice must equal
+    the network's argmax Dice on nnU-Net's own preprocessing of the same files."""
+    import SimpleITK as sitk
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    ws = nnunet_workspace
+    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
+    images.mkdir()
+    labels.mkdir()
+    raw = os.path.join(ws.raw, ws.dataset_name)
+    source = sitk.ReadImage(os.path.join(raw, "imagesTr", "syntheticorgan_003_0000.nii.gz"))
+    array = sitk.GetArrayFromImage(source)
+    array[:, :14, :14] = 0  # an image corner without signal, away from the organ
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(source)
+    sitk.WriteImage(image, str(images / "syntheticorgan_003_0000.nii.gz"))
+    shutil.copy(os.path.join(raw, "labelsTr", "syntheticorgan_003.nii.gz"), labels)
+    out = tmp_path / "out"
+    assert main(_args(ws, out, "--noise", "0", "--images", str(images), "--labels", str(labels))) == 0
+
+    plans = json.load(open(os.path.join(trained_clean_model, "plans.json")))
+    dataset_json = json.load(open(os.path.join(trained_clean_model, "dataset.json")))
+    manager = PlansManager(plans)
+    data, seg, _ = DefaultPreprocessor(verbose=False).run_case(
+        [str(images / "syntheticorgan_003_0000.nii.gz")], str(labels / "syntheticorgan_003.nii.gz"),
+        manager, manager.get_configuration("2d"), dataset_json)
+    assert (seg == -1).any()  # the case really exercises the outside-nonzero label
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
+    predictor.initialize_from_trained_model_folder(trained_clean_model, (0,), "checkpoint_final.pth")
+    net = predictor.network
+    net.load_state_dict(predictor.list_of_parameters[0])
+    net.eval()
+    rows = _per_slice(out)
+    assert len(rows) == int(((seg[0] > 0).sum(axis=(1, 2)) > 0).sum())
+    for row in rows:
+        z = int(row["slice"])
+        with torch.no_grad():
+            pred = net(torch.from_numpy(data[None, :, z]).float()).argmax(1)[0].numpy()
+        label = np.where(seg[0, z] == -1, 0, seg[0, z])
+        for c, name in ((1, "organ"), (2, "lesion")):
+            p, g = pred == c, label == c
+            expected = 1.0 if p.sum() + g.sum() == 0 else 2 * (p & g).sum() / (p.sum() + g.sum())
+            assert float(row[f"dice_{name}"]) == pytest.approx(expected, abs=1e-6)

@@ -1,0 +1,74 @@
+"""The raw-dataset builder of benchmarks/pyradiomics_benchmark.py, on small NRRD pairs shaped like
+the archive's (int16 image, int32 mask with a flipped axis direction); nnU-Net checks the result."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+BENCHMARK = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "pyradiomics_benchmark.py")
+
+
+@pytest.fixture(scope="module")
+def bench_module():
+    spec = importlib.util.spec_from_file_location("pyradiomics_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_pair(folder, case, shape, box, direction, seed):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(-100, 300, shape).astype(np.int16)          # (z, y, x)
+    mask = np.zeros(shape, np.int32)
+    mask[box] = 1
+    for array, kind in ((image, "image"), (mask, "label")):
+        img = sitk.GetImageFromArray(array)
+        img.SetSpacing((0.78, 0.78, 6.5))
+        img.SetOrigin((-99.6, 99.6, -78.0))
+        img.SetDirection(direction)
+        sitk.WriteImage(img, os.path.join(folder, f"{case}_{kind}.nrrd"))
+    return image, mask
+
+
+def test_crop_window_holds_the_lesion(bench_module):
+    rng = np.random.default_rng(0)
+    starts = {bench_module.crop_start(512, 300, 340, 128, rng) for _ in range(200)}
+    assert min(starts) >= 340 + 1 - 128 and max(starts) <= 300
+    assert len(starts) > 20  # not always the same (centred) window
+    assert bench_module.crop_start(100, 10, 20, 128, rng) == 0          # axis smaller than the window
+    assert bench_module.crop_start(512, 100, 300, 128, rng) == 200 - 64  # lesion larger: centred
+
+
+def test_raw_dataset_keeps_geometry_and_binarises_and_passes_nnunet_checks(bench_module, tmp_path):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    src = tmp_path / "src"
+    src.mkdir()
+    flipped = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+    image, mask = _write_pair(str(src), "brain1", (6, 200, 160),
+                              np.s_[2:4, 150:170, 20:40], flipped, 0)
+    _write_pair(str(src), "lung1", (5, 60, 50), np.s_[1:3, 10:20, 30:45],
+                (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), 1)
+    pairs = {c: (str(src / f"{c}_image.nrrd"), str(src / f"{c}_label.nrrd"))
+             for c in ("brain1", "lung1")}
+    folder = bench_module.build_raw_dataset(pairs, str(tmp_path / "raw"), 991, crop_size=64, seed=0)
+
+    dataset = json.loads(open(os.path.join(folder, "dataset.json")).read())
+    assert dataset["labels"] == {"background": 0, "lesion": 1} and dataset["numTraining"] == 2
+    out_image = sitk.ReadImage(os.path.join(folder, "imagesTr", "brain1_0000.nii.gz"))
+    out_label = sitk.ReadImage(os.path.join(folder, "labelsTr", "brain1.nii.gz"))
+    assert out_image.GetSize() == (64, 64, 6)
+    assert np.allclose(out_image.GetDirection(), flipped)
+    label = sitk.GetArrayFromImage(out_label)
+    assert set(np.unique(label)) == {0, 1} and label.sum() == mask.sum()  # whole lesion kept
+    # The crop is a window of the original: same voxels at the same physical points.
+    index = out_image.TransformPhysicalPointToIndex(
+        sitk.ReadImage(pairs["brain1"][0]).TransformIndexToPhysicalPoint((25, 155, 3)))
+    assert sitk.GetArrayFromImage(out_image)[index[2], index[1], index[0]] == image[3, 155, 25]
+    small = sitk.ReadImage(os.path.join(folder, "imagesTr", "lung1_0000.nii.gz"))
+    assert small.GetSize() == (50, 60, 5)  # smaller than the window: untouched
+
+    verify_dataset_integrity(folder, num_processes=1)  # nnU-Net's own check (geometry, labels)

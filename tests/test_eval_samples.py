@@ -1,0 +1,125 @@
+"""Test-slice selection, part files and output safety of nnunet-ima-eval (no nnU-Net run needed)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_ima.errors import UserInputError
+from nnunet_ima.evaluation.models import stride_divisor
+from nnunet_ima.evaluation.report import atomic_write_bytes, load_part, part_path, save_part
+from nnunet_ima.evaluation.robustness import NoiseResult, _batches, _generator
+from nnunet_ima.evaluation.samples import (SliceSample, _slices_of, cases_from_source,
+                                           limit_slices, resolve_case_source)
+
+
+def _case(seg_slices):
+    seg = np.asarray(seg_slices, dtype=np.int16)[None]            # (1, D, H, W)
+    data = np.arange(seg.size, dtype=np.float32).reshape(seg.shape)  # (C=1, D, H, W)
+    return data, seg
+
+
+def test_slices_map_outside_nonzero_to_background_and_skip_empty_ones():
+    # Slice 0: only -1 (outside the nonzero region) and background: empty.
+    # Slice 1: organ next to -1 pixels. Slice 2: only the ignore label (3): empty.
+    data, seg = _case([[[-1, 0], [0, -1]], [[-1, 1], [2, 0]], [[3, 0], [0, 0]]])
+    samples = _slices_of("c", data, seg, include_empty=False, ignore_label=3)
+    assert [s.index for s in samples] == [1]
+    np.testing.assert_array_equal(samples[0].label, [[0, 1], [2, 0]])
+    np.testing.assert_array_equal(samples[0].image, data[:, 1])
+    everything = _slices_of("c", data, seg, include_empty=True, ignore_label=3)
+    assert [s.index for s in everything] == [0, 1, 2]
+    assert everything[0].label.min() == 0 and everything[2].label[0, 0] == 3
+
+
+def test_default_cases_are_the_test_split_else_the_validation_fold(tmp_path):
+    splits = [{"train": ["a", "b"], "val": ["c"]}, {"train": ["a", "c"], "val": ["b"]}]
+    (tmp_path / "splits_final.json").write_text(json.dumps(splits))
+    assert resolve_case_source(str(tmp_path), None) == ["val"]
+    assert cases_from_source(str(tmp_path), None, 1) == ["b"]
+    (tmp_path / "test_cases.json").write_text(json.dumps({"test": ["t1", "t2"], "seed": 0}))
+    assert resolve_case_source(str(tmp_path), None) == ["test"]
+    assert cases_from_source(str(tmp_path), None, 0) == ["t1", "t2"]
+    assert cases_from_source(str(tmp_path), ["val"], 0) == ["c"]
+    assert cases_from_source(str(tmp_path), ["x", "y"], 0) == ["x", "y"]
+    assert cases_from_source(str(tmp_path), ["test", "val"], 1) == ["t1", "t2", "b"]
+    with pytest.raises(UserInputError, match="2 folds, fold 5"):
+        cases_from_source(str(tmp_path), ["val"], 5)
+    with pytest.raises(UserInputError, match=r"\['x'\] more than once"):
+        cases_from_source(str(tmp_path), ["x", "y", "x"], 0)
+    with pytest.raises(UserInputError, match=r"\['b'\] more than once"):
+        cases_from_source(str(tmp_path), ["val", "b"], 1)
+
+
+def test_max_slices_is_a_seeded_subset_in_order():
+    samples = [SliceSample("c", i, np.zeros((1, 2, 2), np.float32), np.zeros((2, 2), np.int16))
+               for i in range(20)]
+    picked = [s.index for s in limit_slices(samples, 5, seed=1)]
+    assert picked == sorted(picked) and len(set(picked)) == 5
+    assert picked == [s.index for s in limit_slices(samples, 5, seed=1)]
+    assert picked != [s.index for s in limit_slices(samples, 5, seed=2)]
+    assert limit_slices(samples, 50, seed=1) == samples
+
+
+def test_batches_never_mix_shapes():
+    shapes = [(1, 8, 8), (1, 8, 16), (1, 8, 8), (1, 8, 8), (1, 8, 16)]
+    samples = [SliceSample("c", i, np.zeros(s, np.float32), np.zeros(s[1:], np.int16))
+               for i, s in enumerate(shapes)]
+    batches = _batches(samples, 2)
+    assert sorted(i for b in batches for i in b) == list(range(5))
+    for b in batches:
+        assert len(b) <= 2 and len({shapes[i] for i in b}) == 1
+
+
+def test_random_start_generator_is_a_cpu_generator_fixed_by_its_key():
+    a, b = _generator(0, 5.0, 1), _generator(0, 5.0, 1)
+    assert a.device.type == "cpu"
+    assert torch.equal(torch.randn(4, generator=a), torch.randn(4, generator=b))
+    assert not torch.equal(torch.randn(4, generator=_generator(0, 5.0, 2)),
+                           torch.randn(4, generator=_generator(0, 15.0, 2)))
+
+
+def test_stride_divisor_multiplies_the_stage_strides():
+    assert stride_divisor([[1, 1], [2, 2], [2, 2], [2, 1]]) == (8, 4)
+    assert stride_divisor([1, 2, 2, 2]) == (8, 8)
+
+
+def _result(keys):
+    n = len(keys)
+    counts = np.arange(2 * n, dtype=np.int64).reshape(n, 2)
+    return NoiseResult([k[0] for k in keys], [k[1] for k in keys], counts, counts + 1, counts + 2,
+                       {"label": np.ones((3, 3), np.int16)})
+
+
+def test_parts_round_trip_and_refuse_other_slices(tmp_path):
+    keys = [("a", 3), ("a", 4), ("b", 0)]
+    path = part_path(str(tmp_path), "nnUNetTrainer IMA/x", 0.25)
+    assert os.path.basename(path) == "nnUNetTrainer_IMA_x__noise0.25.npz"
+    save_part(path, _result(keys))
+    loaded = load_part(path, keys)
+    np.testing.assert_array_equal(loaded.fp, _result(keys).fp)
+    assert loaded.example["label"].shape == (3, 3)
+    with pytest.raises(UserInputError, match="other test slices"):
+        load_part(path, keys[:2] + [("b", 1)])
+    with open(path, "wb") as f:
+        f.write(b"not a part")
+    with pytest.raises(UserInputError, match="delete it"):
+        load_part(path, keys)
+
+
+def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    from nnunet_ima.evaluation import report
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(str(path), b"new")
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["summary.json"]  # no temporary file left behind
+    monkeypatch.undo()
+    atomic_write_bytes(str(path), b"new")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["summary.json"]
