@@ -14,13 +14,12 @@ change its hyperparameters half way).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, Optional
 
 from nnunet_ima.attacks import BOUNDARY_POINTS
-from nnunet_ima.config import AttackConfig, IMAConfig
+from nnunet_ima.config import AttackConfig, IMAConfig, _choice, _count, _positive
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.losses import check_threshold
 from nnunet_ima.metrics import SLICE_REDUCTIONS
@@ -76,11 +75,11 @@ class TrainerSettings:
 
     def __post_init__(self):
         for name in ("num_epochs", "num_iterations_per_epoch", "save_every", "pgd_steps"):
-            _integer(name, getattr(self, name), 1)
-        _integer("num_val_iterations_per_epoch", self.num_val_iterations_per_epoch, 0)
-        _integer("binary_steps", self.binary_steps, 0)
+            _count(name, getattr(self, name), 1)
+        _count("num_val_iterations_per_epoch", self.num_val_iterations_per_epoch, 0)
+        _count("binary_steps", self.binary_steps, 0)
         if self.seed is not None:
-            _integer("seed", self.seed, 0)
+            _count("seed", self.seed, 0)
         for name in ("initial_lr", "pgd_alpha", "adv_eps"):
             _positive(name, getattr(self, name))
         if not isinstance(self.random_start, bool):
@@ -106,22 +105,6 @@ class TrainerSettings:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _integer(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _choice(name: str, value: Any, options) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
 
 
 def settings_from_dict(values: Dict[str, Any], base: Optional[TrainerSettings] = None,
