@@ -48,11 +48,24 @@ class EpochAccumulator:
         self.attack_seconds += attack_seconds
         self.step_seconds += step_seconds
 
+    @classmethod
+    def merged(cls, parts: Sequence["EpochAccumulator"]) -> "EpochAccumulator":
+        """The epoch of several DDP ranks: counts and sums added, seconds of the slowest rank."""
+        total = cls()
+        for part in parts:
+            for name in ("samples", "clean_dice", "clean_correct", "attacked", "crossed",
+                         "adv_dice", "adv_samples"):
+                setattr(total, name, getattr(total, name) + getattr(part, name))
+            total.attack_seconds = max(total.attack_seconds, part.attack_seconds)
+            total.step_seconds = max(total.step_seconds, part.step_seconds)
+        return total
+
     def summary(self) -> Dict[str, float]:
         """Means over the epoch (NaN where nothing was counted)."""
         def ratio(a: float, b: float) -> float:
             return a / b if b else float("nan")
         return {
+            "samples": self.samples,
             "clean_dice": ratio(self.clean_dice, self.samples),
             "fraction_clean_correct": ratio(self.clean_correct, self.samples),
             "adv_dice": ratio(self.adv_dice, self.adv_samples),

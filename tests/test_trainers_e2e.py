@@ -177,12 +177,3 @@ def test_3d_configuration_is_refused(nnunet_workspace):
                      "nnUNetTrainerIMA", "-device", "cpu"], check=False)
     assert result.returncode != 0
     assert "trains nnU-Net's 2D configuration only" in result.stderr
-
-
-def test_multi_process_training_is_refused_before_any_work(monkeypatch):
-    import torch.distributed as dist
-    from nnunet_ima.trainers.nnUNetTrainerIMA import nnUNetTrainerIMA
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    with pytest.raises(RuntimeError, match="-num_gpus 1"):
-        nnUNetTrainerIMA({}, "2d", 0, {}, torch.device("cpu"))

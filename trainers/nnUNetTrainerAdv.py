@@ -10,12 +10,17 @@ One training step (``train_step``):
 3. adversarial forward; backward of ``adversarial_weight * nnU-Net loss``;
 4. nnU-Net's gradient clipping (12) and optimiser / grad-scaler step.
 
+Under DDP (``-num_gpus N``) the attack uses the network inside the DDP wrapper, the adversarial
+term uses nnU-Net's loss without its cross-rank batch Dice, and the gradients of both backward
+passes are averaged across ranks once per step (``nnunet_ima.nnunet_ddp`` explains why).
+
 For vanilla adversarial training the weights are 1/2 and 1/2: ``L = (loss(x) + loss(x_eps)) / 2``.
 The attack maximises nnU-Net's Dice + CE per sample (``nnunet_ima.nnunet_loss``).
 
 This file is imported by nnU-Net's trainer lookup as a top-level module: absolute imports only.
 """
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any, List, Optional
@@ -26,6 +31,7 @@ from torch import autocast
 
 from nnunet_ima.attacks import detach, pgd
 from nnunet_ima.losses import DiceThresholdCorrect
+from nnunet_ima.nnunet_ddp import average_gradients, gather_objects, unwrap_ddp
 from nnunet_ima.nnunet_loss import PerSampleDiceCE
 from nnunet_ima.trainers.nnUNetTrainerClean import nnUNetTrainerClean
 from nnunet_ima.training_stats import (STATS_FILENAME, EpochAccumulator, format_for_log,
@@ -71,6 +77,20 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
             ignore_label=self.label_manager.ignore_label,
             full_resolution_only=s.attack_outputs == "full_resolution")
         self.is_correct = DiceThresholdCorrect(s.dice_threshold, s.dice_reduce)
+        self.adversarial_loss = self._build_rank_local_loss() if self.is_ddp else self.loss
+
+    def _build_rank_local_loss(self):
+        """nnU-Net's loss as ``_build_loss`` makes it on one GPU: no cross-rank collective."""
+        self.is_ddp = False
+        try:
+            return self._build_loss()
+        finally:
+            self.is_ddp = True
+
+    @property
+    def attack_network(self) -> torch.nn.Module:
+        """The network the attacks differentiate: without the DDP wrapper (same parameters)."""
+        return unwrap_ddp(self.network)
 
     # ------------------------------------------------------------------ hooks
     def adversarial_batch(self, data: torch.Tensor, target: Any, clean_output: Any,
@@ -78,7 +98,7 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
         """PGD at ``adv_eps`` on every sample of the batch."""
         s = self.ima_settings
         clean_dice = self.is_correct.dice(clean_output, target)
-        x_adv = pgd(self.network, data, target, s.adv_eps, norm=s.norm, steps=s.pgd_steps,
+        x_adv = pgd(self.attack_network, data, target, s.adv_eps, norm=s.norm, steps=s.pgd_steps,
                     alpha=s.pgd_alpha, loss=self.attack_loss, random_start=s.random_start)
         return AdversarialBatch(x_adv, target, 1.0 - self.clean_weight, clean_dice,
                                 clean_dice >= s.dice_threshold)
@@ -121,10 +141,12 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
             if isinstance(target, list) else target.to(self.device, non_blocking=True)
 
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            output = self.network(data)
-            clean_loss = self.loss(output, target)
-        self._backward(self.clean_weight * clean_loss)
+        # Under DDP the gradients are averaged once, after both backward passes.
+        with self.network.no_sync() if self.is_ddp else nullcontext():
+            with self._autocast():
+                output = self.network(data)
+                clean_loss = self.loss(output, target)
+            self._backward(self.clean_weight * clean_loss)
         clean_output = detach(output)
         del output
 
@@ -136,12 +158,14 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
         adversarial_dice = torch.zeros(0)
         if adversarial.x is not None and adversarial.x.shape[0] > 0:
             with self._autocast():
-                adv_output = self.network(adversarial.x)
-                adv_loss = self.loss(adv_output, adversarial.target)
+                adv_output = self.attack_network(adversarial.x)
+                adv_loss = self.adversarial_loss(adv_output, adversarial.target)
             self._backward(adversarial.weight * adv_loss)
             total = total + adversarial.weight * adv_loss.detach()
             adversarial_dice = self.is_correct.dice(detach(adv_output), adversarial.target)
             del adv_output
+        if self.is_ddp:
+            average_gradients(self.network.parameters())
         self._optimizer_step()
         self.after_step(batch, adversarial, adversarial_dice)
 
@@ -161,6 +185,7 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
+        self._epoch_stats = EpochAccumulator.merged(gather_objects(self._epoch_stats))
         row = self.epoch_statistics()
         self.print_to_log_file("adversarial training: " + format_for_log(row))
         if self.local_rank == 0:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_ima.nnunet_ddp import cpu_ddp_wrapping
 from nnunet_ima.trainer_config import resolve_settings, write_settings
 
 
@@ -31,6 +32,9 @@ class nnUNetTrainerClean(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         continuing = bool(plans.get("continue_training", False))
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type == "cpu":
+            # nnU-Net moves every DDP rank to its CUDA device; under gloo on CPU, stay on CPU.
+            self.device = device
         if not self.supports_3d and len(self.configuration_manager.patch_size) != 2:
             raise RuntimeError(
                 f"{type(self).__name__} trains nnU-Net's 2D configuration only (its margins are "
@@ -46,9 +50,16 @@ class nnUNetTrainerClean(nnUNetTrainer):
         self.initial_lr = s.initial_lr
         if s.seed is not None:
             # Before initialize() builds the network and get_dataloaders() starts sampling.
-            random.seed(s.seed)
-            np.random.seed(s.seed)
-            torch.manual_seed(s.seed)
+            # Under DDP each rank gets seed + rank, so that ranks sample different batches
+            # (DDP broadcasts rank 0's initial weights, so the network is the same anyway).
+            seed = s.seed + self.local_rank
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+
+    def initialize(self):
+        with cpu_ddp_wrapping(self.device):
+            super().initialize()
 
     def on_train_start(self):
         super().on_train_start()

@@ -14,7 +14,8 @@ Each 2D training slice ``(case identifier, slice index)`` has an estimated margi
    clean-wrong) or expand by ``delta`` (Algorithm 2), clipped to ``[0, eps_max]``.
 
 The margins are saved beside every checkpoint (``checkpoint_*.margins.json``) and restored by
-``nnUNetv2_train ... --c``; per-epoch statistics go to the log and ``ima_stats.csv``, the margin
+``nnUNetv2_train ... --c``. Under DDP (``-num_gpus N``) the ranks' records are merged at the end
+of every epoch, so all ranks hold the same margins; per-epoch statistics go to the log and ``ima_stats.csv``, the margin
 histogram to ``margins_hist.png``.
 
 This file is imported by nnU-Net's trainer lookup as a top-level module: absolute imports only.
@@ -23,9 +24,9 @@ import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from nnunet_ima.attacks import bpgd, select
+from nnunet_ima.distributed import merge_margin_records
 from nnunet_ima.margin_checkpoint import load_margins, remove_margins, save_margins
 from nnunet_ima.nnunet_data import sample_keys, slice_tracking_loaders
 from nnunet_ima.trainers.nnUNetTrainerAdv import AdversarialBatch, nnUNetTrainerAdv
@@ -40,11 +41,6 @@ class nnUNetTrainerIMA(nnUNetTrainerAdv):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise RuntimeError(
-                f"{type(self).__name__} does not support multi-GPU training (-num_gpus > 1) yet: "
-                f"the per-slice margins are not synchronised across processes. Train with "
-                f"-num_gpus 1.")
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.ima = self.ima_settings.ima_config()
         self.clean_weight = 1.0 - self.ima.beta
@@ -70,7 +66,7 @@ class nnUNetTrainerIMA(nnUNetTrainerAdv):
         x_boundary, target_boundary = None, None
         if idx.numel() > 0:
             eps = self.margins.get([keys[i] for i in idx.tolist()], device=data.device)
-            result = bpgd(self.network, data[idx], select(target, idx), eps, self.is_correct,
+            result = bpgd(self.attack_network, data[idx], select(target, idx), eps, self.is_correct,
                           norm=s.norm, steps=s.pgd_steps, alpha=s.pgd_alpha,
                           binary_steps=s.binary_steps, loss=self.attack_loss,
                           random_start=s.random_start, boundary=s.boundary)
@@ -92,6 +88,9 @@ class nnUNetTrainerIMA(nnUNetTrainerAdv):
                             adversarial.extra["distance"], adversarial.clean_correct.cpu())
 
     def epoch_statistics(self) -> dict:
+        # Under DDP every rank recorded different slices: all take the union, in rank order,
+        # so all hold bit-identical margins afterwards (rank 0 writes them).
+        merge_margin_records(self.margins)
         update = self.margins.end_epoch()
         row = {"epoch": self.current_epoch, **self._epoch_stats.summary()}
         row.update({
