@@ -1,4 +1,4 @@
-"""``nnunet-ima-eval``: TVDI and ADI of trained nnU-Net models under 100-step PGD.
+"""``nnunet-ima-eval``: TVDI and ADI of trained nnU-Net models under 100-step PGD (or SegPGD, APGD).
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
         --noise 0 5 15 25 -o robustness_heart
     nnunet-ima-eval -m $nnUNet_results/Dataset002_Heart/nnUNetTrainerIMA__nnUNetPlans__2d \\
         --images imagesTs --labels labelsTs -o robustness_heart_ts
+    nnunet-ima-eval -d 2 -tr nnUNetTrainerIMA --attack apgd -o robustness_heart_apgd
 
 Outputs in ``-o OUT``: ``summary.json``, ``per_slice.csv``, ``tvdi.md``, ``adi.md``,
 ``curves.png``, ``examples.png``, and ``parts/`` (one file per finished (model, noise level):
@@ -18,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+from collections import Counter
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -27,14 +29,16 @@ from tqdm import tqdm
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.nnunet_paths import dataset_name, require_folder
 
+from nnunet_ima.evaluation.attacks import ATTACKS
 from nnunet_ima.evaluation.models import LoadedModel, load_model
 from nnunet_ima.evaluation.plots import plot_curves, plot_examples
 from nnunet_ima.evaluation.preflight import preflight
 from nnunet_ima.evaluation.report import (CONFIG_FILENAME, atomic_write_text, load_part,
                                           part_path, per_slice_rows, save_part, summarise,
                                           write_outputs)
-from nnunet_ima.evaluation.robustness import (ATTACK_LOSSES, AttackSettings, NoiseResult,
-                                              attack_loss, evaluate_noise, full_precision)
+from nnunet_ima.evaluation.robustness import (ATTACK_LOSSES, LEVEL_BATCHING, AttackSettings,
+                                              NoiseResult,
+                                              attack_loss, full_precision, iter_levels)
 from nnunet_ima.evaluation.samples import (SliceSample, cases_from_source, limit_slices,
                                            load_preprocessed_slices, load_raw_slices,
                                            resolve_case_source)
@@ -45,8 +49,9 @@ DEFAULT_NOISE = (0.0, 5.0, 15.0, 25.0)  # the paper's Heart levels (METHOD secti
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nnunet-ima-eval",
-        description="Attack trained nnU-Net 2D models with PGD at several noise levels and "
-                    "report TVDI / ADI tables (Total Voxel Dice Index, Average Dice Index).",
+        description="Attack trained nnU-Net 2D models with PGD (or SegPGD, APGD) at several noise "
+                    "levels and report TVDI / ADI tables (Total Voxel Dice Index, Average Dice "
+                    "Index).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     models = p.add_argument_group("models (nnU-Net names, or folders with -m)")
     models.add_argument("-d", "--dataset", help="dataset id or name, e.g. 2 or Dataset002_Heart")
@@ -72,14 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
     attack = p.add_argument_group("attack")
     attack.add_argument("--noise", type=float, nargs="+", default=list(DEFAULT_NOISE),
                         help="noise levels (0 = clean), in z-score units")
-    attack.add_argument("--norm", default="l2", choices=("l2", "linf"))
-    attack.add_argument("--steps", type=int, default=100, help="PGD iterations")
+    attack.add_argument("--attack", default="pgd", choices=ATTACKS,
+                        help="pgd: projected gradient ascent with a fixed step; segpgd: SegPGD "
+                             "(Gu et al. 2022), PGD on a CE that shifts weight from correctly to "
+                             "wrongly classified pixels over the steps; apgd: Auto-PGD (Croce & "
+                             "Hein 2020), momentum and a per-slice step size halved when the loss "
+                             "stalls, keeping each slice's highest-loss iterate")
+    attack.add_argument("--norm", default="l2", choices=("l2", "linf"), help="all attacks")
+    attack.add_argument("--steps", type=int, default=100,
+                        help="iterations (gradient steps) of every attack")
     attack.add_argument("--alpha", type=float, default=5.0,
-                        help="step scale: each step is alpha * noise / steps")
-    attack.add_argument("--no-random-start", action="store_true", help="start PGD at the input")
+                        help="pgd, segpgd: each step is alpha * noise / steps (apgd adapts its "
+                             "own step, starting at 2 * noise)")
+    attack.add_argument("--no-random-start", action="store_true",
+                        help="all attacks: start at the input instead of a seeded random point "
+                             "of the ball")
     attack.add_argument("--attack-loss", default="dc_ce", choices=ATTACK_LOSSES,
-                        help="loss maximised: nnU-Net's Dice + CE, or CE")
+                        help="pgd, apgd: loss maximised, nnU-Net's Dice + CE or CE (segpgd "
+                             "maximises its own weighted CE)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per attack batch")
+    p.add_argument("--level-batching", default="auto", choices=LEVEL_BATCHING,
+                   help="attack a batch with fewer slices than --batch-size at several noise "
+                        "levels at once (up to slices x levels = --batch-size); the counts are "
+                        "those of one level at a time. auto: on GPUs only (CPUs gain nothing)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="output folder")
@@ -172,7 +192,8 @@ def _run_config(args: argparse.Namespace, models: Sequence[LoadedModel],
 
     Besides the options this holds, per model, the checkpoint's digest and the test cases
     actually used, so that retrained weights or a new split are not mixed with old parts. The
-    batch size is part of it because each batch draws its own random start.
+    batch size is part of it because each batch draws its own random start. An option that
+    does not apply to the attack (``alpha`` for apgd, ``attack_loss`` for segpgd) is ``None``.
     """
     return {"models": {m.name: {"folder": m.folder, "checkpoint_sha256": m.checkpoint_sha256,
                                 "case_source": _case_source(m, args),
@@ -182,9 +203,12 @@ def _run_config(args: argparse.Namespace, models: Sequence[LoadedModel],
             "images": args.images and os.path.abspath(args.images),
             "labels": args.labels and os.path.abspath(args.labels),
             "include_empty": args.include_empty, "max_slices": args.max_slices,
-            "noise": list(noise), "norm": settings.norm, "steps": settings.steps,
-            "alpha": settings.alpha, "random_start": settings.random_start,
-            "attack_loss": settings.loss, "seed": settings.seed,
+            "noise": list(noise), "attack": settings.attack, "norm": settings.norm,
+            "steps": settings.steps,
+            "alpha": None if settings.attack == "apgd" else settings.alpha,
+            "random_start": settings.random_start,
+            "attack_loss": None if settings.attack == "segpgd" else settings.loss,
+            "seed": settings.seed,
             "batch_size": settings.batch_size}
 
 
@@ -200,6 +224,8 @@ def _existing_config(out: str, config: dict, overwrite: bool) -> bool:
     try:
         with open(path) as f:
             old = json.load(f)
+        if isinstance(old, dict):
+            old.setdefault("attack", "pgd")  # folders written before --attack existed ran PGD
     except (OSError, ValueError) as e:
         if overwrite:
             return False
@@ -239,9 +265,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     """Run the evaluation described by ``args``; returns the summary."""
     _check_args(args)
     noise = sorted(set(float(n) for n in args.noise))
-    settings = AttackSettings(norm=args.norm, steps=args.steps, alpha=args.alpha,
-                              random_start=not args.no_random_start, loss=args.attack_loss,
-                              batch_size=args.batch_size, seed=args.seed)
+    settings = AttackSettings(attack=args.attack, norm=args.norm, steps=args.steps,
+                              alpha=args.alpha, random_start=not args.no_random_start,
+                              loss=args.attack_loss, batch_size=args.batch_size, seed=args.seed,
+                              level_batching=args.level_batching)
     device = torch.device(args.device)
     folders = _model_folders(args)
     if len(set(folders)) != len(folders):
@@ -259,7 +286,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         batch = same_shape[: settings.batch_size]
         x = torch.from_numpy(np.stack([s.image for s in batch])).to(device)
         y = torch.from_numpy(np.stack([s.label for s in batch])[:, None].astype(np.int64)).to(device)
-        preflight(m.name, m.network, x, y, attack_loss(settings.loss, m.ignore_label))
+        # SegPGD maximises a (weighted) CE: check the gradient of the CE for it.
+        loss = "ce" if settings.attack == "segpgd" else settings.loss
+        preflight(m.name, m.network, x, y, attack_loss(loss, m.ignore_label))
     config = _run_config(args, models, samples, noise, settings)
     resume = _existing_config(args.output, config, args.overwrite)
     results: Dict[str, Dict[float, NoiseResult]] = {m.name: {} for m in models}
@@ -282,15 +311,26 @@ def evaluate(args: argparse.Namespace) -> dict:
         print(f"{m.name}: {len(samples[m.name])} slices of {n_cases} case{'s' * (n_cases != 1)} "
               f"({' '.join(config['models'][m.name]['case_source'])})", flush=True)
 
-    todo = [(m, n) for m in models for n in noise if n not in results[m.name]]
-    total = sum(len(samples[m.name]) for m, _ in todo)
+    todo = [(m, [n for n in noise if n not in results[m.name]]) for m in models]
+    todo = [(m, pending) for m, pending in todo if pending]
+    total = sum(len(samples[m.name]) * len(pending) for m, pending in todo)
+    packing = {m.name: Counter() for m in models}
     with tqdm(total=total, desc="attacking slices", unit="slice",
               disable=args.no_progress or total == 0) as bar:
-        for m, n in todo:
-            bar.set_postfix_str(f"{m.name} noise {n:g}")
-            result = evaluate_noise(m, samples[m.name], n, settings, device, bar)
-            save_part(part_path(args.output, m.name, n), result)
-            results[m.name][n] = result
+        for m, pending in todo:
+            bar.set_postfix_str(m.name)
+            # A part per level as soon as the level is done (levels finish in order).
+            for n, result in iter_levels(m, samples[m.name], pending, settings, device, bar,
+                                         packing[m.name]):
+                save_part(part_path(args.output, m.name, n), result)
+                results[m.name][n] = result
+    for name, count in packing.items():
+        if count["packed"] or count["declined"]:
+            batches = "batch" if count["packed"] == 1 else "batches"
+            print(f"{name}: {count['packed']} attack {batches} held several noise levels"
+                  + (f", {count['declined']} packs ran one level per batch (the kernels round "
+                     f"differently at the larger batch size)" if count["declined"] else ""),
+                  flush=True)
 
     summary = {"config": config,
                "models": {m.name: summarise(results[m.name], _class_names(m)) for m in models}}

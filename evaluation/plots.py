@@ -19,7 +19,8 @@ def plot_curves(summary: dict, noise_levels: Sequence[float], path: str) -> None
         for name, entry in summary["models"].items():
             ax.plot(noise_levels, [entry["noise"][noise_key(n)][metric] for n in noise_levels],
                     marker="o", label=name)
-        ax.set_xlabel(f"noise level ({summary['config']['norm'].upper()})")
+        ax.set_xlabel(f"noise level ({summary['config']['norm'].upper()}, "
+                      f"{summary['config'].get('attack', 'pgd')})")
         ax.set_title(metric.upper())
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)

@@ -102,12 +102,35 @@ def summarise(results: Dict[float, NoiseResult], class_names: Sequence[str]) -> 
     return entry
 
 
+LOSS_NAMES = {"dc_ce": "Dice + CE", "ce": "CE"}
+NORM_NAMES = {"l2": "L2", "linf": "Linf"}
+
+
+def attack_caption(config: Optional[dict]) -> str:
+    """The attack of a run in words, e.g. ``pgd (L2, 100 steps, alpha 5, random start, loss
+    Dice + CE)``; ``""`` when ``config`` does not name it."""
+    if not config or "steps" not in config:
+        return ""
+    attack = config.get("attack", "pgd")
+    parts = [NORM_NAMES.get(config.get("norm"), config.get("norm")), f"{config['steps']} steps"]
+    if config.get("alpha") is not None:
+        parts.append(f"alpha {config['alpha']:g}")
+    parts.append("random start" if config.get("random_start") else "no random start")
+    if attack == "segpgd":
+        parts.append("loss SegPGD's weighted CE")
+    elif config.get("attack_loss"):
+        parts.append(f"loss {LOSS_NAMES.get(config['attack_loss'], config['attack_loss'])}")
+    return f"{attack} ({', '.join(p for p in parts if p)})"
+
+
 def markdown_table(summary: dict, metric: str, noise_levels: Sequence[float]) -> str:
-    """One row per model, one column per noise level, percent with two decimals (paper style)."""
+    """One row per model, one column per noise level, percent with two decimals (paper style);
+    the caption names the attack when ``summary`` holds the run's ``config``."""
     header = "| model | " + " | ".join(f"noise {noise_key(n)}" for n in noise_levels) + " |"
     if any(f"auc_{metric}" in m for m in summary["models"].values()):
         header += " AUC |"
-    lines = [f"{metric.upper()} (%)", "", header,
+    caption = attack_caption(summary.get("config"))
+    lines = [f"{metric.upper()} (%)" + (f" under {caption}" if caption else ""), "", header,
              "|" + "---|" * (header.count("|") - 1)]
     for name, entry in summary["models"].items():
         cells = [f"{100 * entry['noise'][noise_key(n)][metric]:.2f}" for n in noise_levels]

@@ -81,10 +81,11 @@ def test_attack_lowers_dice_and_more_steps_never_help(nnunet_workspace, trained_
 def test_interrupted_run_resumes_to_the_same_summary(nnunet_workspace, trained_clean_model, tmp_path,
                                                      monkeypatch):
     ws = nnunet_workspace
-    common = ("--noise", "0", "3", "6", "--max-slices", "5", "--steps", "4")
+    common = ("--noise", "0", "3", "6", "--max-slices", "5", "--steps", "4", "--level-batching", "on")
     assert main(_args(ws, tmp_path / "full", *common)) == 0
 
-    original = cli.evaluate_noise
+    # Killed while writing the third part (noise 6, attacked in one batch with noise 3).
+    original = cli.save_part
     calls = []
 
     def crash_after_two(*a, **k):
@@ -92,12 +93,12 @@ def test_interrupted_run_resumes_to_the_same_summary(nnunet_workspace, trained_c
         if len(calls) == 3:
             raise KeyboardInterrupt("killed")
         return original(*a, **k)
-    monkeypatch.setattr(cli, "evaluate_noise", crash_after_two)
+    monkeypatch.setattr(cli, "save_part", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         main(_args(ws, tmp_path / "resumed", *common))
     assert len(os.listdir(tmp_path / "resumed" / "parts")) == 2
     assert not (tmp_path / "resumed" / "summary.json").exists()
-    monkeypatch.setattr(cli, "evaluate_noise", original)
+    monkeypatch.setattr(cli, "save_part", original)
     assert main(_args(ws, tmp_path / "resumed", *common)) == 0
 
     full = json.loads((tmp_path / "full" / "summary.json").read_text())

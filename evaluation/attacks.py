@@ -1,0 +1,275 @@
+"""The evaluator's attacks on 2D slices: PGD, SegPGD and APGD, each from a given start offset.
+
+All three take per-sample budgets ``eps`` ``(B,)`` and a start offset ``start`` ``(B, C, H, W)``
+with ``||start[i]|| <= eps[i]`` (``None``: start at ``x``). The caller draws the offset so that
+one slice attacked at several noise levels in one batch starts exactly where it starts when each
+level runs alone (one seeded generator per level, see ``robustness.py``); the core's
+:func:`nnunet_ima.attacks.run_pgd` draws its start inside the loop from one generator, which is
+why the iteration is spelled out here. Every quantity is per sample: a slice's iterates do not
+depend on the other slices of the batch.
+
+* ``pgd``: ``x_t = x + P(x_{t-1} + s * h(grad L(x_{t-1})) - x)``, ``s = alpha * eps / steps``,
+  ``t = 1..steps``; ``h`` the unit-L2 gradient or its sign (Linf), ``P`` the projection onto the
+  eps-ball (:mod:`nnunet_ima.norms`). The same operations in the same order as the core's
+  ``run_pgd`` without ``stop_if``, so it returns the core's bits for the same start.
+* ``segpgd``: the same iteration on SegPGD's loss (Gu et al., ECCV 2022, Eq. 4-5): at step ``t``
+  of ``T``, ``L = ((1 - lambda_t) * sum_{correct} CE_j + lambda_t * sum_{wrong} CE_k) / N`` with
+  ``lambda_t = (t - 1) / (2 T)`` (0 at the first step, ``(T - 1) / (2T) < 1/2`` at the last),
+  "correct" judged on the prediction of the current iterate ``x_{t-1}``, and ``N`` the pixels
+  of the slice that are scored (the paper's ``H x W``; ignore-label pixels excluded).
+* ``apgd``: Auto-PGD's step-size schedule (Croce and Hein, ICML 2020, Algorithm 1) per slice:
+  first step size ``2 eps``, momentum ``x_{k+1} = P(x_k + a (z_{k+1} - x_k) + (1 - a)(x_k -
+  x_{k-1}))`` with ``a = 0.75`` and ``z_{k+1} = P(x_k + eta_k h(grad))``; at the checkpoints
+  ``w_j = ceil(p_j steps)`` (``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} -
+  0.03, 0.06)``) a slice halves its step size and restarts from its best iterate when fewer than
+  ``rho = 0.75`` of the steps since the previous checkpoint increased its loss, or when its step
+  size was not halved at the previous checkpoint and its best loss has not changed since. It
+  returns each slice's best (highest-loss) iterate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_ima.model_mode import attack_mode
+from nnunet_ima.norms import as_eps_tensor, check_norm, project, steepest_ascent_direction
+
+ATTACKS = ("pgd", "segpgd", "apgd")
+
+APGD_MOMENTUM = 0.75  # the paper's alpha: weight of the new step, 1 - 0.75 on the previous one
+APGD_RHO = 0.75
+APGD_FIRST_STEP = 2.0  # eta_0 = 2 eps (Algorithm 1, both norms)
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+"""``loss(logits (B, K, H, W), target (B, 1, H, W)) -> (B,)``, maximised by the attack."""
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` -> ``(B, 1, ..., 1)`` to scale a ``(B, ...)`` tensor per sample."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _start(x: torch.Tensor, start: Optional[torch.Tensor]) -> torch.Tensor:
+    if start is None:
+        return x.clone()
+    if start.shape != x.shape:
+        raise ValueError(f"start must have the shape of x {tuple(x.shape)}, "
+                         f"got {tuple(start.shape)}")
+    return x + start.to(x)
+
+
+# ----------------------------------------------------------------------------- PGD and SegPGD
+
+def projected_ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
+                     start: Optional[torch.Tensor], *, norm: str, steps: int, alpha: float,
+                     loss_at: Callable[[int], LossFn]) -> torch.Tensor:
+    """``steps`` PGD steps of size ``alpha * eps / steps`` from ``x + start``.
+
+    Args:
+        x: ``(B, C, H, W)`` clean slices; y: ``(B, 1, H, W)`` label maps.
+        eps: ``(B,)`` budgets; start: ``(B, C, H, W)`` offset inside the ball, or ``None``.
+        loss_at: ``t -> loss`` for step ``t = 1..steps`` (PGD: always the same loss).
+
+    Returns:
+        ``(B, C, H, W)`` the last iterate.
+    """
+    norm = check_norm(norm)
+    x = x.detach()
+    eps = as_eps_tensor(eps, x)
+    step_size = alpha * eps / max(steps, 1)
+    x_cur = _start(x, start)
+    with attack_mode(model):
+        for t in range(1, steps + 1):
+            x_grad = x_cur.clone().requires_grad_(True)
+            per_sample = loss_at(t)(model(x_grad), y)
+            (grad,) = torch.autograd.grad(per_sample.sum(), x_grad)
+            stepped = x_cur + _per_sample(step_size, x) * steepest_ascent_direction(grad, norm)
+            x_cur = x + project(stepped - x, eps, norm)
+    return x_cur.detach()
+
+
+def segpgd_lambda(t: int, steps: int) -> float:
+    """SegPGD's weight of the wrongly classified pixels at step ``t`` of ``steps`` (1-based):
+    ``(t - 1) / (2 * steps)``, rising linearly from 0 to just below 1/2 (Gu et al., Eq. 5)."""
+    if not 1 <= t <= steps:
+        raise ValueError(f"t must be in [1, {steps}], got {t}")
+    return (t - 1) / (2 * steps)
+
+
+def segpgd_loss(logits: torch.Tensor, target: torch.Tensor, lam: float,
+                ignore_label: Optional[int] = None) -> torch.Tensor:
+    """SegPGD's loss per slice (Gu et al., Eq. 4).
+
+    ``((1 - lam) * sum of the CE of correctly classified pixels + lam * sum of the CE of wrongly
+    classified pixels) / number of scored pixels``. Pixels with ``ignore_label``, or a negative
+    label (nnU-Net's ``-1`` outside the cropped region when it has not been mapped to
+    background), count in neither sum nor in the count. Which pixels are correct is read off
+    ``logits`` (argmax), not differentiated.
+
+    Args:
+        logits: ``(B, K, H, W)``; target: ``(B, 1, H, W)`` or ``(B, H, W)`` integer labels.
+
+    Returns:
+        ``(B,)``.
+    """
+    if target.dim() == logits.dim():
+        target = target[:, 0]
+    target = target.long()
+    valid = target >= 0
+    if ignore_label is not None:
+        valid &= target != ignore_label
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    pixel_ce = F.cross_entropy(logits, safe, reduction="none")
+    with torch.no_grad():
+        correct = logits.argmax(dim=1) == safe
+        weight = torch.where(correct, 1.0 - lam, lam).to(pixel_ce.dtype) * valid
+    axes = tuple(range(1, target.dim()))
+    return (pixel_ce * weight).sum(axes) / valid.sum(axes).clamp_min(1).to(pixel_ce.dtype)
+
+
+def segpgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
+           start: Optional[torch.Tensor], *, norm: str, steps: int, alpha: float,
+           ignore_label: Optional[int] = None) -> torch.Tensor:
+    """SegPGD: :func:`projected_ascent` on :func:`segpgd_loss` with ``lambda_t`` of step ``t``.
+    Shapes as in :func:`projected_ascent`; returns the last iterate."""
+    def loss_at(t: int) -> LossFn:
+        lam = segpgd_lambda(t, steps)
+        return lambda logits, target: segpgd_loss(logits, target, lam, ignore_label)
+    return projected_ascent(model, x, y, eps, start, norm=norm, steps=steps, alpha=alpha,
+                            loss_at=loss_at)
+
+
+# ----------------------------------------------------------------------------- APGD
+
+def apgd_checkpoints(steps: int) -> List[int]:
+    """The iterates ``w_j = ceil(p_j * steps)`` (``w_0 = 0`` excluded) at which APGD checks its
+    progress: ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)`` while
+    ``p_j <= 1``. For 100 steps: 22, 41, 57, 70, 80, 87, 93, 99."""
+    # p in hundredths keeps the arithmetic exact (0.41 * 100 is 41.00000000000001 in floats).
+    previous, current, points = 0, 22, []
+    while current <= 100:
+        w = -(-current * steps // 100)
+        if w > 0 and (not points or w > points[-1]):
+            points.append(w)
+        previous, current = current, current + max(current - previous - 3, 6)
+    return points
+
+
+@dataclass
+class APGDRun:
+    """The outcome of :func:`apgd`.
+
+    Attributes:
+        x_best: ``(B, C, H, W)`` each slice's highest-loss iterate (the start included).
+        loss_best, loss_start: ``(B,)`` the loss at ``x_best`` and at the start point.
+        step_size: ``(B,)`` each slice's final step size (``2 eps / 2**halvings``).
+    """
+
+    x_best: torch.Tensor
+    loss_best: torch.Tensor
+    loss_start: torch.Tensor
+    step_size: torch.Tensor
+
+
+def apgd(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
+         start: Optional[torch.Tensor], *, norm: str, steps: int, loss: LossFn,
+         rho: float = APGD_RHO, momentum: float = APGD_MOMENTUM) -> APGDRun:
+    """Auto-PGD maximising ``loss`` per slice (see the module docstring for the schedule).
+
+    ``steps`` gradient steps: the loss is evaluated at the start and at each of the ``steps``
+    iterates, the gradient at all but the last, as many passes as PGD's ``steps`` plus its final
+    prediction. Slices keep their own step size, checkpoint statistics and best point.
+
+    Args:
+        x: ``(B, ...)`` clean input; y: labels with a batch dimension; eps: ``(B,)`` budgets.
+        start: ``(B, ...)`` offset inside the ball, or ``None``.
+        loss: ``(output, y) -> (B,)``.
+
+    Returns:
+        :class:`APGDRun`.
+    """
+    norm = check_norm(norm)
+    x = x.detach()
+    eps = as_eps_tensor(eps, x)
+    checkpoints = set(apgd_checkpoints(steps))
+
+    def ball(v: torch.Tensor) -> torch.Tensor:
+        return x + project(v - x, eps, norm)
+
+    def evaluate(point: torch.Tensor, with_grad: bool):
+        if not with_grad:
+            with torch.no_grad():
+                return loss(model(point), y).detach(), None
+        point = point.clone().requires_grad_(True)
+        value = loss(model(point), y)
+        (grad,) = torch.autograd.grad(value.sum(), point)
+        return value.detach(), grad
+
+    with attack_mode(model):
+        x_k = _start(x, start)
+        f_k, g_k = evaluate(x_k, steps > 0)
+        x_prev = x_k
+        eta = APGD_FIRST_STEP * eps
+        x_best, f_best, g_best = x_k.clone(), f_k.clone(), g_k
+        f_start = f_k.clone()
+        # Checkpoint statistics, per slice.
+        increases = torch.zeros_like(f_k, dtype=torch.long)
+        last_checkpoint = 0
+        f_best_at_checkpoint = f_best.clone()
+        halved_at_checkpoint = torch.zeros_like(f_k, dtype=torch.bool)
+        for k in range(steps):
+            z = ball(x_k + _per_sample(eta, x) * steepest_ascent_direction(g_k, norm))
+            if k == 0:
+                x_new = z
+            else:
+                x_new = ball(x_k + momentum * (z - x_k) + (1 - momentum) * (x_k - x_prev))
+            f_new, g_new = evaluate(x_new, k + 1 < steps)
+            increases += (f_new > f_k).long()
+            better = f_new > f_best
+            x_best[better] = x_new[better]
+            f_best = torch.where(better, f_new, f_best)
+            if g_new is not None:
+                g_best = torch.where(_per_sample(better, x), g_new, g_best)
+            x_prev, x_k, f_k, g_k = x_k, x_new, f_new, g_new
+            if k + 1 in checkpoints:
+                since = k + 1 - last_checkpoint
+                few_increases = increases < rho * since
+                stalled = ~halved_at_checkpoint & (f_best == f_best_at_checkpoint)
+                halve = few_increases | stalled
+                eta = torch.where(halve, eta / 2, eta)
+                # Restart from the best point (its gradient was kept with it).
+                x_k = torch.where(_per_sample(halve, x), x_best, x_k)
+                f_k = torch.where(halve, f_best, f_k)
+                if g_k is not None:
+                    g_k = torch.where(_per_sample(halve, x), g_best, g_k)
+                increases.zero_()
+                last_checkpoint = k + 1
+                f_best_at_checkpoint = f_best.clone()
+                halved_at_checkpoint = halve
+    return APGDRun(x_best.detach(), f_best, f_start, eta)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
+               start: Optional[torch.Tensor], *, norm: str, steps: int, alpha: float,
+               loss: LossFn, ignore_label: Optional[int] = None) -> torch.Tensor:
+    """The adversarial slices ``(B, C, H, W)`` of attack ``name`` (one of :data:`ATTACKS`).
+
+    ``alpha`` does not apply to ``apgd`` (its step size adapts, starting at ``2 eps``); ``loss``
+    does not apply to ``segpgd`` (it maximises its own weighted CE); ``ignore_label`` is
+    SegPGD's (``loss`` carries its own).
+    """
+    if name == "pgd":
+        return projected_ascent(model, x, y, eps, start, norm=norm, steps=steps, alpha=alpha,
+                                loss_at=lambda t: loss)
+    if name == "segpgd":
+        return segpgd(model, x, y, eps, start, norm=norm, steps=steps, alpha=alpha,
+                      ignore_label=ignore_label)
+    if name == "apgd":
+        return apgd(model, x, y, eps, start, norm=norm, steps=steps, loss=loss).x_best
+    raise ValueError(f"attack must be one of {ATTACKS}, got {name!r}")
