@@ -92,7 +92,7 @@ def test_fashion_mnist_without_data_root_names_the_package(monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv", [
     ["train", "--dataset", "mnist", "-o", "X"],            # unknown dataset
-    ["train", "--dataset", "moons", "--method", "trades", "-o", "X"],
+    ["train", "--dataset", "moons", "--method", "pgd-at", "-o", "X"],
     ["train", "--dataset", "moons", "--eps", "abc", "-o", "X"],
     ["eval", "run", "--norm", "l1"],
 ])

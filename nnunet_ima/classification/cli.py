@@ -20,8 +20,14 @@ from nnunet_ima.classification.datasets import (DATASETS, FASHION_MNIST_DEFAULT_
 from nnunet_ima.classification.files import write_json, write_text
 from nnunet_ima.classification.margins_report import DEFAULT_QUANTILE, margin_report
 from nnunet_ima.classification.models import DEFAULT_MODEL, MODELS, build_model
-from nnunet_ima.classification.robust_eval import ATTACK_LOSSES, WORST, auc_of, robust_accuracy
-from nnunet_ima.classification.settings import METHODS, PAPER_SETTINGS, TrainConfig
+from nnunet_ima.classification.robust_eval import (ATTACK_LOSSES, MASKING_THRESHOLD_POINTS,
+                                                   PGD_WORST, WORST, auc_of, masking_warnings,
+                                                   robust_accuracy)
+from nnunet_ima.classification.spsa import SPSASettings
+from nnunet_ima.classification.strong_attacks import (ATTACKS, StrongAttackSettings, caption,
+                                                      check_attacks, settings_record)
+from nnunet_ima.classification.settings import (BASELINE_METHODS, METHODS, PAPER_SETTINGS,
+                                                TrainConfig)
 from nnunet_ima.classification.training import CHECKPOINT_FORMAT, FINAL, Trainer, seed_everything
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.margins import MarginStore
@@ -61,15 +67,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------- train
 def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a classifier (ce, adv or ima)",
+    p = sub.add_parser("train", help="train a classifier (ce, adv, ima or a baseline)",
                        description="Train with clean cross-entropy (ce), vanilla PGD adversarial "
-                                   "training (adv) or IMA. Defaults are the paper's settings of "
-                                   "the dataset.")
+                                   "training (adv), IMA, or the baselines trades, mma, ddn, fat, "
+                                   "gairat. Defaults are the paper's settings of the dataset.")
     p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--data-root", help="dataset folder (fashion-mnist: default "
-                                       f"{FASHION_MNIST_DEFAULT_ROOT}; svhn, cifar10, covid-ct: required)")
     p.add_argument("--method", default="ima", choices=METHODS)
-    p.add_argument("--model", choices=sorted(MODELS), help="default: the paper's model of the dataset")
     p.add_argument("-o", "--output", required=True,
                    help="run folder; a folder holding a checkpoint of the same settings is resumed")
     resume = p.add_mutually_exclusive_group()
@@ -77,6 +80,15 @@ def add_train_parser(sub) -> None:
                         help="require a checkpoint in -o and continue it")
     resume.add_argument("--no-resume", dest="resume", action="store_const", const=False,
                         help="refuse to continue a checkpoint in -o")
+    add_training_options(p)
+
+
+def add_training_options(p: argparse.ArgumentParser) -> None:
+    """The training settings shared by `train` and `compare` (all but dataset, method and
+    output folder)."""
+    p.add_argument("--data-root", help="dataset folder (fashion-mnist: default "
+                                       f"{FASHION_MNIST_DEFAULT_ROOT}; svhn, cifar10, covid-ct: required)")
+    p.add_argument("--model", choices=sorted(MODELS), help="default: the paper's model of the dataset")
     p.add_argument("--epochs", type=int, help="default: the paper's (moons 30, fashion-mnist 60, ...)")
     p.add_argument("--batch-size", type=int, help="default: 128 (covid-ct 32)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
@@ -84,7 +96,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--data-seed", type=int, default=0,
                    help="validation hold-out, COVID-19 split and Moons points (default 0)")
     p.add_argument("--norm", default="l2", choices=("l2", "linf"), help="attack norm in training")
-    p.add_argument("--eps", type=float, help="adv: the fixed PGD budget")
+    p.add_argument("--eps", type=float,
+                   help="adv: the fixed PGD budget (required); trades, mma (its d_max), ddn (its "
+                        "max norm), fat, gairat: the training budget (default: the dataset's "
+                        "eps_max, as in the paper's comparison)")
     p.add_argument("--pgd-steps", type=int, default=20, help="PGD iterations in training (20)")
     p.add_argument("--pgd-alpha", type=float, default=4.0,
                    help="PGD step = alpha * eps / steps (4: the ball is swept 4 times)")
@@ -98,6 +113,17 @@ def add_train_parser(sub) -> None:
                    help="ima: a misclassified sample's margin is halved, or reset to delta")
     p.add_argument("--clip-min", default="zero", choices=("zero", "delta"),
                    help="ima: clip margins to [0, eps_max] or [delta, eps_max]")
+    p.add_argument("--trades-beta", type=float, default=6.0,
+                   help="trades: weight of the KL term (default 6)")
+    p.add_argument("--mma-clean-weight", type=float, default=1 / 3,
+                   help="mma: weight of the whole batch's clean loss (default 1/3)")
+    p.add_argument("--ddn-steps", type=int, default=100, help="ddn: DDN iterations (default 100)")
+    p.add_argument("--ddn-gamma", type=float, default=0.05,
+                   help="ddn: norm change per iteration (default 0.05)")
+    p.add_argument("--gairat-lambda", type=float, default=-1.0,
+                   help="gairat: lambda of the weight function (default -1)")
+    p.add_argument("--gairat-begin-epoch", type=int,
+                   help="gairat: first epoch (0-based) with reweighting (default: half the epochs)")
     p.add_argument("--max-train", type=int, help="train on the first N training samples only")
     p.add_argument("--moons-noise", type=float, default=MOONS_NOISE,
                    help=f"make_moons noise (default {MOONS_NOISE})")
@@ -127,14 +153,26 @@ def config_from_args(args) -> TrainConfig:
         batch_size=args.batch_size if args.batch_size is not None else paper.batch_size,
         lr=args.lr, seed=args.seed, data_seed=args.data_seed, norm=args.norm,
         pgd_steps=args.pgd_steps, pgd_alpha=args.pgd_alpha,
-        eps=args.eps if args.method == "adv" else None,
+        eps=_training_eps(args, paper.eps_max),
         eps_max=(args.eps_max if args.eps_max is not None else paper.eps_max)
         if args.method == "ima" else None,
         delta=args.delta, beta=args.beta, binary_steps=args.binary_steps,
         margin_update=args.margin_update, on_clean_wrong=args.on_clean_wrong,
         clip_min=args.clip_min, max_train=args.max_train,
         data_root=_data_root(args.dataset, args.data_root),
-        moons_noise=args.moons_noise if args.dataset == "moons" else MOONS_NOISE).validate()
+        moons_noise=args.moons_noise if args.dataset == "moons" else MOONS_NOISE,
+        trades_beta=args.trades_beta, mma_clean_weight=args.mma_clean_weight,
+        ddn_steps=args.ddn_steps, ddn_gamma=args.ddn_gamma, gairat_lambda=args.gairat_lambda,
+        gairat_begin_epoch=args.gairat_begin_epoch).validate()
+
+
+def _training_eps(args, paper_eps_max: float) -> Optional[float]:
+    """``--eps`` of adv (no default) and of the baselines (default: the paper's eps_max)."""
+    if args.method == "adv":
+        return args.eps
+    if args.method in BASELINE_METHODS:
+        return args.eps if args.eps is not None else paper_eps_max
+    return None
 
 
 def _split_path(folder: str, dataset: str) -> Optional[str]:
@@ -162,23 +200,45 @@ def run_train(args) -> int:
 
 # ----------------------------------------------------------------------------------- eval
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="robust accuracy under 100-PGD (cross-entropy and margin loss)",
+    p = sub.add_parser("eval", help="robust accuracy under 100-PGD (cross-entropy and margin "
+                                    "loss), optionally APGD and SPSA",
                        description="The paper's evaluation: per noise level, 100-step PGD (step "
                                    "noise/10, random start) maximising the cross-entropy and, "
-                                   "separately, the margin loss; a test sample is robust only if "
-                                   "it is classified correctly and both attacks fail.")
+                                   "separately, the margin loss; optionally also AutoAttack's "
+                                   "APGD-CE / APGD-DLR (torchattacks) and the gradient-free SPSA. "
+                                   "A test sample is robust only if it is classified correctly "
+                                   "and every attack fails. A warning flags noise levels where "
+                                   "PGD is more than 2 points above a stronger attack (gradient "
+                                   "masking).")
     p.add_argument("runs", nargs="+", help="run folders written by `train`")
     p.add_argument("--norm", default="l2", choices=("l2", "linf"))
-    p.add_argument("--noise", type=float, nargs="+",
-                   help="noise levels (default: the paper's for the dataset, e.g. moons 0 0.05 ... 0.3)")
-    p.add_argument("--steps", type=int, default=100, help="PGD iterations (default 100)")
-    p.add_argument("--attacks", nargs="+", default=list(ATTACK_LOSSES), choices=ATTACK_LOSSES,
-                   help="attack losses whose worst case is reported (default: ce margin)")
-    p.add_argument("--max-samples", type=int, help="evaluate the first N test samples")
+    add_attack_options(p)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0, help="random starts of the attacks")
     p.add_argument("-o", "--table", help="also write the markdown table to this file")
     _common(p)
+
+
+def add_attack_options(p: argparse.ArgumentParser) -> None:
+    """The attack settings shared by `eval` and `compare`."""
+    p.add_argument("--noise", type=float, nargs="+",
+                   help="noise levels (default: the paper's for the dataset, e.g. moons 0 0.05 ... 0.3)")
+    p.add_argument("--steps", type=int, default=100, help="PGD and APGD iterations (default 100)")
+    p.add_argument("--attacks", nargs="+", default=list(ATTACK_LOSSES), choices=list(ATTACKS),
+                   help="attacks whose worst case is reported: ce, margin (PGD losses), apgd-ce, "
+                        "apgd-dlr (>= 3 classes; both need torchattacks), spsa "
+                        "(default: ce margin)")
+    p.add_argument("--apgd-restarts", type=int, default=1,
+                   help="APGD random restarts (default 1)")
+    spsa_defaults = SPSASettings()
+    p.add_argument("--spsa-iterations", type=int, default=spsa_defaults.iterations,
+                   help=f"SPSA Adam steps (default {spsa_defaults.iterations})")
+    p.add_argument("--spsa-samples", type=int, default=spsa_defaults.samples,
+                   help="SPSA Rademacher directions per step, two forward passes each "
+                        f"(default {spsa_defaults.samples})")
+    p.add_argument("--spsa-delta", type=float, default=spsa_defaults.delta,
+                   help=f"SPSA finite-difference size in input units (default {spsa_defaults.delta})")
+    p.add_argument("--max-samples", type=int, help="evaluate the first N test samples")
 
 
 def load_run(folder: str, device: torch.device) -> Tuple[TrainConfig, dict]:
@@ -205,35 +265,82 @@ def _check_eval_args(args) -> None:
         raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_samples is not None and args.max_samples < 1:
         raise UserInputError(f"--max-samples must be >= 1, got {args.max_samples}")
+    for option in ("apgd_restarts", "spsa_iterations", "spsa_samples"):
+        if getattr(args, option) < 1:
+            raise UserInputError(f"--{option.replace('_', '-')} must be >= 1, "
+                                 f"got {getattr(args, option)}")
+    if not args.spsa_delta > 0:
+        raise UserInputError(f"--spsa-delta must be > 0, got {args.spsa_delta}")
 
 
 def markdown_table(rows: List[Tuple[str, dict]], norm: str, steps: int, attacks: Sequence[str]) -> str:
-    """One row per run, one column per noise level (robust accuracy in %), then the AUC."""
+    """One row per run, one column per noise level (robust accuracy in %), then the AUC.
+
+    The caption names the attacks run; a cell where PGD was more than 2 points above a stronger
+    attack (``report["warnings"]``) carries a footnote mark ``[^k]`` explained below the table.
+    """
     levels = sorted({float(n) for _, report in rows for n in report["noise"]})
     header = "| run | n | " + " | ".join(f"{norm.upper()} {n:g}" for n in levels) + " | AUC |"
-    lines = [f"Robust accuracy (%) under {steps}-PGD, worst case of {' and '.join(attacks)} loss",
+    lines = [f"Robust accuracy (%), worst case of: {caption(attacks, steps)}",
              "", header, "|---|---:|" + "---:|" * (len(levels) + 1)]
+    notes = []
     for name, report in rows:
-        cells = [f"{100 * report['noise'][f'{n:g}']:.2f}" if f"{n:g}" in report["noise"] else ""
-                 for n in levels]
+        flagged = {f"{w['noise']:g}": w for w in report.get("warnings", [])}
+        cells = []
+        for n in levels:
+            key = f"{n:g}"
+            cell = f"{100 * report['noise'][key]:.2f}" if key in report["noise"] else ""
+            if key in flagged:
+                notes.append(flagged[key]["message"])
+                cell += f" [^{len(notes)}]"
+            cells.append(cell)
         auc = f"{100 * report['auc']:.2f}" if report["auc"] is not None else ""
         lines.append(f"| {name} | {report['n']} | " + " | ".join(cells) + f" | {auc} |")
+    if notes:
+        lines.append("")
+        lines.extend(f"[^{k}]: {note}" for k, note in enumerate(notes, start=1))
     return "\n".join(lines) + "\n"
+
+
+def _warning_message(run: str, norm: str, steps: int, pgd_losses: Sequence[str], w: dict) -> str:
+    return (f"run {run}, {norm.upper()} noise {w['noise']:g}: {steps}-PGD "
+            f"({', '.join(pgd_losses)}) {100 * w['pgd']:.2f} % is {w['points']:.2f} points above "
+            f"{ATTACKS[w['attack']].label} {100 * w['accuracy']:.2f} % (more than "
+            f"{MASKING_THRESHOLD_POINTS:g}): PGD's gradients may be masked; trust the stronger "
+            f"attack")
 
 
 def run_eval(args) -> int:
     _check_eval_args(args)
+    rows = evaluate_runs(args.runs, args)
+    table = markdown_table(rows, args.norm, args.steps, args.attacks)
+    print(table)
+    if args.table:
+        write_text(args.table, table)
+    return 0
+
+
+def evaluate_runs(folders: Sequence[str], args) -> List[Tuple[str, dict]]:
+    """Attack the final model of every run folder as ``args`` (the `eval` options) say; writes
+    ``eval_<norm>.json`` into each folder and returns ``(run name, report)`` per folder."""
     device = _device(args.device)
-    # Every folder is checked before any attack runs, so a typo in the last one wastes nothing.
-    runs = [(folder, *load_run(folder, device)) for folder in args.runs]
+    settings = StrongAttackSettings(apgd_restarts=args.apgd_restarts, spsa=SPSASettings(
+        iterations=args.spsa_iterations, samples=args.spsa_samples, delta=args.spsa_delta))
+    # Every folder, its data and the attacks it can take are checked before any attack runs,
+    # so a typo in the last one (or apgd-dlr on 2 classes) wastes nothing.
+    runs = [(folder, *load_run(folder, device)) for folder in folders]
     datasets: Dict[tuple, DatasetSplits] = {}
-    rows = []
-    for folder, config, weights in runs:
+    for folder, config, _ in runs:
         key = (config.dataset, config.data_root, config.data_seed, config.moons_noise)
         if key not in datasets:
             datasets[key] = load_dataset(config.dataset, config.data_root, config.data_seed,
                                          _split_path(folder, config.dataset), config.moons_noise)
-        data = datasets[key]
+        check_attacks(args.attacks, datasets[key].num_classes,
+                      where=f"{folder} ({config.dataset})")
+    pgd_losses = [a for a in args.attacks if a in ATTACK_LOSSES]
+    rows = []
+    for folder, config, weights in runs:
+        data = datasets[(config.dataset, config.data_root, config.data_seed, config.moons_noise)]
         model = build_model(config.model, data.num_classes, data.input_shape)
         model.load_state_dict(weights)
         model = model.to(device).eval()
@@ -244,18 +351,24 @@ def run_eval(args) -> int:
             x, y = x[:args.max_samples], y[:args.max_samples]
         result = robust_accuracy(model, x, y, noise, args.norm, args.steps, args.attacks,
                                  data.clamp, args.batch_size, args.seed, device,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, settings=settings)
+        name = os.path.basename(os.path.normpath(folder))
+        warnings = masking_warnings(result, args.attacks)
+        for w in warnings:
+            w["message"] = _warning_message(name, args.norm, args.steps, pgd_losses, w)
+            print(f"nnunet-ima-classify eval: warning: {w['message']}", file=sys.stderr)
         report = {"noise": {f"{n:g}": result[WORST][n] for n in noise}, "auc": auc_of(result[WORST]),
-                  "attacks": list(args.attacks), "n": len(x), "norm": args.norm,
-                  "steps": args.steps, "step_size": "noise / 10", "seed": args.seed,
-                  "per_attack": {a: {f"{n:g}": result[a][n] for n in noise} for a in args.attacks}}
+                  "attacks": list(args.attacks), "caption": caption(args.attacks, args.steps),
+                  "n": len(x), "norm": args.norm, "steps": args.steps, "step_size": "noise / 10",
+                  "seed": args.seed, "max_samples": args.max_samples, "attack_settings": settings_record(args.attacks, args.steps,
+                                                                        settings),
+                  "per_attack": {a: {f"{n:g}": result[a][n] for n in noise} for a in args.attacks},
+                  "warnings": warnings}
+        if PGD_WORST in result:
+            report["pgd_worst"] = {f"{n:g}": result[PGD_WORST][n] for n in noise}
         write_json(os.path.join(folder, f"eval_{args.norm}.json"), report)
-        rows.append((os.path.basename(os.path.normpath(folder)), report))
-    table = markdown_table(rows, args.norm, args.steps, args.attacks)
-    print(table)
-    if args.table:
-        write_text(args.table, table)
-    return 0
+        rows.append((name, report))
+    return rows
 
 
 # -------------------------------------------------------------------------------- margins
@@ -295,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_eval_parser(sub)
     add_margins_parser(sub)
+    # compare builds on this module's train and eval, so it is imported here, not at the top
+    from nnunet_ima.classification.compare import add_compare_parser
+    add_compare_parser(sub)
     return parser
 
 
@@ -302,7 +418,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
     try:
-        return {"train": run_train, "eval": run_eval, "margins": run_margins}[args.command](args)
+        from nnunet_ima.classification.compare import run_compare
+        commands = {"train": run_train, "eval": run_eval, "margins": run_margins,
+                    "compare": run_compare}
+        return commands[args.command](args)
     except UserInputError as e:
         print(f"nnunet-ima-classify {args.command}: error: {e}", file=sys.stderr)
         return 2

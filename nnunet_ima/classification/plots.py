@@ -14,7 +14,8 @@ def _save(fig, path: str) -> None:
 
 
 def plot_curves(history: List[dict], path: str, title: str) -> None:
-    """Train / validation accuracy and loss per epoch; IMA's mean margin in a third panel."""
+    """Train / validation accuracy and loss per epoch; the mean (and, for IMA, median) margin
+    estimate in a third panel for IMA and MMA."""
     plt = _pyplot()
     has_margin = "mean_margin" in history[-1]
     fig, axes = plt.subplots(1, 3 if has_margin else 2, figsize=(12 if has_margin else 8, 3.6))
@@ -27,7 +28,8 @@ def plot_curves(history: List[dict], path: str, title: str) -> None:
     axes[1].set_ylabel("loss")
     if has_margin:
         axes[2].plot(epochs, [r["mean_margin"] for r in history], label="mean")
-        axes[2].plot(epochs, [r["median_margin"] for r in history], label="median")
+        if "median_margin" in history[-1]:
+            axes[2].plot(epochs, [r["median_margin"] for r in history], label="median")
         axes[2].set_ylabel("estimated margin")
     for ax in axes:
         ax.set_xlabel("epoch")

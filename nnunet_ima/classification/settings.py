@@ -9,7 +9,9 @@ from nnunet_ima.classification.datasets import DATASETS, MOONS_NOISE
 from nnunet_ima.config import IMAConfig
 from nnunet_ima.errors import UserInputError
 
-METHODS = ("ce", "adv", "ima")
+METHODS = ("ce", "adv", "ima", "trades", "mma", "ddn", "fat", "gairat")
+BASELINE_METHODS = ("trades", "mma", "ddn", "fat", "gairat")
+"""Methods trained at the fixed budget ``eps`` (default: the dataset's ``eps_max``)."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class TrainConfig:
     norm: str = "l2"
     pgd_steps: int = 20
     pgd_alpha: float = 4.0
-    eps: Optional[float] = None          # adv: the fixed budget
+    eps: Optional[float] = None          # adv and the baselines: the fixed budget
     eps_max: Optional[float] = None      # ima
     delta: Optional[float] = None
     beta: float = 0.5
@@ -77,6 +79,12 @@ class TrainConfig:
     max_train: Optional[int] = None
     data_root: Optional[str] = None
     moons_noise: float = MOONS_NOISE
+    trades_beta: float = 6.0
+    mma_clean_weight: float = 1 / 3
+    ddn_steps: int = 100
+    ddn_gamma: float = 0.05
+    gairat_lambda: float = -1.0
+    gairat_begin_epoch: Optional[int] = None   # None: epochs // 2
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`UserInputError` naming the option at fault; returns ``self``."""
@@ -98,6 +106,29 @@ class TrainConfig:
                 raise UserInputError("--method adv needs --eps, the budget of its PGD attack "
                                      "(e.g. --eps 0.3 for moons)")
             _number("--eps", self.eps, 0, strict=True)
+        if self.method in BASELINE_METHODS:
+            if self.eps is None:
+                raise UserInputError(f"--method {self.method} needs --eps, its training budget")
+            _number("--eps", self.eps, 0, strict=True)
+        if self.method == "trades":
+            _number("--trades-beta", self.trades_beta, 0, strict=True)
+        if self.method == "mma" and not 0 <= self.mma_clean_weight <= 1:
+            raise UserInputError(f"--mma-clean-weight must lie in [0, 1], got {self.mma_clean_weight!r}")
+        if self.method == "ddn":
+            if self.norm != "l2":
+                raise UserInputError("--method ddn is an L2 method (DDN searches minimal L2 "
+                                     "perturbations); use --norm l2")
+            _number("--ddn-steps", self.ddn_steps, 1, strict=False, integer=True)
+            if not 0 < self.ddn_gamma < 1:
+                raise UserInputError(f"--ddn-gamma must lie in (0, 1), got {self.ddn_gamma!r}")
+        if self.method == "gairat":
+            _number("--gairat-lambda", self.gairat_lambda, -math.inf, strict=True)
+            if self.gairat_begin_epoch is not None:
+                _number("--gairat-begin-epoch", self.gairat_begin_epoch, 0, strict=False,
+                        integer=True)
+            if self.pgd_steps < 2:
+                raise UserInputError("--method gairat needs --pgd-steps >= 2 (its geometry "
+                                     "values count PGD steps)")
         if self.method == "ima":
             if self.eps_max is None:
                 raise UserInputError("--method ima needs --eps-max")

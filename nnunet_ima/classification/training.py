@@ -1,4 +1,5 @@
-"""Training of a classifier with ``ce``, ``adv`` (vanilla PGD) or ``ima`` (IMA, Algorithm 1).
+"""Training of a classifier with ``ce``, ``adv`` (vanilla PGD), ``ima`` (IMA, Algorithm 1) or one
+of the baselines of ``nnunet_ima.classification.baselines`` (TRADES, MMA, DDN, FAT, GAIRAT).
 
 Reproducibility: the sample order and the attacks' random starts of epoch ``e`` come from
 generators seeded by ``(seed, e)``, so a run resumed after epoch ``e`` draws exactly what an
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nnunet_ima.attacks import argmax_correct, bpgd, pgd
+from nnunet_ima.classification.baselines import BASELINES, BatchContext
 from nnunet_ima.classification.datasets import DatasetSplits, as_float
 from nnunet_ima.classification.files import save_torch, write_json, write_text
 from nnunet_ima.classification.settings import TrainConfig
@@ -80,6 +82,25 @@ def evaluate_clean(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     model.train(was_training)
     n = max(len(x), 1)
     return {"acc": correct / n, "loss": loss / n}
+
+
+def _attack_statistics(totals: Dict[str, float], n: int, method: str) -> Dict[str, float]:
+    """The history columns of an epoch's attack counts (``totals``: sums over its batches)."""
+    row = {}
+    if "adv_wrong" in totals:
+        row["fraction_adv_wrong"] = totals["adv_wrong"] / n
+    if method == "mma":
+        row["fraction_crossed"] = totals["crossed"] / n
+        row["mean_margin"] = totals["margin_sum"] / totals["crossed"] if totals["crossed"] \
+            else float("nan")
+    if "found" in totals:
+        row["fraction_found"] = totals["found"] / n
+    if "tau" in totals:
+        row["tau"] = totals["tau"] / n
+        row["fraction_stopped"] = totals["stopped"] / n
+    if "kappa_sum" in totals:
+        row["mean_kappa"] = totals["kappa_sum"] / n
+    return row
 
 
 class Trainer:
@@ -156,6 +177,9 @@ class Trainer:
             # The segmentation baseline's loss (METHOD section 5): clean and adversarial halves.
             loss = (F.cross_entropy(self.model(x), y) + F.cross_entropy(logits_adv, y)) / 2
             stats["adv_wrong"] = float((logits_adv.argmax(1) != y).sum())
+        elif c.method in BASELINES:
+            context = BatchContext(self.model, c, self.epoch, self.data.clamp, generator)
+            loss, stats = BASELINES[c.method](context, x, y)
         else:
             loss, stats = self._ima_step(x, y, keys, generator)
         self.optimizer.zero_grad(set_to_none=True)
@@ -206,8 +230,7 @@ class Trainer:
         val = evaluate_clean(self.model, self.data.x_val, self.data.y_val, self.device)
         row = {"epoch": self.epoch + 1, "loss": totals["loss_sum"] / self.n_train,
                "train_acc": train["acc"], "val_acc": val["acc"], "val_loss": val["loss"]}
-        if "adv_wrong" in totals:
-            row["fraction_adv_wrong"] = totals["adv_wrong"] / self.n_train
+        row.update(_attack_statistics(totals, self.n_train, c.method))
         if self.margins is not None:
             stats = self.margins.end_epoch()
             row.update(mean_margin=stats.margin_mean, median_margin=stats.margin_median,
