@@ -14,7 +14,7 @@ def pyplot():
 
 def save_figure(fig, path: str, dpi: int = 100) -> None:
     """Save ``fig`` to ``path`` through a temporary file, then close it."""
-    tmp = path + ".tmp.png"
+    tmp = f"{path}.{os.getpid()}.tmp.png"  # per process: concurrent writers never clash
     fig.savefig(tmp, dpi=dpi)
     os.replace(tmp, path)
     pyplot().close(fig)

@@ -11,7 +11,7 @@ from nnunet_ima.classification.datasets import load_dataset
 from nnunet_ima.classification.models import build_model
 
 METHODS = ["ce", "adv", "ima", "trades"]
-TRAIN = ["--dataset", "moons", "--max-train", "300", "--epochs", "2", "--batch-size", "64",
+TRAIN = ["--dataset", "moons", "--max-train", "300", "--epochs", "2",
          "--pgd-steps", "3", "--binary-steps", "3", "--no-progress", "--device", "cpu"]
 EVAL = ["--eval-norms", "l2", "linf", "--noise", "0", "0.3", "--steps", "5",
         "--max-samples", "150"]

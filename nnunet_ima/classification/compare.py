@@ -91,7 +91,7 @@ def _load_report(folder: str, norm: str) -> dict:
 def run_compare(args) -> int:
     if args.eval_batch_size < 1:
         raise UserInputError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
-    cli._check_eval_args(args)
+    cli._check_eval_args(_eval_args(args, args.eval_norms[0]))
     eps = args.eps if args.eps is not None else PAPER_SETTINGS[args.dataset].eps_max
     methods = list(dict.fromkeys(args.methods))
     folders = [os.path.join(args.output, run_name(m, eps)) for m in methods]
@@ -143,14 +143,18 @@ def plot_robustness_curves(rows: Sequence[Tuple[str, dict]], norm: str, path: st
     from nnunet_ima.plotting import pyplot, save_figure
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    lowest = 100.0
     for name, report in rows:
         levels = sorted(report["noise"], key=float)
         ax.plot([float(n) for n in levels], [100 * report["noise"][n] for n in levels],
                 marker="o", label=f"{name} (AUC {100 * report['auc']:.1f})"
                 if report.get("auc") is not None else name)
+        lowest = min([lowest] + [100 * report["noise"][n] for n in levels])
     ax.set_xlabel(f"{norm.upper()} noise level")
     ax.set_ylabel("robust accuracy (%)")
-    ax.set_ylim(0, 100)
+    # From the 10 % step below the lowest value: robust methods differ by a few points, which a
+    # 0-100 axis would flatten.
+    ax.set_ylim(10 * int(max(lowest - 1, 0) // 10), 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)

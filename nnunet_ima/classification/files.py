@@ -8,9 +8,15 @@ from typing import Any
 import torch
 
 
+def _temporary(path: str) -> str:
+    """A temporary name beside ``path``, its own per process: two processes writing the same
+    file (two `compare` calls sharing a folder) never replace each other's half-written file."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
 def write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path + ".tmp"
+    tmp = _temporary(path)
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -22,6 +28,6 @@ def write_json(path: str, obj: Any) -> None:
 
 def save_torch(obj: Any, path: str) -> None:
     """``torch.save`` through a temporary file."""
-    tmp = path + ".tmp"
+    tmp = _temporary(path)
     torch.save(obj, tmp)
     os.replace(tmp, path)
