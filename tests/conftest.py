@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 import pytest
+import torch
 
 from nnunet_ima.commands.trainer_dir import trainer_dir
 from nnunet_ima.synthetic import write_synthetic_dataset
@@ -109,3 +110,13 @@ def trained_clean_model(nnunet_workspace) -> str:
     train(nnunet_workspace, "nnUNetTrainerClean",
           {"num_epochs": 8, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 1})
     return nnunet_workspace.model_folder("nnUNetTrainerClean")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks: intra-op threads only add synchronisation (and stall on a busy CPU).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

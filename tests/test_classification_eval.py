@@ -9,13 +9,7 @@ from nnunet_ima.classification.margins_report import margin_report, suggest_eps,
 from nnunet_ima.classification.robust_eval import robust_accuracy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: intra-op threads only add synchronisation (and stall on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Linear2(nn.Module):

@@ -19,12 +19,7 @@ DUAL = {"l2": 2, "linf": 1}
 FAST_SPSA = StrongAttackSettings(spsa=SPSASettings(iterations=40, samples=32))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def linear_problem(n: int, dim: int, seed: int = 0, shape=None, centre: float = 0.0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from unittest import mock
 
 import pytest
 import torch
@@ -87,18 +88,11 @@ def _train_rank(rank: int, world_size: int, port: int, kind: str, preprocessed: 
 
 def _run_two_ranks(ws, kind: str, out_dir) -> list:
     config = ws.write_config(f"ddp_{kind}.json", CONFIG)
-    saved = {k: os.environ.get(k) for k in ("NNUNET_IMA_CONFIG", "nnUNet_n_proc_DA")}
-    os.environ.update({"NNUNET_IMA_CONFIG": config, "nnUNet_n_proc_DA": "0"})
-    try:
+    # The spawned ranks inherit the environment; patch.dict restores it afterwards.
+    with mock.patch.dict(os.environ, {"NNUNET_IMA_CONFIG": config, "nnUNet_n_proc_DA": "0"}):
         mp.spawn(_train_rank, nprocs=2, join=True,
                  args=(2, _free_port(), kind, os.path.join(ws.preprocessed, ws.dataset_name),
                        str(out_dir)))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
