@@ -320,24 +320,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "-device", args.device], f"train_{trainer}", extra_env=extra)
         if stop < STAGES.index("eval"):
             return 0
-        from nnunet_ima.evaluation.cli import main as evaluate
+        from nnunet_ima.commands.demo import run_evaluation
         eval_args = ["-d", str(args.dataset_id), "-c", "2d", "-f", "0", "-tr", *TRAINERS,
                      "--noise", *[f"{n:g}" for n in args.noise], "--steps", str(args.eval_steps),
                      "--cases", *args.eval_cases, "--device", args.device,
                      "-o", os.path.join(runner.workdir, "robustness")]
         if args.max_slices:
             eval_args += ["--max-slices", str(args.max_slices)]
-        print(f"\n$ nnunet-ima-eval {' '.join(eval_args)}", flush=True)
-        saved = {k: os.environ.get(k) for k in runner.folders}
-        os.environ.update(runner.folders)
-        try:
-            code = evaluate(eval_args)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        code = run_evaluation(runner.folders, eval_args)
         if code:
             return code
     except BenchmarkError as e:

@@ -97,6 +97,23 @@ class DemoRunner:
                                            "checkpoint_final.pth"))
 
 
+def run_evaluation(folders: Dict[str, str], eval_args: List[str]) -> int:
+    """Show and run ``nnunet-ima-eval eval_args`` in this process with the ``nnUNet_*`` folders
+    ``folders`` set; the environment is restored afterwards. Returns the exit code."""
+    from nnunet_ima.evaluation.cli import main as evaluate
+    print(f"\n$ nnunet-ima-eval {' '.join(eval_args)}", flush=True)
+    saved = {k: os.environ.get(k) for k in folders}
+    os.environ.update(folders)
+    try:
+        return evaluate(eval_args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="nnunet_ima_demo",
                         help="folder for the demo's nnU-Net folders and results "
@@ -151,22 +168,11 @@ def run(args: argparse.Namespace) -> int:
                    extra_env={"NNUNET_IMA_CONFIG": config_path, "nnUNet_n_proc_DA": "0"},
                    log_name=f"train_{trainer}")
 
-    from nnunet_ima.evaluation.cli import main as evaluate
     out = os.path.join(runner.workdir, "robustness")
     eval_args = ["-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", *TRAINERS,
                  "--noise", *[f"{n:g}" for n in args.noise], "--steps", str(args.eval_steps),
                  "--max-slices", str(args.max_slices), "--device", "cpu", "-o", out]
-    print(f"\n$ nnunet-ima-eval {' '.join(eval_args)}", flush=True)
-    old = {k: os.environ.get(k) for k in runner.folders}
-    os.environ.update(runner.folders)
-    try:
-        code = evaluate(eval_args)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    code = run_evaluation(runner.folders, eval_args)
     if code:
         return code
     print(f"\nDemo finished in {(time.time() - start) / 60:.1f} min. Results: {out}/ "
