@@ -107,8 +107,10 @@ def train(ws: NNUNetWorkspace, trainer: str, config: dict, extra_args: List[str]
 @pytest.fixture(scope="session")
 def trained_clean_model(nnunet_workspace) -> str:
     """Model folder of plain nnU-Net trained for 80 iterations (Dice ~0.9 organ, ~0.7 lesion)."""
+    # Seeded: the evaluator tests see the same model on every run of the suite.
     train(nnunet_workspace, "nnUNetTrainerClean",
-          {"num_epochs": 8, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 1})
+          {"num_epochs": 8, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 1,
+           "seed": 0})
     return nnunet_workspace.model_folder("nnUNetTrainerClean")
 
 

@@ -74,8 +74,9 @@ def test_attack_lowers_dice_and_more_steps_never_help(nnunet_workspace, trained_
                  if r["noise"] == "8"}
     strong_rows = {(r["case"], r["slice"]): float(r["slice_dice"]) for r in _per_slice(tmp_path / "strong")
                    if r["noise"] == "8"}
+    # The same slices, so the comparison above is on the same samples. A single slice may end
+    # higher: PGD maximises Dice + CE, not Dice, and returns its last iterate, not its best.
     assert weak_rows.keys() == strong_rows.keys()
-    assert all(strong_rows[k] <= weak_rows[k] + 0.05 for k in weak_rows)
 
 
 def test_interrupted_run_resumes_to_the_same_summary(nnunet_workspace, trained_clean_model, tmp_path,
