@@ -6,7 +6,7 @@ that every rank averages duplicate records in the same order and gets bit-identi
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, List, Optional
 
 import torch.distributed as dist
 
@@ -23,6 +23,15 @@ def is_main_process() -> bool:
     return not is_distributed() or dist.get_rank() == 0
 
 
+def gather_objects(obj: Any, group: Optional[dist.ProcessGroup] = None) -> List[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` outside DDP)."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
 def merge_margin_records(store: MarginStore, group: Optional[dist.ProcessGroup] = None) -> int:
     """Replace this rank's pending records by the union of every rank's, in rank order.
 
@@ -31,8 +40,7 @@ def merge_margin_records(store: MarginStore, group: Optional[dist.ProcessGroup] 
     """
     if not is_distributed():
         return sum(len(v) for v in store.pending_records().values())
-    gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, store.pending_records(), group=group)
+    gathered = gather_objects(store.pending_records(), group)
     store.clear_records()
     for records in gathered:
         store.add_records(records)

@@ -83,11 +83,3 @@ def cpu_ddp_wrapping(device: torch.device) -> Iterator[None]:
     finally:
         nnunet_trainer_module.DDP = original
 
-
-def gather_objects(obj):
-    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` outside DDP)."""
-    if not is_distributed():
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered

@@ -6,8 +6,9 @@ nnU-Net's ``MetaLogger`` only accepts its own keys, so these statistics go to th
 from __future__ import annotations
 
 import csv
+import operator
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -53,11 +54,10 @@ class EpochAccumulator:
         """The epoch of several DDP ranks: counts and sums added, seconds of the slowest rank."""
         total = cls()
         for part in parts:
-            for name in ("samples", "clean_dice", "clean_correct", "attacked", "crossed",
-                         "adv_dice", "adv_samples"):
-                setattr(total, name, getattr(total, name) + getattr(part, name))
-            total.attack_seconds = max(total.attack_seconds, part.attack_seconds)
-            total.step_seconds = max(total.step_seconds, part.step_seconds)
+            for f in fields(cls):
+                # Ranks run in parallel: an epoch lasts as long as its slowest rank.
+                combine = max if f.name.endswith("_seconds") else operator.add
+                setattr(total, f.name, combine(getattr(total, f.name), getattr(part, f.name)))
         return total
 
     def summary(self) -> Dict[str, float]:

@@ -30,8 +30,9 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnunet_ima.attacks import detach, pgd
+from nnunet_ima.distributed import gather_objects
 from nnunet_ima.losses import DiceThresholdCorrect
-from nnunet_ima.nnunet_ddp import average_gradients, gather_objects, unwrap_ddp
+from nnunet_ima.nnunet_ddp import average_gradients, unwrap_ddp
 from nnunet_ima.nnunet_loss import PerSampleDiceCE
 from nnunet_ima.trainers.nnUNetTrainerClean import nnUNetTrainerClean
 from nnunet_ima.training_stats import (STATS_FILENAME, EpochAccumulator, format_for_log,
