@@ -84,6 +84,17 @@ def test_a_rerun_trains_and_attacks_nothing(comparison, capsys):
     assert capsys.readouterr().out.count("is trained, kept") == len(METHODS)
 
 
+def test_another_evaluation_batch_size_reevaluates_without_training(comparison, capsys):
+    """Each batch draws its own seeded starts, so reports of another batch size are stale."""
+    finals = {m: os.path.getmtime(comparison / m / "model_final.pt") for m in ("ce", "adv0.3")}
+    assert _compare(comparison, "--eval-batch-size", "64") == 0
+    for name in ("ce", "adv0.3", "ima", "trades"):
+        with open(comparison / name / "eval_l2.json") as f:
+            assert json.load(f)["batch_size"] == 64
+    assert {m: os.path.getmtime(comparison / m / "model_final.pt") for m in finals} == finals
+    assert capsys.readouterr().out.count("is trained, kept") == len(METHODS)
+
+
 def test_other_settings_in_the_same_folder_are_refused(comparison, capsys):
     assert main(["compare", *TRAIN[:5], "3", *TRAIN[6:], "--methods", "ce", *EVAL,
                  "-o", str(comparison)]) == 2

@@ -320,12 +320,17 @@ def run_eval(args) -> int:
     return 0
 
 
+def attack_settings(args) -> StrongAttackSettings:
+    """APGD and SPSA settings from the `eval` options."""
+    return StrongAttackSettings(apgd_restarts=args.apgd_restarts, spsa=SPSASettings(
+        iterations=args.spsa_iterations, samples=args.spsa_samples, delta=args.spsa_delta))
+
+
 def evaluate_runs(folders: Sequence[str], args) -> List[Tuple[str, dict]]:
     """Attack the final model of every run folder as ``args`` (the `eval` options) say; writes
     ``eval_<norm>.json`` into each folder and returns ``(run name, report)`` per folder."""
     device = _device(args.device)
-    settings = StrongAttackSettings(apgd_restarts=args.apgd_restarts, spsa=SPSASettings(
-        iterations=args.spsa_iterations, samples=args.spsa_samples, delta=args.spsa_delta))
+    settings = attack_settings(args)
     # Every folder, its data and the attacks it can take are checked before any attack runs,
     # so a typo in the last one (or apgd-dlr on 2 classes) wastes nothing.
     runs = [(folder, *load_run(folder, device)) for folder in folders]
@@ -360,7 +365,8 @@ def evaluate_runs(folders: Sequence[str], args) -> List[Tuple[str, dict]]:
         report = {"noise": {f"{n:g}": result[WORST][n] for n in noise}, "auc": auc_of(result[WORST]),
                   "attacks": list(args.attacks), "caption": caption(args.attacks, args.steps),
                   "n": len(x), "norm": args.norm, "steps": args.steps, "step_size": "noise / 10",
-                  "seed": args.seed, "max_samples": args.max_samples, "attack_settings": settings_record(args.attacks, args.steps,
+                  "seed": args.seed, "max_samples": args.max_samples,
+                  "batch_size": args.batch_size, "attack_settings": settings_record(args.attacks, args.steps,
                                                                         settings),
                   "per_attack": {a: {f"{n:g}": result[a][n] for n in noise} for a in args.attacks},
                   "warnings": warnings}

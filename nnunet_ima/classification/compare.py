@@ -24,6 +24,7 @@ from nnunet_ima.classification import cli
 from nnunet_ima.classification.datasets import DATASETS
 from nnunet_ima.classification.files import write_text
 from nnunet_ima.classification.settings import METHODS, PAPER_SETTINGS, TrainConfig
+from nnunet_ima.classification.strong_attacks import settings_record
 from nnunet_ima.classification.training import FINAL
 from nnunet_ima.errors import UserInputError
 
@@ -78,9 +79,15 @@ def _report_is_current(folder: str, eval_args: argparse.Namespace, n_expected_no
             report = json.load(f)
     except ValueError:
         return False
+    # Every option a result depends on: each batch draws its own seeded starts, so the batch
+    # size counts too; APGD restarts and SPSA settings are in the attacks' settings record.
+    expected_settings = json.loads(json.dumps(settings_record(
+        eval_args.attacks, eval_args.steps, cli.attack_settings(eval_args))))
     return (report.get("attacks") == list(eval_args.attacks) and report.get("steps") == eval_args.steps
             and report.get("seed") == eval_args.seed and sorted(report.get("noise", {})) == n_expected_noise
-            and report.get("max_samples") == eval_args.max_samples)
+            and report.get("max_samples") == eval_args.max_samples
+            and report.get("batch_size") == eval_args.batch_size
+            and report.get("attack_settings") == expected_settings)
 
 
 def _load_report(folder: str, norm: str) -> dict:
