@@ -209,6 +209,14 @@ def trainer_settings(args: argparse.Namespace) -> Dict[str, dict]:
             "nnUNetTrainerIMA": dict(schedule, **attack, eps_max=args.eps_max)}
 
 
+def data_augmentation_workers(device: str, jobs: int) -> str:
+    """``nnUNet_n_proc_DA`` of each training: 0 (augment in the main process) on a CPU, where the
+    cores are busy with the network; on a GPU the CPU cores shared by the concurrent trainings."""
+    if device == "cpu":
+        return "0"
+    return str(max(1, (os.cpu_count() or 2) // max(1, jobs) - 1))
+
+
 def _bin(name: str) -> str:
     candidate = os.path.join(os.path.dirname(sys.executable), name)
     return candidate if os.path.exists(candidate) else name
@@ -232,20 +240,34 @@ class Runner:
 
     def run(self, args: List[str], log_name: str, extra_env: Dict[str, str] = None,
             show_output: bool = False) -> None:
-        env = dict(self.env, **(extra_env or {}))
-        shown = " ".join(f"{k}={v}" for k, v in (extra_env or {}).items())
-        print(f"\n$ {shown + ' ' if shown else ''}{' '.join(shlex.quote(a) for a in args)}",
-              flush=True)
-        log_path = os.path.join(self.workdir, "logs", log_name + ".log")
-        os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        start = time.time()
-        with open(log_path, "w") as log:
-            result = subprocess.run(args, env=env, stdout=None if show_output else log,
-                                    stderr=None if show_output else subprocess.STDOUT)
-        if result.returncode != 0:
-            raise BenchmarkError(f"{' '.join(args[:2])} failed (exit {result.returncode}); see "
-                                 f"{log_path}")
-        print(f"  done in {time.time() - start:.0f} s (log: {log_path})", flush=True)
+        self.run_together([(args, log_name, extra_env)], show_output)
+
+    def run_together(self, commands: List[Tuple[List[str], str, Optional[Dict[str, str]]]],
+                     show_output: bool = False) -> None:
+        """Run ``(args, log name, extra env)`` commands as concurrent processes; wait for all."""
+        started = []
+        for args, log_name, extra_env in commands:
+            shown = " ".join(f"{k}={v}" for k, v in (extra_env or {}).items())
+            print(f"\n$ {shown + ' ' if shown else ''}{' '.join(shlex.quote(a) for a in args)}",
+                  flush=True)
+            log_path = os.path.join(self.workdir, "logs", log_name + ".log")
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            log = None if show_output else open(log_path, "w")
+            process = subprocess.Popen(args, env=dict(self.env, **(extra_env or {})), stdout=log,
+                                       stderr=None if show_output else subprocess.STDOUT)
+            started.append((args, log_path, log, process, time.time()))
+        failures = []
+        for args, log_path, log, process, start in started:
+            code = process.wait()
+            if log is not None:
+                log.close()
+            if code != 0:
+                failures.append(f"{' '.join(args[:2])} ... failed (exit {code}); see {log_path}")
+            else:
+                print(f"  {os.path.basename(log_path)}: done in {time.time() - start:.0f} s",
+                      flush=True)
+        if failures:
+            raise BenchmarkError("; ".join(failures))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in-plane crop around each lesion, in voxels (0: whole slices)")
     p.add_argument("--stop-after", choices=STAGES, default="eval")
     p.add_argument("--device", default="cpu", help="nnUNetv2_train -device / nnunet-ima-eval --device")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train this many of the three models at once (on a GPU with room for them)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--iterations", type=int, default=20, help="training iterations per epoch")
     p.add_argument("--val-iterations", type=int, default=2)
@@ -277,17 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.jobs < 1:
+        build_parser().error(f"--jobs must be >= 1, got {args.jobs}")
     start = time.time()
     stop = STAGES.index(args.stop_after)
     runner = Runner(args.workdir)
     dataset = f"Dataset{args.dataset_id:03d}_{DATASET_NAME}"
     try:
-        sdist = fetch_sdist(os.path.join(runner.workdir, "download"), args.sdist)
-        print(f"{sdist}: sha256 {SDIST_SHA256} (pinned)", flush=True)
+        raw_folder = os.path.join(runner.folders["nnUNet_raw"], dataset)
+        raw_done = os.path.isfile(os.path.join(raw_folder, "dataset.json"))
+        if not raw_done or stop < STAGES.index("dataset"):
+            # A finished raw dataset needs the archive no more (a copied workdir runs without it).
+            sdist = fetch_sdist(os.path.join(runner.workdir, "download"), args.sdist)
+            print(f"{sdist}: sha256 {SDIST_SHA256} (pinned)", flush=True)
         if stop < STAGES.index("dataset"):
             return 0
-        raw_folder = os.path.join(runner.folders["nnUNet_raw"], dataset)
-        if not os.path.isfile(os.path.join(raw_folder, "dataset.json")):
+        if not raw_done:
             print(f"\nbuilding {raw_folder}", flush=True)
             pairs = extract_volumes(sdist, os.path.join(runner.workdir, "download", "data"))
             build_raw_dataset(pairs, runner.folders["nnUNet_raw"], args.dataset_id, args.crop_size,
@@ -304,6 +333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "--val", "1", "--seed", str(args.seed)], "split", show_output=True)
         if stop < STAGES.index("train"):
             return 0
+        trainings = []
         for trainer, settings in trainer_settings(args).items():
             model = os.path.join(runner.folders["nnUNet_results"], dataset,
                                  f"{trainer}__nnUNetPlans__2d", "fold_0", "checkpoint_final.pth")
@@ -313,11 +343,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             config = os.path.join(runner.workdir, f"{trainer}.json")
             with open(config, "w") as f:
                 json.dump(settings, f, indent=2)
-            extra = {"NNUNET_IMA_CONFIG": config}
-            if args.device == "cpu":
-                extra["nnUNet_n_proc_DA"] = "0"  # augmentation in the main process on a CPU
-            runner.run([_bin("nnUNetv2_train"), str(args.dataset_id), "2d", "0", "-tr", trainer,
-                        "-device", args.device], f"train_{trainer}", extra_env=extra)
+            extra = {"NNUNET_IMA_CONFIG": config,
+                     "nnUNet_n_proc_DA": data_augmentation_workers(args.device, args.jobs)}
+            trainings.append(([_bin("nnUNetv2_train"), str(args.dataset_id), "2d", "0", "-tr",
+                               trainer, "-device", args.device], f"train_{trainer}", extra))
+        for first in range(0, len(trainings), args.jobs):
+            runner.run_together(trainings[first:first + args.jobs])
         if stop < STAGES.index("eval"):
             return 0
         from nnunet_ima.commands.demo import run_evaluation

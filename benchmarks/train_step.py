@@ -9,11 +9,12 @@ learning rate is set to 0 so that every repetition sees the same network. IMA's 
 set to the Adv budget, so both attacks get the same eps.
 
 The last line is ``ima_over_adv20=<ratio> ima_over_plain=<ratio> floor_efficiency=<fraction>``;
-the floor is the time of the passes IMA made at their measured per-sample price (a fwd+bwd and a
-forward-only pass timed on the full batch), i.e. what IMA would cost with zero overhead.
+the floor is the time of the network passes IMA made, each priced at the measured time of a pass
+of its kind (training fwd+bwd, attack fwd+bwd for the input gradient, forward-only) and its batch
+size, run the way the trainers run it: what IMA would cost with zero overhead around its passes.
 
     python benchmarks/train_step.py                       # the tiny 48x48 plan, CPU
-    python benchmarks/train_step.py --plan heart --device cuda   # the paper's Heart size
+    python benchmarks/train_step.py --plan heart --device cuda --epoch-iterations 50
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections import Counter
 from typing import Dict, List
 
 import numpy as np
@@ -32,6 +34,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_ima.losses import DiceThresholdCorrect
+from nnunet_ima.model_mode import attack_mode
 from nnunet_ima.nnunet_loss import PerSampleDiceCE, deep_supervision_weights
 from nnunet_ima.synthetic import make_case
 from nnunet_ima.trainer_config import settings_from_dict
@@ -84,11 +87,13 @@ def make_trainer(cls, network, settings, device):
     trainer = cls.__new__(cls)
     trainer.network = network
     trainer.device = device
+    trainer.is_ddp, trainer.local_rank = False, 0
     trainer.grad_scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     trainer.optimizer = torch.optim.SGD(network.parameters(), lr=0.0, momentum=0.99, nesterov=True)
     loss = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                           weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
     trainer.loss = DeepSupervisionWrapper(loss, deep_supervision_weights(len(network.decoder.stages)))
+    trainer.adversarial_loss = trainer.loss
     trainer.ima_settings = settings
     trainer.attack_loss = PerSampleDiceCE()
     trainer.is_correct = DiceThresholdCorrect(settings.dice_threshold, settings.dice_reduce)
@@ -104,20 +109,83 @@ def make_trainer(cls, network, settings, device):
 
 
 class PassCounter:
-    """Counts samples through the network: with a graph (fwd + bwd) and forward-only."""
+    """Counts the network's passes per step, by kind and batch size.
+
+    ``train``: forward + backward with parameter gradients (the training losses); ``attack``:
+    forward + backward for the input gradient only, parameters frozen (PGD steps); ``forward``:
+    forward-only (IMA's crossing check of the last iterate and its bisection). ``passes`` maps
+    ``(kind, batch size)`` to the number of such passes.
+    """
+
+    KINDS = ("train", "attack", "forward")
 
     def __init__(self, network):
-        self.with_grad = self.forward_only = 0
+        self.passes: Counter = Counter()
         network.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, inputs):
-        if torch.is_grad_enabled():
-            self.with_grad += inputs[0].shape[0]
+        if not torch.is_grad_enabled():
+            kind = "forward"
         else:
-            self.forward_only += inputs[0].shape[0]
+            kind = "train" if next(module.parameters()).requires_grad else "attack"
+        self.passes[(kind, inputs[0].shape[0])] += 1
 
     def reset(self):
-        self.with_grad = self.forward_only = 0
+        self.passes = Counter()
+
+
+def samples(passes: Counter, kind: str) -> int:
+    """Samples that went through the network in passes of ``kind``."""
+    return sum(n * count for (k, n), count in passes.items() if k == kind)
+
+
+def pass_prices(trainer, batch: dict, shapes, device, repeats: int) -> Dict[tuple, float]:
+    """Seconds of one pass of each ``(kind, batch size)`` in ``shapes``, on the first samples of
+    ``batch``, run the way the trainers run it: a training pass is nnU-Net's deep-supervision
+    loss under CUDA autocast and its backward; an attack pass is the attack's per-sample loss and
+    the input gradient under :func:`attack_mode` (eval mode, frozen parameters, fp32); a
+    forward-only pass is the network under :func:`attack_mode` without gradients.
+    """
+    network = trainer.network
+
+    def make(kind, n):
+        x, target = batch["data"][:n], [t[:n] for t in batch["target"]]
+        if kind == "train":
+            def run():
+                with torch.autocast(device.type, enabled=device.type == "cuda"):
+                    loss = trainer.loss(network(x), target)
+                loss.backward()
+                network.zero_grad(set_to_none=True)
+        elif kind == "attack":
+            def run():
+                with attack_mode(network):
+                    x_in = x.clone().requires_grad_(True)
+                    torch.autograd.grad(trainer.attack_loss(network(x_in), target).sum(), x_in)
+        else:
+            def run():
+                with attack_mode(network), torch.no_grad():
+                    network(x)
+        return run
+
+    prices = {}
+    for kind, n in sorted(shapes):
+        run = make(kind, n)
+        run()  # warm-up (allocator, cuDNN algorithm choice for this shape)
+        prices[(kind, n)] = statistics.median(timed(run, device) for _ in range(repeats))
+    return prices
+
+
+def print_profile(name: str, step, device) -> None:
+    """The operators that took the most time in one step (``--profile``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of one {name} step, by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=40))
 
 
 def _sync(device):
@@ -143,6 +211,11 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=4.0, help="Adv eps and IMA margin (z-score units, L2)")
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="print the operators that took the most time in one Adv and one IMA step")
+    p.add_argument("--epoch-iterations", type=int, default=0,
+                   help="also time this many consecutive IMA steps (nnU-Net's epoch: 50 in the "
+                        "paper's schedule) and report their total and peak memory")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -176,7 +249,7 @@ def main() -> None:
         runs[name] = (make_trainer(cls, net, settings, device), PassCounter(net))
 
     times: Dict[str, List[float]] = {name: [] for name in methods}
-    passes: Dict[str, tuple] = {}
+    passes: Dict[str, Counter] = {name: Counter() for name in methods}
     memory: Dict[str, float] = {}
     for r in range(args.repeats + 1):  # the first round warms caches and is not counted
         for name, cls in methods.items():
@@ -188,41 +261,57 @@ def main() -> None:
             elapsed = timed(step, device)
             if r:
                 times[name].append(elapsed)
-            passes[name] = (counter.with_grad, counter.forward_only)
+            if r:
+                passes[name] += counter.passes
             if device.type == "cuda":
                 memory[name] = torch.cuda.max_memory_allocated() / 2 ** 30
 
-    # Per-sample price of the two kinds of pass, on the full batch.
-    net = runs["plain"][0].network
-    x = batch["data"]
+    counted = args.repeats  # passes are summed over the counted rounds
+    prices = pass_prices(runs["plain"][0], batch, set(passes["adv (PGD-%d)" % args.pgd_steps])
+                         | set(passes["ima"]) | set(passes["plain"]), device, args.repeats)
 
-    def fwd_bwd():
-        out = net(x.clone().requires_grad_(True))
-        out[0].float().sum().backward()
-
-    def fwd():
-        with torch.no_grad():
-            net(x)
-    fwd_bwd(), fwd()
-    t_fb = statistics.median(timed(fwd_bwd, device) for _ in range(args.repeats)) / batch_size
-    t_f = statistics.median(timed(fwd, device) for _ in range(args.repeats)) / batch_size
-
-    print(f"\n{'step':<16}{'median s':>10}{'fwd+bwd':>10}{'fwd only':>10}" +
-          (f"{'peak GiB':>10}" if memory else ""))
-    medians = {}
+    kinds = PassCounter.KINDS
+    print(f"\nsamples through the network per step: train = fwd+bwd with parameter gradients, "
+          f"attack = fwd+bwd for the input gradient, forward = forward only")
+    print(f"{'step':<16}{'median s':>10}" + "".join(f"{k:>9}" for k in kinds) +
+          f"{'floor s':>9}" + (f"{'peak GiB':>10}" if memory else ""))
+    medians, floors = {}, {}
     for name in methods:
         medians[name] = statistics.median(times[name])
-        line = f"{name:<16}{medians[name]:>10.3f}{passes[name][0]:>10d}{passes[name][1]:>10d}"
+        floors[name] = sum(count * prices[shape] for shape, count in passes[name].items()) / counted
+        line = (f"{name:<16}{medians[name]:>10.3f}" +
+                "".join(f"{samples(passes[name], k) // counted:>9d}" for k in kinds) +
+                f"{floors[name]:>9.3f}")
         print(line + (f"{memory[name]:>10.2f}" if memory else ""))
     ima_stats = runs["ima"][0]._epoch_stats
+    full = batch_size
     print(f"\nIMA: {ima_stats.attacked} slices attacked, {ima_stats.crossed} crossed over "
-          f"{args.repeats + 1} steps; per-sample pass price: fwd+bwd {t_fb * 1e3:.2f} ms, "
-          f"fwd {t_f * 1e3:.2f} ms")
+          f"{args.repeats + 1} steps. Floor: each pass at its measured time for its kind and batch "
+          f"size (full batch of {full}: " +
+          ", ".join(f"{k} {prices[(k, full)] * 1e3:.1f} ms" for k in kinds if (k, full) in prices)
+          + ")")
+    if args.profile:
+        for name, cls in methods.items():
+            if name != "plain":
+                print_profile(name, lambda t=runs[name][0], c=cls: c.train_step(t, batch), device)
+    if args.epoch_iterations:
+        # One IMA epoch of steps, back to back: margins evolve as in training (same batch, lr 0,
+        # no data loading, so this is the GPU/CPU cost of the steps alone).
+        trainer = runs["ima"][0]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        elapsed = timed(lambda: [nnUNetTrainerIMA.train_step(trainer, batch)
+                                 for _ in range(args.epoch_iterations)], device)
+        peak = (f", peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB"
+                if device.type == "cuda" else "")
+        print(f"IMA epoch of {args.epoch_iterations} train steps (batch {batch_size} x "
+              f"{tuple(plan['patch'])}): {elapsed:.1f} s{peak}")
     adv_name = f"adv (PGD-{args.pgd_steps})"
-    floor = passes["ima"][0] * t_fb + passes["ima"][1] * t_f
+    # Efficiency over the counted rounds: floor time / measured time, both summed.
+    efficiency = floors["ima"] * counted / sum(times["ima"])
     print(f"ima_over_adv20={medians['ima'] / medians[adv_name]:.3f} "
           f"ima_over_plain={medians['ima'] / medians['plain']:.3f} "
-          f"floor_efficiency={floor / medians['ima']:.3f}")
+          f"floor_efficiency={efficiency:.3f}")
 
 
 if __name__ == "__main__":

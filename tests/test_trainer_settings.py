@@ -89,3 +89,26 @@ def test_epoch_accumulator_means():
     assert s["adv_dice"] == pytest.approx(0.7)
     assert s["fraction_crossed"] == pytest.approx(1 / 3)
     assert (s["attack_seconds"], s["step_seconds"]) == (1.0, 3.0)
+
+
+@pytest.mark.parametrize("value, expected", [(None, False), ("t", True), ("TRUE", True),
+                                             ("1", True), ("f", False)])
+def test_torch_compile_is_off_unless_nnUNet_compile_asks_for_it(monkeypatch, value, expected):
+    """nnU-Net compiles on CUDA when nnUNet_compile is unset; the IMA trainers only on request."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_ima.trainers.nnUNetTrainerClean import nnUNetTrainerClean
+    from nnunet_ima.trainers.nnUNetTrainerIMA import nnUNetTrainerIMA
+
+    if value is None:
+        monkeypatch.delenv("nnUNet_compile", raising=False)
+    else:
+        monkeypatch.setenv("nnUNet_compile", value)
+    for cls in (nnUNetTrainerClean, nnUNetTrainerIMA):
+        trainer = cls.__new__(cls)  # _do_i_compile reads the device and the environment only
+        trainer.device = torch.device("cuda")
+        assert trainer._do_i_compile() is expected
+    plain = nnUNetTrainer.__new__(nnUNetTrainer)
+    plain.device = torch.device("cuda")
+    assert plain._do_i_compile() is (value is None or expected)  # nnU-Net's own default: on

@@ -19,6 +19,11 @@ from nnunet_ima.nnunet_ddp import cpu_ddp_wrapping
 from nnunet_ima.trainer_config import resolve_settings, write_settings
 
 
+def compile_requested() -> bool:
+    """Whether ``nnUNet_compile`` explicitly asks for torch.compile (nnU-Net's spellings of true)."""
+    return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
+
+
 class nnUNetTrainerClean(nnUNetTrainer):
     """nnU-Net's trainer with the schedule taken from nnunet-ima's settings.
 
@@ -60,6 +65,16 @@ class nnUNetTrainerClean(nnUNetTrainer):
     def initialize(self):
         with cpu_ddp_wrapping(self.device):
             super().initialize()
+        if self.device.type == "cuda" and not compile_requested():
+            self.print_to_log_file("torch.compile is off for nnunet-ima trainers; set "
+                                   "nnUNet_compile=t to turn it on")
+
+    def _do_i_compile(self) -> bool:
+        # nnU-Net compiles by default on CUDA. The attacks run the network in eval mode, without
+        # parameter gradients, on batches whose size changes from step to step: each of these is
+        # a new graph for torch.compile (recompilations until its cache limit). So it is off
+        # unless asked for, in the clean trainer too, so that the three compare like for like.
+        return compile_requested() and super()._do_i_compile()
 
     def on_train_start(self):
         super().on_train_start()

@@ -1,0 +1,41 @@
+"""The benchmark scripts run (they are not timed here): a short train_step.py run on the tiny plan
+prints its table and, last, the three ratios; the pyradiomics benchmark refuses a bad --jobs."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+
+
+def _run(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_train_step_benchmark_prints_the_three_ratios_last():
+    result = _run("train_step.py", "--repeats", "1", "--warmup-steps", "20", "--pgd-steps", "2",
+                  "--epoch-iterations", "2", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"ima_over_adv20=\d+\.\d{3} ima_over_plain=\d+\.\d{3} "
+                        r"floor_efficiency=\d+\.\d{3}", lines[-1])
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith(("plain", "adv", "ima "))}
+    # Samples per step (train, attack, forward-only): plain 6 training samples; Adv 6 clean + 6
+    # adversarial training samples and 2 PGD steps x 6 attack samples; IMA attacks some.
+    # Columns: name, median s, train, attack, forward, floor s.
+    assert rows["plain"][-4:-1] == ["6", "0", "0"]
+    assert rows["adv"][-4:-1] == ["12", "12", "0"]
+    assert 6 <= int(rows["ima"][-4]) <= 12 and int(rows["ima"][-3]) <= 12
+    for name in ("plain", "adv", "ima"):
+        assert 0 < float(rows[name][-1]) <= 10 * float(rows[name][-5])  # floor: a real time
+    assert any(line.startswith("IMA epoch of 2 train steps") for line in lines)
+
+
+def test_pyradiomics_benchmark_refuses_jobs_below_one(tmp_path):
+    result = _run("pyradiomics_benchmark.py", "--workdir", str(tmp_path / "w"), "--jobs", "0")
+    assert result.returncode == 2
+    assert "--jobs must be >= 1" in result.stderr
+    assert not (tmp_path / "w").exists()
