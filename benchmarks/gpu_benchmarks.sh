@@ -6,15 +6,15 @@
 #   2. benchmarks/pyradiomics_benchmark.py: Clean / Adv / IMA nnU-Net on the real lesion
 #      volumes, EPOCHS x ITERATIONS each (default 100 x 50), the three trained side by side on
 #      the one GPU, then nnunet-ima-eval's 100-step PGD at L2 noise 0 / 5 / 10 / 20. On one H200,
-#      15 x 40 took 5.3 minutes (IMA 16.8 s per epoch of 40 iterations), so the default schedule
-#      takes about 45 minutes.
+#      15 x 40 on 128 x 128 crops took 5.3 minutes (IMA 16.8 s per epoch of 40 iterations), so
+#      expect the better part of an hour for the default schedule.
 #
 #   bash benchmarks/gpu_benchmarks.sh [RESULTS_DIR] [PYRADIOMICS_WORKDIR]
 #
 # RESULTS_DIR (default gpu_results) receives the printed outputs and the robustness tables.
 set -euo pipefail
-results=${1:-gpu_results}
-workdir=${2:-runs/pyradiomics_gpu}
+results=$(realpath -m "${1:-gpu_results}")
+workdir=$(realpath -m "${2:-runs/pyradiomics_gpu}")
 cd "$(dirname "$0")/.."
 mkdir -p "$results"
 

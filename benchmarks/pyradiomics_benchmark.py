@@ -8,23 +8,36 @@ user types run on it:
 1. ``pip download --no-deps --no-binary pyradiomics-bhklab pyradiomics-bhklab==3.1.4`` (the
    archive's sha256 is checked; ``--sdist FILE`` uses a copy already on disk);
 2. the raw dataset ``Dataset991_PyRadiomicsLesions`` (written with SimpleITK, geometry kept);
-3. ``nnUNetv2_plan_and_preprocess -c 2d``, ``nnunet-ima split --test 1 --val 1``;
+3. ``nnUNetv2_plan_and_preprocess -c 2d`` and the split (below);
 4. ``nnUNetv2_train ... -tr nnUNetTrainerClean / nnUNetTrainerAdv / nnUNetTrainerIMA`` with a
    short schedule given through ``NNUNET_IMA_CONFIG``;
 5. ``nnunet-ima-eval`` on the three models (TVDI / ADI tables).
 
 Dataset choices: the masks are binarised (label 1 = lesion). The scans mix CT and MR, so the
 channel uses nnU-Net's per-case z-score normalisation (``"zscore"``) rather than the CT scheme.
-Each volume is cropped in-plane to ``--crop-size`` voxels (default 128; all slices kept, native
-resolution and geometry kept) at a seeded random position that contains the lesion: the
-lesions cover 0.01-1 % of a whole 512 x 512 CT slice, too little for a short CPU training, and
-a window always centred on the lesion would teach the network where to look.
+Each volume is cropped in-plane to ``--crop-size`` voxels (default 64; all slices kept, native
+resolution and geometry kept) at a seeded random position that contains the lesion (centred on
+it when the lesion is larger): the lesions cover 0.01-1 % of a whole 512 x 512 CT slice, too
+little for a short training, and a window always centred on the lesion would teach the network
+where to look.
+
+Splits (``--split``):
+
+- ``halves`` (default): each volume is cut across its slices, between the first and the last
+  lesion slice, into ``<case>_a`` and ``<case>_b``; the five ``_a`` parts train, the five ``_b``
+  parts are the validation and the test cases (no model selection happens: the final
+  checkpoint is evaluated). Every kind of scan is seen in training, so a short schedule learns
+  the lesions; the test slices come from the same patients (other slices), so the clean Dice is
+  optimistic, and the comparison of the three trainings is what the benchmark is for.
+- ``patients``: whole volumes, ``nnunet-ima split --test 1 --val 1`` (three training volumes of
+  three kinds of scan). Much harder: 600 iterations on a GPU learned nothing that generalised.
 
     python benchmarks/pyradiomics_benchmark.py --workdir runs/pyradiomics            # everything
     python benchmarks/pyradiomics_benchmark.py --workdir runs/pyradiomics --stop-after preprocess
-    python benchmarks/pyradiomics_benchmark.py --workdir runs/pyradiomics --epochs 20 --iterations 25
+    python benchmarks/pyradiomics_benchmark.py --workdir runs/pyradiomics_gpu --device cuda --jobs 3 --epochs 100 --iterations 50
 
-A finished step is skipped when the script runs again (the evaluation resumes from its parts).
+A finished step is skipped when the script runs again (the evaluation resumes from its parts);
+a workdir built with another crop size, split or seed is refused.
 """
 from __future__ import annotations
 
@@ -51,6 +64,8 @@ DATASET_ID = 991
 DATASET_NAME = "PyRadiomicsLesions"
 TRAINERS = ("nnUNetTrainerClean", "nnUNetTrainerAdv", "nnUNetTrainerIMA")
 STAGES = ("download", "dataset", "preprocess", "train", "eval")
+SPLITS = ("halves", "patients")
+BENCHMARK_KEY = "nnunet_ima_benchmark"
 
 
 class BenchmarkError(RuntimeError):
@@ -164,39 +179,92 @@ def convert_case(image_path: str, label_path: str, crop_size: int, rng: np.rando
     return image[x0:x1, y0:y1, :], mask[x0:x1, y0:y1, :]
 
 
+def halves_cut(label: sitk.Image) -> int:
+    """The slice index at which ``halves`` cuts a volume: between its first and last lesion
+    slices (rounded up), kept inside ``[1, depth - 1]`` so that both parts have slices. A lesion
+    on a single slice ends up in the second part."""
+    depth = label.GetSize()[2]
+    lesion_slices = np.nonzero(sitk.GetArrayViewFromImage(label).reshape(depth, -1).any(1))[0]
+    cut = (int(lesion_slices.min()) + int(lesion_slices.max()) + 1) // 2
+    return min(max(cut, 1), depth - 1)
+
+
+def dataset_parts(case: str, image: sitk.Image, label: sitk.Image, split: str):
+    """``[(case id, image, label)]``: the whole volume (``patients``) or its two parts."""
+    if split == "patients":
+        return [(case, image, label)]
+    cut = halves_cut(label)
+    return [(f"{case}_a", image[:, :, :cut], label[:, :, :cut]),
+            (f"{case}_b", image[:, :, cut:], label[:, :, cut:])]
+
+
 def build_raw_dataset(pairs: Dict[str, Tuple[str, str]], raw_root: str,
-                      dataset_id: int = DATASET_ID, crop_size: int = 128, seed: int = 0) -> str:
-    """Write ``Dataset{id}_PyRadiomicsLesions`` in nnU-Net's raw layout; returns its folder."""
+                      dataset_id: int = DATASET_ID, crop_size: int = 64, seed: int = 0,
+                      split: str = "halves") -> str:
+    """Write ``Dataset{id}_PyRadiomicsLesions`` in nnU-Net's raw layout; returns its folder.
+
+    ``dataset.json`` records the options under ``"nnunet_ima_benchmark"`` (see
+    :func:`check_dataset_options`).
+    """
+    if split not in SPLITS:
+        raise BenchmarkError(f"split must be one of {SPLITS}, got {split!r}")
     folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{DATASET_NAME}")
     for sub in ("imagesTr", "labelsTr"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     rng = np.random.default_rng(seed)
+    cases = []
     for case, (image_path, label_path) in sorted(pairs.items()):
         image, label = convert_case(image_path, label_path, crop_size, rng)
-        lesion_voxels = int(sitk.GetArrayViewFromImage(label).sum())
-        sitk.WriteImage(image, os.path.join(folder, "imagesTr", f"{case}_0000.nii.gz"),
-                        useCompression=True)
-        sitk.WriteImage(label, os.path.join(folder, "labelsTr", f"{case}.nii.gz"),
-                        useCompression=True)
-        print(f"  {case}: {image.GetSize()} voxels (x, y, z), spacing "
-              f"{tuple(round(s, 3) for s in image.GetSpacing())} mm, {lesion_voxels} lesion voxels",
-              flush=True)
+        for part, part_image, part_label in dataset_parts(case, image, label, split):
+            lesion_voxels = int(sitk.GetArrayViewFromImage(part_label).sum())
+            sitk.WriteImage(part_image, os.path.join(folder, "imagesTr", f"{part}_0000.nii.gz"),
+                            useCompression=True)
+            sitk.WriteImage(part_label, os.path.join(folder, "labelsTr", f"{part}.nii.gz"),
+                            useCompression=True)
+            cases.append(part)
+            print(f"  {part}: {part_image.GetSize()} voxels (x, y, z), spacing "
+                  f"{tuple(round(v, 3) for v in part_image.GetSpacing())} mm, {lesion_voxels} "
+                  f"lesion voxels", flush=True)
     dataset_json = {
         "channel_names": {"0": "zscore"},  # CT and MR mixed: per-case z-score for both
         "labels": {"background": 0, "lesion": 1},
-        "numTraining": len(pairs),
+        "numTraining": len(cases),
         "file_ending": ".nii.gz",
         "name": DATASET_NAME,
         "description": f"Lesion masks of the brain MR, breast MR and lung CT test volumes of "
                        f"{PACKAGE} {VERSION} (sha256 {SDIST_SHA256[:12]}...), cropped in-plane "
-                       f"to {crop_size or 'no'} voxels around the lesion",
+                       f"to {crop_size or 'no'} voxels around the lesion"
+                       + (", each cut in two parts across its lesion" if split == "halves" else ""),
         "reference": "https://github.com/AIM-Harvard/pyradiomics (data/)",
+        BENCHMARK_KEY: dataset_options(crop_size, split, seed),
     }
     with open(os.path.join(folder, "dataset.json.tmp"), "w") as f:
         json.dump(dataset_json, f, indent=2)
     # dataset.json last: its presence marks a complete dataset.
     os.replace(os.path.join(folder, "dataset.json.tmp"), os.path.join(folder, "dataset.json"))
     return folder
+
+
+def dataset_options(crop_size: int, split: str, seed: int) -> dict:
+    return {"crop_size": crop_size, "split": split, "seed": seed}
+
+
+def check_dataset_options(raw_folder: str, crop_size: int, split: str, seed: int) -> None:
+    """Refuse a workdir whose dataset was built with other options: its models, split and
+    results would not be the ones asked for."""
+    with open(os.path.join(raw_folder, "dataset.json")) as f:
+        recorded = json.load(f).get(BENCHMARK_KEY)
+    wanted = dataset_options(crop_size, split, seed)
+    if recorded != wanted:
+        raise BenchmarkError(f"{raw_folder} was built with {recorded}, not {wanted}: use another "
+                             f"--workdir, or the options it was built with")
+
+
+def halves_split(cases: List[str]) -> Dict[str, List[str]]:
+    """The ``halves`` split: ``_a`` parts train, ``_b`` parts validate and test."""
+    train = sorted(c for c in cases if c.endswith("_a"))
+    held_out = sorted(c for c in cases if c.endswith("_b"))
+    return {"train": train, "val": held_out, "test": held_out}
 
 
 def trainer_settings(args: argparse.Namespace) -> Dict[str, dict]:
@@ -276,14 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="pyradiomics_benchmark")
     p.add_argument("--sdist", help=f"a local {SDIST_NAME} instead of downloading it")
     p.add_argument("--dataset-id", type=int, default=DATASET_ID)
-    p.add_argument("--crop-size", type=int, default=128,
+    p.add_argument("--crop-size", type=int, default=64,
                    help="in-plane crop around each lesion, in voxels (0: whole slices)")
+    p.add_argument("--split", choices=SPLITS, default="halves",
+                   help="halves: train on one part of every volume, test on the other part; "
+                        "patients: whole volumes, 3 train / 1 validation / 1 test")
     p.add_argument("--stop-after", choices=STAGES, default="eval")
     p.add_argument("--device", default="cpu", help="nnUNetv2_train -device / nnunet-ima-eval --device")
     p.add_argument("--jobs", type=int, default=1,
                    help="train this many of the three models at once (on a GPU with room for them)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--iterations", type=int, default=20, help="training iterations per epoch")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
     p.add_argument("--val-iterations", type=int, default=2)
     p.add_argument("--pgd-steps", type=int, default=5, help="PGD steps during training")
     p.add_argument("--adv-eps", type=float, default=10.0, help="budget of vanilla adversarial training")
@@ -292,9 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, nargs="+", default=[0, 5, 10, 20],
                    help="evaluation noise levels (L2, z-score units, whole slice)")
     p.add_argument("--eval-steps", type=int, default=100)
-    p.add_argument("--eval-cases", nargs="+", default=["test", "val"],
-                   help="nnunet-ima-eval --cases: with five volumes, the test and the validation "
-                        "case together (neither is trained on)")
+    p.add_argument("--eval-cases", nargs="+",
+                   help="nnunet-ima-eval --cases (default: 'test' for halves; 'test val' for "
+                        "patients, the two volumes not trained on)")
     p.add_argument("--max-slices", type=int, help="evaluate at most this many test slices")
     return p
 
@@ -320,7 +391,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"\nbuilding {raw_folder}", flush=True)
             pairs = extract_volumes(sdist, os.path.join(runner.workdir, "download", "data"))
             build_raw_dataset(pairs, runner.folders["nnUNet_raw"], args.dataset_id, args.crop_size,
-                              args.seed)
+                              args.seed, args.split)
+        check_dataset_options(raw_folder, args.crop_size, args.split, args.seed)
         if stop < STAGES.index("preprocess"):
             return 0
         preprocessed = os.path.join(runner.folders["nnUNet_preprocessed"], dataset)
@@ -329,8 +401,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             runner.run([_bin("nnUNetv2_plan_and_preprocess"), "-d", str(args.dataset_id), "-c", "2d",
                         "-npfp", "1", "-np", "1", "--verify_dataset_integrity"], "plan_and_preprocess")
         if not os.path.isfile(os.path.join(preprocessed, "test_cases.json")):
-            runner.run([_bin("nnunet-ima"), "split", "-d", str(args.dataset_id), "--test", "1",
-                        "--val", "1", "--seed", str(args.seed)], "split", show_output=True)
+            if args.split == "patients":
+                runner.run([_bin("nnunet-ima"), "split", "-d", str(args.dataset_id), "--test", "1",
+                            "--val", "1", "--seed", str(args.seed)], "split", show_output=True)
+            else:
+                from nnunet_ima.commands.split import case_identifiers, save_split
+
+                split = halves_split(case_identifiers(preprocessed))
+                save_split(preprocessed, split, args.seed)
+                print(f"\nsplit (halves): train {' '.join(split['train'])}; validation and test "
+                      f"{' '.join(split['test'])}", flush=True)
         if stop < STAGES.index("train"):
             return 0
         trainings = []
@@ -354,7 +434,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         from nnunet_ima.commands.demo import run_evaluation
         eval_args = ["-d", str(args.dataset_id), "-c", "2d", "-f", "0", "-tr", *TRAINERS,
                      "--noise", *[f"{n:g}" for n in args.noise], "--steps", str(args.eval_steps),
-                     "--cases", *args.eval_cases, "--device", args.device,
+                     "--cases", *(args.eval_cases or (["test"] if args.split == "halves"
+                                                      else ["test", "val"])),
+                     "--device", args.device,
                      "-o", os.path.join(runner.workdir, "robustness")]
         if args.max_slices:
             eval_args += ["--max-slices", str(args.max_slices)]

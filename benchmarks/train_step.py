@@ -13,8 +13,12 @@ the floor is the time of the network passes IMA made, each priced at the measure
 of its kind (training fwd+bwd, attack fwd+bwd for the input gradient, forward-only) and its batch
 size, run the way the trainers run it: what IMA would cost with zero overhead around its passes.
 
+``--classification fashion-mnist`` (or ``digits``) does the same for ``nnunet-ima-classify``'s
+ce / adv / ima steps with the paper's CNN on real images (warm-up: plain cross-entropy).
+
     python benchmarks/train_step.py                       # the tiny 48x48 plan, CPU
     python benchmarks/train_step.py --plan heart --device cuda --epoch-iterations 50
+    python benchmarks/train_step.py --classification fashion-mnist --warmup-steps 300
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from typing import Dict, List
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -139,13 +144,12 @@ def samples(passes: Counter, kind: str) -> int:
     return sum(n * count for (k, n), count in passes.items() if k == kind)
 
 
-def pass_prices(trainer, batch: dict, shapes, device, repeats: int) -> Dict[tuple, float]:
-    """Seconds of one pass of each ``(kind, batch size)`` in ``shapes``, on the first samples of
-    ``batch``, run the way the trainers run it: a training pass is nnU-Net's deep-supervision
-    loss under CUDA autocast and its backward; an attack pass is the attack's per-sample loss and
-    the input gradient under :func:`attack_mode` (eval mode, frozen parameters, fp32); a
-    forward-only pass is the network under :func:`attack_mode` without gradients.
-    """
+def segmentation_pass(trainer, batch: dict, device):
+    """``make(kind, n)``: one pass of ``kind`` on the first ``n`` samples, run the way the nnU-Net
+    trainers run it: a training pass is nnU-Net's deep-supervision loss under CUDA autocast and
+    its backward; an attack pass is the attack's per-sample loss and the input gradient under
+    :func:`attack_mode` (eval mode, frozen parameters, fp32); a forward-only pass is the network
+    under :func:`attack_mode` without gradients."""
     network = trainer.network
 
     def make(kind, n):
@@ -166,7 +170,34 @@ def pass_prices(trainer, batch: dict, shapes, device, repeats: int) -> Dict[tupl
                 with attack_mode(network), torch.no_grad():
                     network(x)
         return run
+    return make
 
+
+def classification_pass(model, x: torch.Tensor, y: torch.Tensor):
+    """``make(kind, n)`` for the classification trainer: cross-entropy for training and attack
+    passes (the attack's under :func:`attack_mode`), the bare network for forward-only ones."""
+    def make(kind, n):
+        xs, ys = x[:n], y[:n]
+        if kind == "train":
+            def run():
+                F.cross_entropy(model(xs), ys).backward()
+                model.zero_grad(set_to_none=True)
+        elif kind == "attack":
+            def run():
+                with attack_mode(model):
+                    x_in = xs.clone().requires_grad_(True)
+                    loss = F.cross_entropy(model(x_in), ys, reduction="none").sum()
+                    torch.autograd.grad(loss, x_in)
+        else:
+            def run():
+                with attack_mode(model), torch.no_grad():
+                    model(xs)
+        return run
+    return make
+
+
+def pass_prices(make, shapes, device, repeats: int) -> Dict[tuple, float]:
+    """Median seconds of one pass of each ``(kind, batch size)`` in ``shapes``."""
     prices = {}
     for kind, n in sorted(shapes):
         run = make(kind, n)
@@ -201,29 +232,62 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--plan", default="tiny", choices=sorted(PLANS))
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup-steps", type=int, default=60)
-    p.add_argument("--eps", type=float, default=4.0, help="Adv eps and IMA margin (z-score units, L2)")
-    p.add_argument("--pgd-steps", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", action="store_true",
-                   help="print the operators that took the most time in one Adv and one IMA step")
-    p.add_argument("--epoch-iterations", type=int, default=0,
-                   help="also time this many consecutive IMA steps (nnU-Net's epoch: 50 in the "
-                        "paper's schedule) and report their total and peak memory")
-    args = p.parse_args()
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+def measure(steps: Dict[str, object], counters: Dict[str, PassCounter], device, repeats: int):
+    """Run the ``steps`` in turn, ``repeats + 1`` rounds (the first warms up and is not
+    counted). Returns per step the counted times, the passes summed over the counted rounds and
+    the peak CUDA memory (GiB) of its last round."""
+    times = {name: [] for name in steps}
+    passes = {name: Counter() for name in steps}
+    memory = {}
+    for r in range(repeats + 1):
+        for name, step in steps.items():
+            counters[name].reset()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            elapsed = timed(step, device)
+            if r:
+                times[name].append(elapsed)
+                passes[name] += counters[name].passes
+            if device.type == "cuda":
+                memory[name] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return times, passes, memory
+
+
+def report(times, passes, prices, memory, counted: int) -> Dict[str, float]:
+    """Print the table (median time, samples per pass kind, floor, peak memory); returns the
+    medians and, under ``"ima floor"``, IMA's floor efficiency over the counted rounds."""
+    kinds = PassCounter.KINDS
+    print("\nsamples through the network per step: train = fwd+bwd with parameter gradients, "
+          "attack = fwd+bwd for the input gradient, forward = forward only")
+    print(f"{'step':<16}{'median s':>10}" + "".join(f"{k:>9}" for k in kinds) +
+          f"{'floor s':>9}" + (f"{'peak GiB':>10}" if memory else ""))
+    medians = {}
+    for name in times:
+        medians[name] = statistics.median(times[name])
+        floor = sum(count * prices[shape] for shape, count in passes[name].items()) / counted
+        line = (f"{name:<16}{medians[name]:>10.3f}" +
+                "".join(f"{samples(passes[name], k) // counted:>9d}" for k in kinds) +
+                f"{floor:>9.3f}")
+        print(line + (f"{memory[name]:>10.2f}" if memory else ""))
+        if name == "ima":  # floor time / measured time, both summed over the counted rounds
+            medians["ima floor"] = floor * counted / sum(times[name])
+    return medians
+
+
+def print_ratios(medians: Dict[str, float], plain: str, adv: str) -> None:
+    print(f"ima_over_adv20={medians['ima'] / medians[adv]:.3f} "
+          f"ima_over_plain={medians['ima'] / medians[plain]:.3f} "
+          f"floor_efficiency={medians['ima floor']:.3f}")
+
+
+def segmentation_benchmark(args, device) -> None:
+    """The nnU-Net trainers' steps on a 2D network of ``args.plan``."""
     plan = PLANS[args.plan]
     batch_size = args.batch_size or plan["batch"]
+    eps = 4.0 if args.eps is None else args.eps
     network = build_network(plan["features"], 3).to(device)
     batch = make_batch(plan["patch"], batch_size, len(plan["features"]) - 1, args.seed, device)
-    settings = settings_from_dict({"adv_eps": args.eps, "eps_max": max(args.eps, 1e-3) * 2,
+    settings = settings_from_dict({"adv_eps": eps, "eps_max": max(eps, 1e-3) * 2,
                                    "pgd_steps": args.pgd_steps})
 
     # Warm-up: plain training until the network segments most slices (IMA attacks only those).
@@ -241,77 +305,130 @@ def main() -> None:
           f"{sum(q.numel() for q in network.parameters()) / 1e6:.1f} M parameters; "
           f"{int(correct.sum())}/{batch_size} slices correct (Dice >= 0.6) after warm-up")
 
-    methods = {"plain": nnUNetTrainer, f"adv (PGD-{args.pgd_steps})": nnUNetTrainerAdv,
-               "ima": nnUNetTrainerIMA}
-    runs = {}
-    for name, cls in methods.items():
+    adv = f"adv (PGD-{args.pgd_steps})"
+    classes = {"plain": nnUNetTrainer, adv: nnUNetTrainerAdv, "ima": nnUNetTrainerIMA}
+    trainers, counters, steps = {}, {}, {}
+    for name, cls in classes.items():
         net = copy.deepcopy(network).train()
-        runs[name] = (make_trainer(cls, net, settings, device), PassCounter(net))
-
-    times: Dict[str, List[float]] = {name: [] for name in methods}
-    passes: Dict[str, Counter] = {name: Counter() for name in methods}
-    memory: Dict[str, float] = {}
-    for r in range(args.repeats + 1):  # the first round warms caches and is not counted
-        for name, cls in methods.items():
-            trainer, counter = runs[name]
-            counter.reset()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            step = (lambda t=trainer, c=cls: c.train_step(t, batch))
-            elapsed = timed(step, device)
-            if r:
-                times[name].append(elapsed)
-            if r:
-                passes[name] += counter.passes
-            if device.type == "cuda":
-                memory[name] = torch.cuda.max_memory_allocated() / 2 ** 30
-
-    counted = args.repeats  # passes are summed over the counted rounds
-    prices = pass_prices(runs["plain"][0], batch, set(passes["adv (PGD-%d)" % args.pgd_steps])
-                         | set(passes["ima"]) | set(passes["plain"]), device, args.repeats)
-
-    kinds = PassCounter.KINDS
-    print(f"\nsamples through the network per step: train = fwd+bwd with parameter gradients, "
-          f"attack = fwd+bwd for the input gradient, forward = forward only")
-    print(f"{'step':<16}{'median s':>10}" + "".join(f"{k:>9}" for k in kinds) +
-          f"{'floor s':>9}" + (f"{'peak GiB':>10}" if memory else ""))
-    medians, floors = {}, {}
-    for name in methods:
-        medians[name] = statistics.median(times[name])
-        floors[name] = sum(count * prices[shape] for shape, count in passes[name].items()) / counted
-        line = (f"{name:<16}{medians[name]:>10.3f}" +
-                "".join(f"{samples(passes[name], k) // counted:>9d}" for k in kinds) +
-                f"{floors[name]:>9.3f}")
-        print(line + (f"{memory[name]:>10.2f}" if memory else ""))
-    ima_stats = runs["ima"][0]._epoch_stats
-    full = batch_size
+        trainers[name], counters[name] = make_trainer(cls, net, settings, device), PassCounter(net)
+        steps[name] = (lambda t=trainers[name], c=cls: c.train_step(t, batch))
+    times, passes, memory = measure(steps, counters, device, args.repeats)
+    shapes = set().union(*(set(p) for p in passes.values()))
+    prices = pass_prices(segmentation_pass(trainers["plain"], batch, device), shapes, device,
+                         args.repeats)
+    medians = report(times, passes, prices, memory, args.repeats)
+    ima_stats = trainers["ima"]._epoch_stats
     print(f"\nIMA: {ima_stats.attacked} slices attacked, {ima_stats.crossed} crossed over "
           f"{args.repeats + 1} steps. Floor: each pass at its measured time for its kind and batch "
-          f"size (full batch of {full}: " +
-          ", ".join(f"{k} {prices[(k, full)] * 1e3:.1f} ms" for k in kinds if (k, full) in prices)
-          + ")")
+          f"size (full batch of {batch_size}: " +
+          ", ".join(f"{k} {prices[(k, batch_size)] * 1e3:.1f} ms" for k in PassCounter.KINDS
+                    if (k, batch_size) in prices) + ")")
     if args.profile:
-        for name, cls in methods.items():
-            if name != "plain":
-                print_profile(name, lambda t=runs[name][0], c=cls: c.train_step(t, batch), device)
+        for name in (adv, "ima"):
+            print_profile(name, steps[name], device)
     if args.epoch_iterations:
         # One IMA epoch of steps, back to back: margins evolve as in training (same batch, lr 0,
         # no data loading, so this is the GPU/CPU cost of the steps alone).
-        trainer = runs["ima"][0]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        elapsed = timed(lambda: [nnUNetTrainerIMA.train_step(trainer, batch)
-                                 for _ in range(args.epoch_iterations)], device)
+        elapsed = timed(lambda: [steps["ima"]() for _ in range(args.epoch_iterations)], device)
         peak = (f", peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB"
                 if device.type == "cuda" else "")
         print(f"IMA epoch of {args.epoch_iterations} train steps (batch {batch_size} x "
               f"{tuple(plan['patch'])}): {elapsed:.1f} s{peak}")
-    adv_name = f"adv (PGD-{args.pgd_steps})"
-    # Efficiency over the counted rounds: floor time / measured time, both summed.
-    efficiency = floors["ima"] * counted / sum(times["ima"])
-    print(f"ima_over_adv20={medians['ima'] / medians[adv_name]:.3f} "
-          f"ima_over_plain={medians['ima'] / medians['plain']:.3f} "
-          f"floor_efficiency={efficiency:.3f}")
+    print_ratios(medians, "plain", adv)
+
+
+CLASSIFICATION_MODELS = {"digits": "digits-cnn", "fashion-mnist": "fashion-cnn"}
+
+
+def classification_benchmark(args, device) -> None:
+    """nnunet-ima-classify's ce / adv / ima steps with the paper's CNN on real images."""
+    from nnunet_ima.classification.datasets import as_float, load_dataset
+    from nnunet_ima.classification.models import build_model
+    from nnunet_ima.classification.settings import TrainConfig
+    from nnunet_ima.classification.training import Trainer
+
+    data = load_dataset(args.classification, args.data_root, args.seed)
+    batch_size = args.batch_size or 128
+    eps = 2.0 if args.eps is None else args.eps
+    x_all, y_all = as_float(data.x_train), data.y_train
+    model = build_model(CLASSIFICATION_MODELS[args.classification], data.num_classes,
+                        tuple(x_all.shape[1:])).to(device)
+    torch.manual_seed(args.seed)
+    # Warm-up: plain cross-entropy training so that most samples are classified correctly.
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    order = torch.randperm(len(x_all))
+    for i in range(args.warmup_steps):
+        idx = order[(i * batch_size) % len(x_all):][:batch_size]
+        loss = F.cross_entropy(model(x_all[idx].to(device)), y_all[idx].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    x, y = x_all[:batch_size].to(device), y_all[:batch_size].to(device)
+    model.eval()
+    with torch.no_grad():
+        correct = int((model(x).argmax(1) == y).sum())
+    print(f"classification {args.classification}: {CLASSIFICATION_MODELS[args.classification]}, "
+          f"batch {batch_size} x {tuple(x.shape[1:])}, device {device}, "
+          f"{sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters; "
+          f"{correct}/{batch_size} correct after warm-up; L2 eps {eps:g}")
+
+    adv = f"adv (PGD-{args.pgd_steps})"
+    methods = {"ce": "ce", adv: "adv", "ima": "ima"}
+    trainers, counters, steps = {}, {}, {}
+    for name, method in methods.items():
+        # lr 0: every repetition sees the same network (Adam then leaves the weights alone).
+        config = TrainConfig(dataset=args.classification, model=CLASSIFICATION_MODELS[
+            args.classification], method=method, epochs=1, batch_size=batch_size, lr=0.0,
+            pgd_steps=args.pgd_steps, eps=eps if method == "adv" else None,
+            eps_max=2 * eps if method == "ima" else None)
+        net = copy.deepcopy(model).train()
+        trainer = Trainer(config, data, net, out="", device=device, progress=False)
+        if trainer.margins is not None:
+            trainer.margins.initial = eps  # the same budget as Adv
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        keys = list(range(batch_size))
+        trainers[name], counters[name] = trainer, PassCounter(net)
+        steps[name] = (lambda t=trainer, g=generator: t.train_step(x, y, keys, g))
+    times, passes, memory = measure(steps, counters, device, args.repeats)
+    shapes = set().union(*(set(p) for p in passes.values()))
+    prices = pass_prices(classification_pass(trainers["ce"].model, x, y), shapes, device,
+                         args.repeats)
+    medians = report(times, passes, prices, memory, args.repeats)
+    if args.profile:
+        for name in (adv, "ima"):
+            print_profile(name, steps[name], device)
+    print_ratios(medians, "ce", adv)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--plan", default="tiny", choices=sorted(PLANS))
+    p.add_argument("--classification", choices=sorted(CLASSIFICATION_MODELS),
+                   help="benchmark nnunet-ima-classify's steps on this dataset instead of nnU-Net's")
+    p.add_argument("--data-root", help="folder of the classification dataset (fashion-mnist)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup-steps", type=int, default=60)
+    p.add_argument("--eps", type=float,
+                   help="Adv eps and IMA margin, L2 (default 4 z-score units for nnU-Net, 2 for "
+                        "classification)")
+    p.add_argument("--pgd-steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="print the operators that took the most time in one Adv and one IMA step")
+    p.add_argument("--epoch-iterations", type=int, default=0,
+                   help="also time this many consecutive IMA steps (nnU-Net's epoch: 50 in the "
+                        "paper's schedule) and report their total and peak memory")
+    args = p.parse_args()
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    if args.classification:
+        classification_benchmark(args, device)
+    else:
+        segmentation_benchmark(args, device)
 
 
 if __name__ == "__main__":

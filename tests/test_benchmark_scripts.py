@@ -1,5 +1,6 @@
-"""The benchmark scripts run (they are not timed here): a short train_step.py run on the tiny plan
-prints its table and, last, the three ratios; the pyradiomics benchmark refuses a bad --jobs."""
+"""The benchmark scripts run (they are not timed here): short train_step.py runs (the tiny nnU-Net
+plan, the digits classifier) print their table with the passes each step made and, last, the
+three ratios; the pyradiomics benchmark refuses a bad --jobs."""
 import os
 import re
 import subprocess
@@ -39,3 +40,15 @@ def test_pyradiomics_benchmark_refuses_jobs_below_one(tmp_path):
     assert result.returncode == 2
     assert "--jobs must be >= 1" in result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_train_step_benchmark_runs_the_classification_trainer_on_digits():
+    result = _run("train_step.py", "--classification", "digits", "--repeats", "1",
+                  "--warmup-steps", "30", "--pgd-steps", "2", "--batch-size", "16", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("ima_over_adv20=")
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith(("ce ", "adv", "ima "))}
+    assert rows["ce"][-4:-1] == ["16", "0", "0"]
+    assert rows["adv"][-4:-1] == ["32", "32", "0"]      # clean + adversarial; 2 PGD steps x 16
+    assert int(rows["ima"][-3]) <= 32                    # PGD on the correct samples only

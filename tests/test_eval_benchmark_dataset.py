@@ -54,7 +54,8 @@ def test_raw_dataset_keeps_geometry_and_binarises_and_passes_nnunet_checks(bench
                 (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), 1)
     pairs = {c: (str(src / f"{c}_image.nrrd"), str(src / f"{c}_label.nrrd"))
              for c in ("brain1", "lung1")}
-    folder = bench_module.build_raw_dataset(pairs, str(tmp_path / "raw"), 991, crop_size=64, seed=0)
+    folder = bench_module.build_raw_dataset(pairs, str(tmp_path / "raw"), 991, crop_size=64, seed=0,
+                                            split="patients")
 
     dataset = json.loads(open(os.path.join(folder, "dataset.json")).read())
     assert dataset["labels"] == {"background": 0, "lesion": 1} and dataset["numTraining"] == 2
@@ -72,3 +73,48 @@ def test_raw_dataset_keeps_geometry_and_binarises_and_passes_nnunet_checks(bench
     assert small.GetSize() == (50, 60, 5)  # smaller than the window: untouched
 
     verify_dataset_integrity(folder, num_processes=1)  # nnU-Net's own check (geometry, labels)
+
+
+def test_halves_cut_each_volume_across_its_lesion_and_keep_geometry(bench_module, tmp_path):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    src = tmp_path / "src"
+    src.mkdir()
+    identity = (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
+    # brain1: lesion on slices 2..5 -> cut at (2 + 5 + 1) // 2 = 4; lung1: one lesion slice (1).
+    image, mask = _write_pair(str(src), "brain1", (8, 40, 40), np.s_[2:6, 10:20, 10:20], identity, 0)
+    _write_pair(str(src), "lung1", (5, 30, 30), np.s_[1:2, 5:10, 5:10], identity, 1)
+    pairs = {c: (str(src / f"{c}_image.nrrd"), str(src / f"{c}_label.nrrd"))
+             for c in ("brain1", "lung1")}
+    folder = bench_module.build_raw_dataset(pairs, str(tmp_path / "raw"), 991, crop_size=0, seed=0,
+                                            split="halves")
+
+    def read(case, kind="labelsTr", suffix=""):
+        return sitk.ReadImage(os.path.join(folder, kind, f"{case}{suffix}.nii.gz"))
+
+    a, b = read("brain1_a"), read("brain1_b")
+    assert (a.GetSize()[2], b.GetSize()[2]) == (4, 4)
+    assert sitk.GetArrayFromImage(a).sum() == mask[:4].sum() > 0       # slices 2, 3
+    assert sitk.GetArrayFromImage(b).sum() == mask[4:].sum() > 0       # slices 4, 5
+    # The second part's first slice is the volume's slice 4, at the same physical place.
+    b_image = read("brain1_b", "imagesTr", "_0000")
+    assert np.allclose(b_image.GetOrigin(), sitk.ReadImage(pairs["brain1"][0])
+                       .TransformIndexToPhysicalPoint((0, 0, 4)))
+    assert np.array_equal(sitk.GetArrayFromImage(b_image), image[4:].astype(np.float32))
+    lung_a, lung_b = read("lung1_a"), read("lung1_b")  # single lesion slice: cut at it
+    assert (lung_a.GetSize()[2], lung_b.GetSize()[2]) == (1, 4)
+    assert sitk.GetArrayFromImage(lung_a).sum() == 0 and sitk.GetArrayFromImage(lung_b).sum() == 25
+
+    dataset = json.loads(open(os.path.join(folder, "dataset.json")).read())
+    assert dataset["numTraining"] == 4
+    verify_dataset_integrity(folder, num_processes=1)
+    cases = ["brain1_a", "brain1_b", "lung1_a", "lung1_b"]
+    assert bench_module.halves_split(cases) == {"train": ["brain1_a", "lung1_a"],
+                                                "val": ["brain1_b", "lung1_b"],
+                                                "test": ["brain1_b", "lung1_b"]}
+
+    bench_module.check_dataset_options(folder, 0, "halves", 0)  # the options it was built with
+    with pytest.raises(bench_module.BenchmarkError, match="use another --workdir"):
+        bench_module.check_dataset_options(folder, 64, "halves", 0)
+    with pytest.raises(bench_module.BenchmarkError, match="use another --workdir"):
+        bench_module.check_dataset_options(folder, 0, "patients", 0)

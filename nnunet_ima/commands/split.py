@@ -60,8 +60,16 @@ def write_split(dataset: str, num_test: int, num_val: int, seed: int,
     """Compute the split and write ``splits_final.json`` and ``test_cases.json``."""
     folder = preprocessed_dataset_folder(dataset)
     split = make_split(case_identifiers(folder), num_test, num_val, seed)
+    save_split(folder, split, seed, overwrite)
+    return split
+
+
+def save_split(folder: str, split: Dict[str, List[str]], seed, overwrite: bool = False) -> None:
+    """Write ``split`` (``train`` / ``val`` / ``test`` case lists) into the preprocessed
+    ``folder``: fold 0 of ``splits_final.json`` and ``test_cases.json``. An existing, different
+    split is refused unless ``overwrite``; ``seed`` is recorded with the test cases."""
     splits = [{"train": split["train"], "val": split["val"]}]
-    test = {"test": split["test"], "seed": seed, "num_val": num_val}
+    test = {"test": split["test"], "seed": seed, "num_val": len(split["val"])}
     splits_path = os.path.join(folder, SPLITS_FILENAME)
     test_path = os.path.join(folder, TEST_CASES_FILENAME)
     for path, new in ((splits_path, splits), (test_path, test)):
@@ -73,7 +81,6 @@ def write_split(dataset: str, num_test: int, num_val: int, seed: int,
                                          f"--overwrite to replace it.")
     _write_json(test_path, test)
     _write_json(splits_path, splits)
-    return split
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
