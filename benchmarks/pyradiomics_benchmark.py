@@ -325,15 +325,20 @@ class Runner:
                                        stderr=None if show_output else subprocess.STDOUT)
             started.append((args, log_path, log, process, time.time()))
         failures = []
-        for args, log_path, log, process, start in started:
-            code = process.wait()
-            if log is not None:
-                log.close()
-            if code != 0:
-                failures.append(f"{' '.join(args[:2])} ... failed (exit {code}); see {log_path}")
-            else:
-                print(f"  {os.path.basename(log_path)}: done in {time.time() - start:.0f} s",
-                      flush=True)
+        while started:  # report each process when it ends, whatever the order
+            for entry in [e for e in started if e[3].poll() is not None]:
+                args, log_path, log, process, start = entry
+                started.remove(entry)
+                if log is not None:
+                    log.close()
+                if process.returncode != 0:
+                    failures.append(f"{' '.join(args[:2])} ... failed (exit {process.returncode}); "
+                                    f"see {log_path}")
+                else:
+                    print(f"  {os.path.basename(log_path)}: done in {time.time() - start:.0f} s",
+                          flush=True)
+            if started:
+                time.sleep(0.5)
         if failures:
             raise BenchmarkError("; ".join(failures))
 
