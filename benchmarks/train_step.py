@@ -38,6 +38,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
+from nnunet_ima.attacks import select
 from nnunet_ima.losses import DiceThresholdCorrect
 from nnunet_ima.model_mode import attack_mode
 from nnunet_ima.nnunet_loss import PerSampleDiceCE, deep_supervision_weights
@@ -144,54 +145,31 @@ def samples(passes: Counter, kind: str) -> int:
     return sum(n * count for (k, n), count in passes.items() if k == kind)
 
 
-def segmentation_pass(trainer, batch: dict, device):
-    """``make(kind, n)``: one pass of ``kind`` on the first ``n`` samples, run the way the nnU-Net
-    trainers run it: a training pass is nnU-Net's deep-supervision loss under CUDA autocast and
-    its backward; an attack pass is the attack's per-sample loss and the input gradient under
-    :func:`attack_mode` (eval mode, frozen parameters, fp32); a forward-only pass is the network
-    under :func:`attack_mode` without gradients."""
-    network = trainer.network
-
+def pass_factory(network, x: torch.Tensor, target, train_loss, attack_loss, autocast: bool):
+    """``make(kind, n)``: one pass of ``kind`` on the first ``n`` samples, run the way the trainers
+    run it: a training pass is ``train_loss(output, target)`` (under CUDA autocast when
+    ``autocast``) and its backward; an attack pass is the per-sample ``attack_loss`` and the input
+    gradient under :func:`attack_mode` (eval mode, frozen parameters, fp32); a forward-only pass
+    is the network under :func:`attack_mode` without gradients. ``target`` is a tensor or a list
+    of tensors (nnU-Net's deep-supervision targets)."""
     def make(kind, n):
-        x, target = batch["data"][:n], [t[:n] for t in batch["target"]]
+        index = torch.arange(n)
+        xs, ts = x[:n], select(target, index)
         if kind == "train":
             def run():
-                with torch.autocast(device.type, enabled=device.type == "cuda"):
-                    loss = trainer.loss(network(x), target)
+                with torch.autocast(x.device.type, enabled=autocast):
+                    loss = train_loss(network(xs), ts)
                 loss.backward()
                 network.zero_grad(set_to_none=True)
         elif kind == "attack":
             def run():
                 with attack_mode(network):
-                    x_in = x.clone().requires_grad_(True)
-                    torch.autograd.grad(trainer.attack_loss(network(x_in), target).sum(), x_in)
+                    x_in = xs.clone().requires_grad_(True)
+                    torch.autograd.grad(attack_loss(network(x_in), ts).sum(), x_in)
         else:
             def run():
                 with attack_mode(network), torch.no_grad():
-                    network(x)
-        return run
-    return make
-
-
-def classification_pass(model, x: torch.Tensor, y: torch.Tensor):
-    """``make(kind, n)`` for the classification trainer: cross-entropy for training and attack
-    passes (the attack's under :func:`attack_mode`), the bare network for forward-only ones."""
-    def make(kind, n):
-        xs, ys = x[:n], y[:n]
-        if kind == "train":
-            def run():
-                F.cross_entropy(model(xs), ys).backward()
-                model.zero_grad(set_to_none=True)
-        elif kind == "attack":
-            def run():
-                with attack_mode(model):
-                    x_in = xs.clone().requires_grad_(True)
-                    loss = F.cross_entropy(model(x_in), ys, reduction="none").sum()
-                    torch.autograd.grad(loss, x_in)
-        else:
-            def run():
-                with attack_mode(model), torch.no_grad():
-                    model(xs)
+                    network(xs)
         return run
     return make
 
@@ -274,6 +252,15 @@ def report(times, passes, prices, memory, counted: int) -> Dict[str, float]:
     return medians
 
 
+def measure_and_report(steps, counters, make_pass, device, repeats: int):
+    """:func:`measure` the steps, price every ``(kind, batch size)`` of pass they made with
+    ``make_pass`` and print the table; returns ``(medians, prices)`` (see :func:`report`)."""
+    times, passes, memory = measure(steps, counters, device, repeats)
+    shapes = set().union(*(set(p) for p in passes.values()))
+    prices = pass_prices(make_pass, shapes, device, repeats)
+    return report(times, passes, prices, memory, repeats), prices
+
+
 def print_ratios(medians: Dict[str, float], plain: str, adv: str) -> None:
     print(f"ima_over_adv20={medians['ima'] / medians[adv]:.3f} "
           f"ima_over_plain={medians['ima'] / medians[plain]:.3f} "
@@ -312,11 +299,10 @@ def segmentation_benchmark(args, device) -> None:
         net = copy.deepcopy(network).train()
         trainers[name], counters[name] = make_trainer(cls, net, settings, device), PassCounter(net)
         steps[name] = (lambda t=trainers[name], c=cls: c.train_step(t, batch))
-    times, passes, memory = measure(steps, counters, device, args.repeats)
-    shapes = set().union(*(set(p) for p in passes.values()))
-    prices = pass_prices(segmentation_pass(trainers["plain"], batch, device), shapes, device,
-                         args.repeats)
-    medians = report(times, passes, prices, memory, args.repeats)
+    plain = trainers["plain"]
+    make_pass = pass_factory(plain.network, batch["data"], batch["target"], plain.loss,
+                             plain.attack_loss, autocast=device.type == "cuda")
+    medians, prices = measure_and_report(steps, counters, make_pass, device, args.repeats)
     ima_stats = trainers["ima"]._epoch_stats
     print(f"\nIMA: {ima_stats.attacked} slices attacked, {ima_stats.crossed} crossed over "
           f"{args.repeats + 1} steps. Floor: each pass at its measured time for its kind and batch "
@@ -391,11 +377,11 @@ def classification_benchmark(args, device) -> None:
         keys = list(range(batch_size))
         trainers[name], counters[name] = trainer, PassCounter(net)
         steps[name] = (lambda t=trainer, g=generator: t.train_step(x, y, keys, g))
-    times, passes, memory = measure(steps, counters, device, args.repeats)
-    shapes = set().union(*(set(p) for p in passes.values()))
-    prices = pass_prices(classification_pass(trainers["ce"].model, x, y), shapes, device,
-                         args.repeats)
-    medians = report(times, passes, prices, memory, args.repeats)
+    # The classification trainer runs in fp32 (no autocast); its attacks use per-sample CE.
+    make_pass = pass_factory(trainers["ce"].model, x, y, F.cross_entropy,
+                             lambda logits, labels: F.cross_entropy(logits, labels, reduction="none"),
+                             autocast=False)
+    medians, _ = measure_and_report(steps, counters, make_pass, device, args.repeats)
     if args.profile:
         for name in (adv, "ima"):
             print_profile(name, steps[name], device)
