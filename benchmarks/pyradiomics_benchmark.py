@@ -376,9 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.jobs < 1:
-        build_parser().error(f"--jobs must be >= 1, got {args.jobs}")
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     start = time.time()
     stop = STAGES.index(args.stop_after)
     runner = Runner(args.workdir)
