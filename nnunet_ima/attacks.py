@@ -22,7 +22,8 @@ from torch import nn
 
 from nnunet_ima.model_mode import attack_mode
 from nnunet_ima.norms import (as_eps_tensor, check_norm, clamp_to_range, per_sample_norm,
-                              project, random_in_ball, steepest_ascent_direction)
+                              project, random_in_ball, random_on_sphere,
+                              steepest_ascent_direction)
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 """``loss(output, y) -> (B,)``: a per-sample loss that the attack maximises."""
@@ -134,14 +135,17 @@ def run_pgd(model: nn.Module, x: torch.Tensor, y: Any, eps: Union[float, torch.T
             norm: str = "l2", steps: int = 20, alpha: float = 4.0, loss: Union[str, LossFn] = "ce",
             random_start: bool = True, clamp: Optional[tuple] = None,
             stop_if: Optional[Predicate] = None, track_previous: bool = False,
-            generator: Optional[torch.Generator] = None, eval_mode: bool = True) -> PGDRun:
+            generator: Optional[torch.Generator] = None, eval_mode: bool = True,
+            start_radius: Optional[torch.Tensor] = None) -> PGDRun:
     """The PGD loop shared by :func:`pgd` and :func:`bpgd`.
 
     ``x_0 = x + xi`` (``xi`` random in the ball when ``random_start``), then
     ``x_i = proj(x_{i-1} + step * h(grad))`` for ``i = 1..steps`` with ``step = alpha * eps / steps``.
     When ``stop_if`` is given, each iterate (the start point included) is checked on the
     forward pass that also gives its gradient, and a sample that meets it takes no further steps;
-    one extra forward checks the last iterate.
+    one extra forward checks the last iterate. ``start_radius`` (``(B,)``, with
+    ``random_start``) puts each start point on the sphere of that radius instead, projected into
+    the ball (the IMA authors' segmentation code starts at ``max(E - delta, delta)``).
     """
     norm = check_norm(norm)
     validate_attack_input(x, y, steps, alpha)
@@ -152,7 +156,10 @@ def run_pgd(model: nn.Module, x: torch.Tensor, y: Any, eps: Union[float, torch.T
     batch = x.shape[0]
 
     x_cur = x.clone()
-    if random_start:
+    if random_start and start_radius is not None:
+        radius = torch.minimum(as_eps_tensor(start_radius, x, "start_radius"), eps)
+        x_cur = clamp_to_range(x + random_on_sphere(x, radius, norm, generator), clamp)
+    elif random_start:
         x_cur = clamp_to_range(x + random_in_ball(x, eps, norm, generator), clamp)
     x_previous = x.clone() if track_previous else None
     stopped_at = torch.full((batch,), -1, dtype=torch.long, device=x.device)
@@ -260,7 +267,7 @@ def bpgd(model: nn.Module, x: torch.Tensor, y: Any, eps: Union[float, torch.Tens
          alpha: float = 4.0, binary_steps: int = 10, loss: Union[str, LossFn] = "ce",
          random_start: bool = True, clamp: Optional[tuple] = None,
          boundary: str = "last_correct", generator: Optional[torch.Generator] = None,
-         eval_mode: bool = True) -> BoundaryResult:
+         eval_mode: bool = True, start_radius: Optional[torch.Tensor] = None) -> BoundaryResult:
     """Find, per sample, a point on the decision boundary within ``eps`` (IMA's Algorithm 3).
 
     PGD runs and every iterate (the start point included) is checked with ``is_correct``. For a
@@ -276,6 +283,7 @@ def bpgd(model: nn.Module, x: torch.Tensor, y: Any, eps: Union[float, torch.Tens
         boundary: ``"last_correct"`` returns the correct end of the final segment (a point the
             network still gets right, at most one segment length from the boundary);
             ``"midpoint"`` returns its middle.
+        start_radius: ``(B,)`` radius of the random start point (see :func:`run_pgd`).
         Other arguments as in :func:`pgd`.
 
     Returns:
@@ -291,7 +299,8 @@ def bpgd(model: nn.Module, x: torch.Tensor, y: Any, eps: Union[float, torch.Tens
 
     run = run_pgd(model, x, y, eps, norm=norm, steps=steps, alpha=alpha, loss=loss,
                   random_start=random_start, clamp=clamp, stop_if=crossed,
-                  track_previous=True, generator=generator, eval_mode=eval_mode)
+                  track_previous=True, generator=generator, eval_mode=eval_mode,
+                  start_radius=start_radius)
     x = _working_precision(x.detach())
     found = run.stopped_at >= 0
     x_boundary = run.x_adv.clone()

@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Type, TypeVar
 
 from nnunet_ima.attacks import BOUNDARY_POINTS, NAMED_LOSSES
-from nnunet_ima.margins import CLEAN_WRONG_POLICIES, CLIP_MINIMA, SHRINK_RULES, MarginStore
+from nnunet_ima.margins import (CLEAN_WRONG_POLICIES, CLIP_MINIMA, REPEAT_DRAW_RULES, SHRINK_RULES,
+                                MarginStore)
 from nnunet_ima.norms import NORMS
 
 T = TypeVar("T")
@@ -65,10 +66,13 @@ class AttackConfig:
 class IMAConfig:
     """IMA settings (METHOD sections 3-4).
 
-    ``delta=None`` means ``eps_max / num_epochs``, resolved by :meth:`resolved_delta`.
-    ``margin_update`` is the shrink rule (``average`` / ``replace``), ``on_clean_wrong`` the
-    policy for clean-misclassified samples (``shrink`` / ``reset``), ``clip_min`` the lower clip
-    (``zero`` / ``delta``), ``boundary`` the point BPGD returns (``last_correct`` / ``midpoint``).
+    ``delta=None`` means ``eps_max / growth_epochs``, and ``growth_epochs=None`` the number of
+    training epochs (the paper as printed; the authors' segmentation code used 10), resolved by
+    :meth:`resolved_delta`. ``margin_update`` is the shrink rule (``average`` / ``replace``),
+    ``on_clean_wrong`` the policy for clean-misclassified samples (``shrink`` / ``reset``),
+    ``clip_min`` the lower clip (``zero`` / ``delta``), ``boundary`` the point BPGD returns
+    (``last_correct`` / ``midpoint``), ``repeat_draws`` the rule for a sample drawn several times
+    in one epoch (``cross_shrinks`` / ``miss_expands``, see :mod:`nnunet_ima.margins`).
     """
 
     eps_max: float
@@ -79,9 +83,13 @@ class IMAConfig:
     on_clean_wrong: str = "shrink"
     clip_min: str = "zero"
     boundary: str = "last_correct"
+    growth_epochs: Optional[int] = None
+    repeat_draws: str = "cross_shrinks"
 
     def __post_init__(self):
         _positive("eps_max", self.eps_max)
+        if self.growth_epochs is not None:
+            _count("growth_epochs", self.growth_epochs, 1)
         if self.delta is not None:
             _positive("delta", self.delta)
             if self.delta > self.eps_max:
@@ -93,19 +101,20 @@ class IMAConfig:
         _choice("on_clean_wrong", self.on_clean_wrong, CLEAN_WRONG_POLICIES)
         _choice("clip_min", self.clip_min, CLIP_MINIMA)
         _choice("boundary", self.boundary, BOUNDARY_POINTS)
+        _choice("repeat_draws", self.repeat_draws, REPEAT_DRAW_RULES)
 
     def resolved_delta(self, num_epochs: int) -> float:
-        """``delta``, or ``eps_max / num_epochs`` when unset."""
+        """``delta``, or ``eps_max / (growth_epochs or num_epochs)`` when unset."""
         if self.delta is not None:
             return float(self.delta)
         _count("num_epochs", num_epochs, 1)
-        return float(self.eps_max) / num_epochs
+        return float(self.eps_max) / (self.growth_epochs or num_epochs)
 
     def make_margin_store(self, num_epochs: int) -> MarginStore:
         """A fresh :class:`MarginStore` with these settings (initial margin ``delta``)."""
         return MarginStore(eps_max=float(self.eps_max), delta=self.resolved_delta(num_epochs),
                            shrink=self.margin_update, on_clean_wrong=self.on_clean_wrong,
-                           clip_min=self.clip_min)
+                           clip_min=self.clip_min, repeat_draws=self.repeat_draws)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 
 from nnunet_ima.attacks import argmax_correct  # noqa: F401  (re-exported: the classification predicate)
-from nnunet_ima.metrics import SLICE_REDUCTIONS, slice_dice
+from nnunet_ima.metrics import ABSENT_CLASS_RULES, SLICE_REDUCTIONS, slice_dice
 
 
 def ima_loss(clean_loss: torch.Tensor, adversarial_loss: torch.Tensor, beta: float,
@@ -56,19 +56,26 @@ class DiceThresholdCorrect:
         threshold: in ``(0, 1)``; the paper uses 0.6.
         reduce: ``"mean"`` over the foreground classes present in ground truth or prediction, or
             ``"max"`` over them.
+        absent: ``"one"`` (classes absent from both are left out; an empty slice scores 1) or
+            ``"zero"`` (every class counts, absent ones score 0; an empty slice scores 0 and is
+            never correct), see :mod:`nnunet_ima.metrics`.
     """
 
-    def __init__(self, threshold: float = 0.6, reduce: str = "mean"):
+    def __init__(self, threshold: float = 0.6, reduce: str = "mean", absent: str = "one"):
         self.threshold = check_threshold(threshold)
         if reduce not in SLICE_REDUCTIONS:
             raise ValueError(f"reduce must be one of {SLICE_REDUCTIONS}, got {reduce!r}")
+        if absent not in ABSENT_CLASS_RULES:
+            raise ValueError(f"absent must be one of {ABSENT_CLASS_RULES}, got {absent!r}")
         self.reduce = reduce
+        self.absent = absent
 
     def dice(self, output: Any, target: Any) -> torch.Tensor:
         """``(B,)`` slice Dice of the full-resolution prediction."""
         logits = _full_resolution(output)
         labels = _full_resolution(target)
-        return slice_dice(logits.argmax(dim=1), labels, logits.shape[1], self.reduce).to(logits.device)
+        return slice_dice(logits.argmax(dim=1), labels, logits.shape[1], self.reduce,
+                          self.absent).to(logits.device)
 
     def __call__(self, output: Any, target: Any) -> torch.Tensor:
         return self.dice(output, target) >= self.threshold

@@ -15,11 +15,17 @@ Update rule applied by :meth:`MarginStore.end_epoch` to every key recorded durin
 * then clip to ``[clip_min, eps_max]``.
 
 A key recorded several times in one epoch (nnU-Net samples slices with replacement) is treated
-as follows: under the ``reset`` policy any clean-wrong record resets it; otherwise, if any record
-crossed or was clean-wrong it shrinks, with the mean of those records' distances (clean-wrong
-records count as distance 0); only a key whose every record stayed correct within its budget
-expands. Crossing once is evidence that the margin is at most that distance, so one crossing
-outweighs records that did not cross.
+by the ``repeat_draws`` rule. Under the ``reset`` policy any clean-wrong record resets it.
+Otherwise:
+
+* ``cross_shrinks`` (default): if any record crossed or was clean-wrong it shrinks, with the mean
+  of those records' distances (clean-wrong records count as distance 0); only a key whose every
+  record stayed correct within its budget expands. Crossing once is evidence that the margin is
+  at most that distance, so one crossing outweighs records that did not cross.
+* ``miss_expands`` (the IMA authors' segmentation code): any record that stayed correct within
+  its budget expands the key; a key whose every record crossed (or was clean-wrong) shrinks, one
+  record after the other in the order recorded (``average``: ``E <- (E + d) / 2`` per record;
+  ``replace``: ``E = `` the mean distance).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import torch
 SHRINK_RULES = ("average", "replace")
 CLEAN_WRONG_POLICIES = ("shrink", "reset")
 CLIP_MINIMA = ("zero", "delta")
+REPEAT_DRAW_RULES = ("cross_shrinks", "miss_expands")
 
 
 @dataclass
@@ -51,6 +58,8 @@ class MarginEpochStats:
     margin_min: float
     margin_max: float
     keys_total: int
+    margin_q25: float = float("nan")
+    margin_q75: float = float("nan")
 
     def to_dict(self) -> Dict[str, float]:
         return asdict(self)
@@ -106,11 +115,13 @@ class MarginStore:
         on_clean_wrong: ``"shrink"`` (shrink with distance 0) or ``"reset"`` (``E = delta``).
         clip_min: ``"zero"`` (clip to ``[0, eps_max]``) or ``"delta"`` (``[delta, eps_max]``).
         initial: margin of a key never updated; defaults to ``delta``.
+        repeat_draws: ``"cross_shrinks"`` or ``"miss_expands"``: the rule for a key recorded
+            several times in one epoch (module docstring).
     """
 
     def __init__(self, eps_max: float, delta: float, shrink: str = "average",
                  on_clean_wrong: str = "shrink", clip_min: str = "zero",
-                 initial: Optional[float] = None):
+                 initial: Optional[float] = None, repeat_draws: str = "cross_shrinks"):
         if not (isinstance(eps_max, (int, float)) and math.isfinite(eps_max) and eps_max > 0):
             raise ValueError(f"eps_max must be a finite number > 0, got {eps_max!r}")
         if not (isinstance(delta, (int, float)) and math.isfinite(delta) and 0 < delta <= eps_max):
@@ -122,6 +133,8 @@ class MarginStore:
                              f"got {on_clean_wrong!r}")
         if clip_min not in CLIP_MINIMA:
             raise ValueError(f"clip_min must be one of {CLIP_MINIMA}, got {clip_min!r}")
+        if repeat_draws not in REPEAT_DRAW_RULES:
+            raise ValueError(f"repeat_draws must be one of {REPEAT_DRAW_RULES}, got {repeat_draws!r}")
         initial = delta if initial is None else float(initial)
         if not 0 <= initial <= eps_max:
             raise ValueError(f"initial must be in [0, eps_max={eps_max}], got {initial!r}")
@@ -130,6 +143,7 @@ class MarginStore:
         self.shrink = shrink
         self.on_clean_wrong = on_clean_wrong
         self.clip_min = clip_min
+        self.repeat_draws = repeat_draws
         self.initial = initial
         self.epoch = 0
         self._margins: Dict[Hashable, float] = {}
@@ -202,10 +216,18 @@ class MarginStore:
         if clean_wrong and self.on_clean_wrong == "reset":
             return self.delta, "reset"
         shrink_distances = [d for c, d, ok in items if c or not ok]
-        if shrink_distances:
-            d = float(np.mean(shrink_distances))
-            return ((d + old) / 2 if self.shrink == "average" else d), "shrunk"
-        return old + self.delta, "expanded"
+        if self.repeat_draws == "miss_expands" and len(shrink_distances) < len(items):
+            return old + self.delta, "expanded"
+        if not shrink_distances:
+            return old + self.delta, "expanded"
+        if self.shrink == "replace":
+            return float(np.mean(shrink_distances)), "shrunk"
+        if self.repeat_draws == "miss_expands":
+            new = old
+            for d in shrink_distances:
+                new = (new + d) / 2
+            return new, "shrunk"
+        return (float(np.mean(shrink_distances)) + old) / 2, "shrunk"
 
     def end_epoch(self) -> MarginEpochStats:
         """Apply the update rule to every key recorded this epoch and clear the records."""
@@ -229,7 +251,9 @@ class MarginStore:
             fraction_reset=counts["reset"] / n_keys if n_keys else 0.0,
             fraction_crossed_records=n_crossed / n_records if n_records else 0.0,
             margin_mean=summary(np.mean), margin_median=summary(np.median),
-            margin_min=summary(np.min), margin_max=summary(np.max), keys_total=len(self._margins))
+            margin_min=summary(np.min), margin_max=summary(np.max), keys_total=len(self._margins),
+            margin_q25=summary(lambda v: np.quantile(v, 0.25)),
+            margin_q75=summary(lambda v: np.quantile(v, 0.75)))
 
     # ----------------------------------------------------------- persistence
     def state_dict(self) -> Dict[str, Any]:
@@ -238,7 +262,7 @@ class MarginStore:
             "format": "nnunet_ima.MarginStore/1",
             "eps_max": self.eps_max, "delta": self.delta, "shrink": self.shrink,
             "on_clean_wrong": self.on_clean_wrong, "clip_min": self.clip_min,
-            "initial": self.initial, "epoch": self.epoch,
+            "repeat_draws": self.repeat_draws, "initial": self.initial, "epoch": self.epoch,
             "margins": [[_encode_key(k), v] for k, v in self._margins.items()],
             "records": [[_encode_key(k), [list(r) for r in v]] for k, v in self._records.items()],
         }
@@ -247,8 +271,10 @@ class MarginStore:
         """Replace this store's content with ``state`` (settings included)."""
         if state.get("format") != "nnunet_ima.MarginStore/1":
             raise ValueError("not a MarginStore state (missing or unknown 'format' entry)")
+        # States saved before repeat_draws existed used the cross_shrinks rule.
         fresh = MarginStore(state["eps_max"], state["delta"], state["shrink"],
-                            state["on_clean_wrong"], state["clip_min"], state["initial"])
+                            state["on_clean_wrong"], state["clip_min"], state["initial"],
+                            state.get("repeat_draws", "cross_shrinks"))
         self.__dict__.update(fresh.__dict__)
         self.epoch = int(state["epoch"])
         self._margins = {_decode_key(k): float(v) for k, v in state["margins"]}

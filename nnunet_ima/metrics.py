@@ -8,7 +8,9 @@ Conventions:
 * a class absent from both the ground truth and the prediction has Dice 1 (nothing to find,
   nothing found);
 * the Dice of a slice is the mean (or max) over the foreground classes present in its ground
-  truth or its prediction; a slice with neither has Dice 1;
+  truth or its prediction; a slice with neither has Dice 1 (``absent="one"``, the default);
+  with ``absent="zero"`` (the IMA authors' segmentation code) every foreground class enters the
+  mean / max and a class absent from both scores 0, so an empty slice has Dice 0;
 * TVDI (Total Voxel Dice Index) sums TP / FP / FN of a class over all slices before taking the
   Dice, then averages over classes; ADI (Average Dice Index) averages the slice Dice.
 """
@@ -21,6 +23,7 @@ import torch
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 
 SLICE_REDUCTIONS = ("mean", "max")
+ABSENT_CLASS_RULES = ("one", "zero")
 
 
 def _as_label_map(labels: torch.Tensor, name: str) -> torch.Tensor:
@@ -77,12 +80,21 @@ def per_class_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -
 
 
 def slice_dice_from_counts(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor,
-                           reduce: str = "mean") -> torch.Tensor:
-    """``(B, K)`` counts -> ``(B,)`` slice Dice over the classes present in ground truth or prediction."""
+                           reduce: str = "mean", absent: str = "one") -> torch.Tensor:
+    """``(B, K)`` counts -> ``(B,)`` slice Dice.
+
+    ``absent="one"``: the mean / max over the classes present in ground truth or prediction (1
+    when none is). ``absent="zero"``: over all ``K`` classes, a class absent from both scoring 0.
+    """
     if reduce not in SLICE_REDUCTIONS:
         raise ValueError(f"reduce must be one of {SLICE_REDUCTIONS}, got {reduce!r}")
+    if absent not in ABSENT_CLASS_RULES:
+        raise ValueError(f"absent must be one of {ABSENT_CLASS_RULES}, got {absent!r}")
     dice = dice_from_counts(tp, fp, fn)
     present = (torch.as_tensor(tp) + torch.as_tensor(fp) + torch.as_tensor(fn)) > 0
+    if absent == "zero":
+        scored = torch.where(present, dice, torch.zeros_like(dice))
+        return scored.mean(dim=1) if reduce == "mean" else scored.amax(dim=1)
     if reduce == "mean":
         total = torch.where(present, dice, torch.zeros_like(dice)).sum(dim=1)
         n = present.sum(dim=1)
@@ -92,9 +104,10 @@ def slice_dice_from_counts(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor,
 
 
 def slice_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-               reduce: str = "mean") -> torch.Tensor:
+               reduce: str = "mean", absent: str = "one") -> torch.Tensor:
     """``(B,)`` per-slice Dice (see the module docstring). ``pred``, ``target``: label maps."""
-    return slice_dice_from_counts(*confusion_counts(pred, target, num_classes), reduce=reduce)
+    return slice_dice_from_counts(*confusion_counts(pred, target, num_classes), reduce=reduce,
+                                  absent=absent)
 
 
 def tvdi(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> Tuple[float, np.ndarray]:

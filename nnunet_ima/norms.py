@@ -92,6 +92,23 @@ def random_in_ball(like: torch.Tensor, eps: torch.Tensor, norm: str,
     return (2 * u - 1) * _broadcast(eps, like)
 
 
+def random_on_sphere(like: torch.Tensor, radius: torch.Tensor, norm: str,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A random perturbation with ``||xi[i]|| == radius[i]`` exactly, shaped like ``like``.
+
+    L2: a Gaussian direction scaled to ``radius``. Linf: uniform in the cube, then scaled so that
+    its largest coordinate is ``radius`` (a point on the cube's surface).
+    """
+    if norm == "l2":
+        direction = torch.randn(like.shape, generator=generator, dtype=like.dtype, device="cpu")
+    else:
+        direction = 2 * torch.rand(like.shape, generator=generator, dtype=like.dtype,
+                                   device="cpu") - 1
+    direction = direction.to(like.device)
+    direction = direction / _broadcast(per_sample_norm(direction, norm).clamp_min(_TINY), like)
+    return direction * _broadcast(radius, like)
+
+
 def clamp_to_range(x: torch.Tensor, clamp: Optional[tuple]) -> torch.Tensor:
     """Clamp to ``(low, high)``; each bound is a float or a per-sample ``(B,)`` tensor."""
     if clamp is None:

@@ -6,7 +6,8 @@ A user sets any hyperparameter without writing code::
     nnUNetv2_train Dataset002_Heart 2d 0 -tr nnUNetTrainerIMA
 
 Precedence: the trainer class's defaults (a named variant such as ``nnUNetTrainerIMA_eps15``
-overrides some of them), then the JSON file. The resolved settings are written to
+overrides some of them), then the JSON file. A ``recipe`` key (in either) first sets every
+setting of that recipe (:data:`RECIPES`); explicit keys beside it override the recipe. The resolved settings are written to
 ``ima_config.json`` in the training output folder; ``nnUNetv2_train ... --c`` without the
 environment variable reuses that file, and with a different file is an error (a run must not
 change its hyperparameters half way).
@@ -22,12 +23,52 @@ from nnunet_ima.attacks import BOUNDARY_POINTS
 from nnunet_ima.config import AttackConfig, IMAConfig, _choice, _count, _positive
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.losses import check_threshold
-from nnunet_ima.metrics import SLICE_REDUCTIONS
+from nnunet_ima.margins import REPEAT_DRAW_RULES
+from nnunet_ima.metrics import ABSENT_CLASS_RULES, SLICE_REDUCTIONS
 from nnunet_ima.norms import NORMS
 
 CONFIG_ENV = "NNUNET_IMA_CONFIG"
 CONFIG_FILENAME = "ima_config.json"
 ATTACK_OUTPUTS = ("deep_supervision", "full_resolution")
+ATTACK_SLICES = ("correct", "all")
+ADVERSARIAL_TERMS = ("crossed", "all")
+ADVERSARIAL_DICE = ("batch", "per_sample")
+LR_SCHEDULES = ("poly", "constant")
+START_POINTS = ("ball", "inner_sphere")
+
+# The two readings of IMA for segmentation (METHOD.md sections 3 and 3b). Each sets every key
+# in which they differ, so that a recipe named in a file fully replaces the other one.
+RECIPES: Dict[str, Dict[str, Any]] = {
+    # Algorithm 1 as printed in the paper.
+    "printed": {
+        "attack_slices": "correct",           # BPGD on the clean-correct slices only
+        "adversarial_term": "crossed",        # crossed slices only, weight beta * crossed / B
+        "adversarial_dice": "batch",          # nnU-Net's batch Dice in the adversarial term
+        "dice_reduce": "mean",                # slice Dice: mean over the classes present
+        "dice_absent_class": "one",           # empty vs empty scores 1
+        "repeat_draws": "cross_shrinks",      # a slice drawn twice: any crossing shrinks
+        "lr_schedule": "poly",                # nnU-Net's poly schedule
+        "margin_growth_epochs": None,         # delta = eps_max / num_epochs
+        "start_point": "ball",                # random start uniform in the ball
+        "boundary": "last_correct",           # BPGD returns the correct end of the bracket
+    },
+    # The IMA authors' nnU-Net segmentation code, which made the published Heart / Hippocampus /
+    # Prostate tables.
+    "authors": {
+        "attack_slices": "all",
+        "adversarial_term": "all",            # every attacked slice, weight beta, batch mean
+        "adversarial_dice": "per_sample",
+        "dice_reduce": "max",
+        "dice_absent_class": "zero",
+        "repeat_draws": "miss_expands",
+        "lr_schedule": "constant",
+        "margin_growth_epochs": 10,           # delta = eps_max / 10
+        "start_point": "inner_sphere",        # on the sphere of radius max(E - delta, delta)
+        "boundary": "midpoint",
+    },
+}
+DEFAULT_RECIPE = "printed"
+_DEFAULT = RECIPES[DEFAULT_RECIPE]
 
 
 @dataclass(frozen=True)
@@ -48,6 +89,17 @@ class TrainerSettings:
     ``on_clean_wrong``, ``clip_min``, ``boundary`` (see :class:`nnunet_ima.config.IMAConfig`).
 
     Adv: ``adv_eps``, the fixed budget of vanilla adversarial training.
+
+    Where the paper's printed Algorithm 1 and the authors' segmentation code differ
+    (``recipe`` names one of :data:`RECIPES`): ``attack_slices`` (BPGD on the clean-correct
+    slices or on all), ``adversarial_term`` (the crossed slices' boundary points with weight
+    ``beta * crossed / B``, or every attacked slice's point with weight ``beta``),
+    ``adversarial_dice`` (nnU-Net's batch Dice or a per-sample Dice in the adversarial loss),
+    ``dice_absent_class`` (a class absent from prediction and ground truth scores 1 and is left
+    out, or scores 0), ``repeat_draws`` (see :mod:`nnunet_ima.margins`), ``lr_schedule``,
+    ``margin_growth_epochs`` (``delta = eps_max / margin_growth_epochs``; ``None``: the number of
+    epochs), ``start_point`` (random start in the ball, or on the sphere of radius
+    ``max(E - delta, delta)``).
     """
 
     num_epochs: int = 50
@@ -66,12 +118,21 @@ class TrainerSettings:
     beta: float = 0.5
     binary_steps: int = 10
     dice_threshold: float = 0.6
-    dice_reduce: str = "mean"
+    dice_reduce: str = _DEFAULT["dice_reduce"]
     margin_update: str = "average"
     on_clean_wrong: str = "shrink"
     clip_min: str = "zero"
-    boundary: str = "last_correct"
+    boundary: str = _DEFAULT["boundary"]
     adv_eps: float = 15.0
+    recipe: str = DEFAULT_RECIPE
+    attack_slices: str = _DEFAULT["attack_slices"]
+    adversarial_term: str = _DEFAULT["adversarial_term"]
+    adversarial_dice: str = _DEFAULT["adversarial_dice"]
+    dice_absent_class: str = _DEFAULT["dice_absent_class"]
+    repeat_draws: str = _DEFAULT["repeat_draws"]
+    lr_schedule: str = _DEFAULT["lr_schedule"]
+    margin_growth_epochs: Optional[int] = _DEFAULT["margin_growth_epochs"]
+    start_point: str = _DEFAULT["start_point"]
 
     def __post_init__(self):
         for name in ("num_epochs", "num_iterations_per_epoch", "save_every", "pgd_steps"):
@@ -88,6 +149,14 @@ class TrainerSettings:
         _choice("attack_outputs", self.attack_outputs, ATTACK_OUTPUTS)
         _choice("dice_reduce", self.dice_reduce, SLICE_REDUCTIONS)
         _choice("boundary", self.boundary, BOUNDARY_POINTS)
+        _choice("recipe", self.recipe, RECIPES)
+        _choice("attack_slices", self.attack_slices, ATTACK_SLICES)
+        _choice("adversarial_term", self.adversarial_term, ADVERSARIAL_TERMS)
+        _choice("adversarial_dice", self.adversarial_dice, ADVERSARIAL_DICE)
+        _choice("dice_absent_class", self.dice_absent_class, ABSENT_CLASS_RULES)
+        _choice("repeat_draws", self.repeat_draws, REPEAT_DRAW_RULES)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("start_point", self.start_point, START_POINTS)
         check_threshold(self.dice_threshold)
         self.ima_config()  # validates eps_max, delta, beta and the margin-update options
 
@@ -96,7 +165,8 @@ class TrainerSettings:
         return IMAConfig(eps_max=self.eps_max, delta=self.delta, beta=self.beta,
                          binary_steps=self.binary_steps, margin_update=self.margin_update,
                          on_clean_wrong=self.on_clean_wrong, clip_min=self.clip_min,
-                         boundary=self.boundary)
+                         boundary=self.boundary, growth_epochs=self.margin_growth_epochs,
+                         repeat_draws=self.repeat_draws)
 
     def attack_config(self) -> AttackConfig:
         """The PGD part as the core's :class:`AttackConfig` (the loss is set by the trainer)."""
@@ -111,14 +181,22 @@ def settings_from_dict(values: Dict[str, Any], base: Optional[TrainerSettings] =
                        source: str = "settings") -> TrainerSettings:
     """``base`` (default: the paper's protocol) with ``values`` applied.
 
+    A ``recipe`` in ``values`` sets that recipe's settings first; the other keys of ``values``
+    override them.
+
     Raises:
-        UserInputError: unknown keys or out-of-range values, naming ``source``.
+        UserInputError: unknown keys, an unknown recipe or out-of-range values, naming ``source``.
     """
     known = {f.name for f in fields(TrainerSettings)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserInputError(f"{source}: unknown trainer option(s) {unknown}. "
                              f"Known options: {sorted(known)}")
+    if "recipe" in values:
+        if values["recipe"] not in RECIPES:
+            raise UserInputError(f"{source}: recipe must be one of {tuple(RECIPES)}, got "
+                                 f"{values['recipe']!r}")
+        values = {**RECIPES[values["recipe"]], **values}
     try:
         return replace(base or TrainerSettings(), **values)
     except (TypeError, ValueError) as e:
@@ -157,7 +235,10 @@ def resolve_settings(class_defaults: Dict[str, Any], output_folder: Optional[str
     saved_path = os.path.join(output_folder, CONFIG_FILENAME) if output_folder else None
     saved = None
     if continuing and saved_path and os.path.isfile(saved_path):
-        saved = settings_from_dict(read_config_file(saved_path), source=saved_path)
+        values = read_config_file(saved_path)
+        # Runs saved before recipes existed followed Algorithm 1 as printed.
+        values.setdefault("recipe", "printed")
+        saved = settings_from_dict(values, source=saved_path)
     path = environ.get(CONFIG_ENV, "").strip()
     if not path:
         return saved if saved is not None else base

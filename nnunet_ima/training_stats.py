@@ -24,7 +24,8 @@ class EpochAccumulator:
     ``clean_dice`` sums the clean slice Dice of every sample; ``adv_dice`` sums the slice Dice
     of every adversarial input trained on (the PGD outputs for Adv, the boundary points of the
     crossed slices for IMA); ``attacked`` counts samples that were attacked and ``crossed``
-    those whose Dice fell below the threshold within their budget.
+    those whose Dice fell below the threshold within their budget. ``adv_weight`` sums, over the
+    steps, the weight of the adversarial term in the step's loss (0 in a step without one).
     """
 
     samples: int = 0
@@ -36,9 +37,12 @@ class EpochAccumulator:
     adv_samples: int = 0
     attack_seconds: float = 0.0
     step_seconds: float = 0.0
+    steps: int = 0
+    adv_weight: float = 0.0
 
     def add(self, clean_dice: Sequence[float], clean_correct: int, adv_dice: Sequence[float],
-            attacked: int, crossed: int, attack_seconds: float, step_seconds: float) -> None:
+            attacked: int, crossed: int, attack_seconds: float, step_seconds: float,
+            adv_weight: float = 0.0) -> None:
         self.samples += len(clean_dice)
         self.clean_dice += float(np.sum(clean_dice))
         self.clean_correct += int(clean_correct)
@@ -48,6 +52,8 @@ class EpochAccumulator:
         self.crossed += int(crossed)
         self.attack_seconds += attack_seconds
         self.step_seconds += step_seconds
+        self.steps += 1
+        self.adv_weight += float(adv_weight)
 
     @classmethod
     def merged(cls, parts: Sequence["EpochAccumulator"]) -> "EpochAccumulator":
@@ -69,6 +75,8 @@ class EpochAccumulator:
             "clean_dice": ratio(self.clean_dice, self.samples),
             "fraction_clean_correct": ratio(self.clean_correct, self.samples),
             "adv_dice": ratio(self.adv_dice, self.adv_samples),
+            "adv_weight": ratio(self.adv_weight, self.steps),
+            "fraction_attacked": ratio(self.attacked, self.samples),
             "fraction_crossed": ratio(self.crossed, self.attacked),
             "attack_seconds": self.attack_seconds,
             "step_seconds": self.step_seconds,

@@ -59,6 +59,25 @@ class AdversarialBatch:
     extra: dict = field(default_factory=dict)
 
 
+# The adversarial term counts as too weak below this weight for this many epochs in a row.
+LOW_ADVERSARIAL_WEIGHT = 0.05
+LOW_WEIGHT_EPOCHS = 5
+
+
+class _BatchMean:
+    """``(output, target) -> scalar``: the batch mean of a per-sample loss ``(B,)``."""
+
+    def __init__(self, per_sample):
+        self.per_sample = per_sample
+
+    def __call__(self, output: Any, target: Any) -> torch.Tensor:
+        if isinstance(output, (list, tuple)):
+            output = [o.float() for o in output]
+        else:
+            output = output.float()
+        return self.per_sample(output, target).mean()
+
+
 class nnUNetTrainerAdv(nnUNetTrainerClean):
     """nnU-Net trained on ``(loss(x) + loss(x_eps)) / 2`` with ``x_eps`` from 20-step L2 PGD.
 
@@ -77,8 +96,15 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
         self.attack_loss = PerSampleDiceCE(
             ignore_label=self.label_manager.ignore_label,
             full_resolution_only=s.attack_outputs == "full_resolution")
-        self.is_correct = DiceThresholdCorrect(s.dice_threshold, s.dice_reduce)
-        self.adversarial_loss = self._build_rank_local_loss() if self.is_ddp else self.loss
+        self.is_correct = DiceThresholdCorrect(s.dice_threshold, s.dice_reduce, s.dice_absent_class)
+        if s.adversarial_dice == "per_sample":
+            # Dice + CE of each adversarial slice on its own, averaged (the IMA authors' code):
+            # no slice's Dice is pooled with another's, and no cross-rank collective is needed.
+            self.adversarial_loss = _BatchMean(PerSampleDiceCE(
+                ignore_label=self.label_manager.ignore_label))
+        else:
+            self.adversarial_loss = self._build_rank_local_loss() if self.is_ddp else self.loss
+        self._low_weight_epochs = 0
 
     def _build_rank_local_loss(self):
         """nnU-Net's loss as ``_build_loss`` makes it on one GPU: no cross-rank collective."""
@@ -177,7 +203,8 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
             adv_dice=adversarial_dice.cpu().numpy(), attacked=attacked,
             crossed=adversarial.extra.get(
                 "crossed", int((adversarial_dice < self.ima_settings.dice_threshold).sum())),
-            attack_seconds=attack_seconds, step_seconds=perf_counter() - start)
+            attack_seconds=attack_seconds, step_seconds=perf_counter() - start,
+            adv_weight=adversarial.weight if adversarial_dice.numel() > 0 else 0.0)
         return {"loss": total.cpu().numpy()}
 
     def on_train_epoch_start(self):
@@ -189,9 +216,27 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
         self._epoch_stats = EpochAccumulator.merged(gather_objects(self._epoch_stats))
         row = self.epoch_statistics()
         self.print_to_log_file("adversarial training: " + format_for_log(row))
+        self._warn_if_adversarial_term_is_weak(row)
         if self.local_rank == 0:
             write_epoch_row(os.path.join(self.output_folder, STATS_FILENAME), row)
             self.after_epoch_written(row)
 
     def after_epoch_written(self, row: dict) -> None:
         """Rank 0, after the statistics row was written (IMA draws the margin histogram)."""
+
+    def _warn_if_adversarial_term_is_weak(self, row: dict) -> None:
+        """Say in the log when the adversarial term has been too weak to matter for a while."""
+        weight = row.get("adv_weight", float("nan"))
+        self._low_weight_epochs = self._low_weight_epochs + 1 \
+            if weight < LOW_ADVERSARIAL_WEIGHT else 0
+        if self._low_weight_epochs != LOW_WEIGHT_EPOCHS:
+            return
+        s = self.ima_settings
+        self.print_to_log_file(
+            f"WARNING: the adversarial term's weight has stayed below {LOW_ADVERSARIAL_WEIGHT} "
+            f"for {LOW_WEIGHT_EPOCHS} epochs (now {weight:.3g}; clean term "
+            f"{self.clean_weight:.3g}): this trains almost like clean nnU-Net. Likely cause: "
+            f"with adversarial_term={s.adversarial_term!r} only the slices that cross their "
+            f"margin are trained on (fraction attacked {row.get('fraction_attacked', 0):.3g}, "
+            f"crossed {row.get('fraction_crossed', 0):.3g}). Set \"recipe\": \"authors\" or "
+            f"\"adversarial_term\": \"all\" in the NNUNET_IMA_CONFIG file (a new run).")

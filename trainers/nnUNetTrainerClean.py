@@ -13,6 +13,7 @@ from typing import Any, Dict
 
 import numpy as np
 import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ima.nnunet_ddp import cpu_ddp_wrapping
@@ -27,7 +28,8 @@ def compile_requested() -> bool:
 class nnUNetTrainerClean(nnUNetTrainer):
     """nnU-Net's trainer with the schedule taken from nnunet-ima's settings.
 
-    Named variants override ``ima_defaults`` (a dict of :class:`TrainerSettings` fields).
+    Subclasses and named variants set ``ima_defaults`` (a dict of :class:`TrainerSettings`
+    fields); a subclass's dict adds to those of its bases (:meth:`class_defaults`).
     """
 
     ima_defaults: Dict[str, Any] = {}
@@ -46,7 +48,7 @@ class nnUNetTrainerClean(nnUNetTrainer):
                 f"kept per 2D slice), but configuration {configuration!r} has the 3D patch size "
                 f"{self.configuration_manager.patch_size}. Use: nnUNetv2_train DATASET 2d FOLD "
                 f"-tr {type(self).__name__}")
-        self.ima_settings = resolve_settings(self.ima_defaults, self.output_folder, continuing)
+        self.ima_settings = resolve_settings(self.class_defaults(), self.output_folder, continuing)
         s = self.ima_settings
         self.num_epochs = s.num_epochs
         self.num_iterations_per_epoch = s.num_iterations_per_epoch
@@ -62,12 +64,28 @@ class nnUNetTrainerClean(nnUNetTrainer):
             np.random.seed(seed)
             torch.manual_seed(seed)
 
+    @classmethod
+    def class_defaults(cls) -> Dict[str, Any]:
+        """The ``ima_defaults`` of the class and its bases, the most derived winning per key."""
+        merged: Dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("ima_defaults", {}))
+        return merged
+
     def initialize(self):
         with cpu_ddp_wrapping(self.device):
             super().initialize()
         if self.device.type == "cuda" and not compile_requested():
             self.print_to_log_file("torch.compile is off for nnunet-ima trainers; set "
                                    "nnUNet_compile=t to turn it on")
+
+    def configure_optimizers(self):
+        optimizer, scheduler = super().configure_optimizers()
+        if self.ima_settings.lr_schedule == "constant":
+            # nnU-Net's poly schedule with exponent 0: the learning rate stays initial_lr, and
+            # nnU-Net's own call scheduler.step(epoch) keeps working.
+            scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, exponent=0.0)
+        return optimizer, scheduler
 
     def _do_i_compile(self) -> bool:
         # nnU-Net compiles by default on CUDA. The attacks run the network in eval mode, without

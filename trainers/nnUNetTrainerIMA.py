@@ -5,11 +5,15 @@ Each 2D training slice ``(case identifier, slice index)`` has an estimated margi
 
 1. the clean output (already computed for the clean loss) splits the batch into slices whose
    hard Dice is >= ``dice_threshold`` ("correct") and the others;
-2. BPGD (Algorithm 3) runs on the correct slices with budgets ``E``: PGD on nnU-Net's per-slice
+2. BPGD (Algorithm 3) runs with budgets ``E`` on the correct slices (``attack_slices="correct"``,
+   the printed recipe) or on all (``"all"``, the authors' recipe): PGD on nnU-Net's per-slice
    Dice + CE until the Dice falls below the threshold, then ``binary_steps`` halvings locate the
-   boundary; slices that never cross keep their last iterate and are not trained on;
-3. ``L = ((1 - beta) * sum_b loss(x_b) + beta * sum_crossed loss(x_boundary)) / B`` with
-   nnU-Net's loss (deep supervision included);
+   boundary;
+3. printed recipe: ``L = (1 - beta) * loss(X) + beta * M / B * loss(X_boundary)`` over the ``M``
+   crossed slices; authors' recipe (``adversarial_term="all"``):
+   ``L = (1 - beta) * loss(X) + beta * loss(X_adv)`` with every attacked slice's point (its
+   boundary point, or its last PGD iterate when it did not cross), nnU-Net's loss (deep
+   supervision included; ``adversarial_dice`` chooses batch or per-sample Dice);
 4. every slice's outcome is recorded; at the end of the epoch the margins shrink (crossed or
    clean-wrong) or expand by ``delta`` (Algorithm 2), clipped to ``[0, eps_max]``.
 
@@ -53,7 +57,14 @@ class nnUNetTrainerIMA(nnUNetTrainerAdv):
     # ------------------------------------------------------------------ hooks
     def adversarial_batch(self, data: torch.Tensor, target: Any, clean_output: Any,
                           batch: dict) -> AdversarialBatch:
-        """BPGD on the clean-correct slices at their margins; the crossed ones are trained on."""
+        """BPGD at the slices' margins; the adversarial term as ``adversarial_term`` says.
+
+        ``attack_slices="correct"`` attacks the clean-correct slices, ``"all"`` every slice (a
+        clean-wrong slice then crosses at its start point). ``adversarial_term="crossed"``
+        trains on the boundary points of the ``M`` crossed slices with weight
+        ``beta * M / B``; ``"all"`` on the point of every attacked slice (its boundary point,
+        or its last PGD iterate when it did not cross) with weight ``beta``.
+        """
         s = self.ima_settings
         keys = sample_keys(batch)
         clean_dice = self.is_correct.dice(clean_output, target)
@@ -62,25 +73,36 @@ class nnUNetTrainerIMA(nnUNetTrainerAdv):
         crossed = torch.zeros(batch_size, dtype=torch.bool)
         distance = torch.zeros(batch_size)
 
-        idx = correct.nonzero().flatten()
-        x_boundary, target_boundary = None, None
+        attack = correct if s.attack_slices == "correct" else torch.ones_like(correct)
+        idx = attack.nonzero().flatten()
+        x_adv, target_adv, weight = None, None, 0.0
         if idx.numel() > 0:
             eps = self.margins.get([keys[i] for i in idx.tolist()], device=data.device)
+            start_radius = None
+            if s.start_point == "inner_sphere":
+                delta = self.margins.delta
+                start_radius = (eps - delta).clamp_min(delta)
             result = bpgd(self.attack_network, data[idx], select(target, idx), eps, self.is_correct,
                           norm=s.norm, steps=s.pgd_steps, alpha=s.pgd_alpha,
                           binary_steps=s.binary_steps, loss=self.attack_loss,
-                          random_start=s.random_start, boundary=s.boundary)
+                          random_start=s.random_start, boundary=s.boundary,
+                          start_radius=start_radius)
             found = result.found.cpu()
             crossed[idx.cpu()] = found
             distance[idx.cpu()] = result.distance.detach().float().cpu()
-            found_idx = idx[result.found]
-            x_boundary = result.x_boundary[result.found]
-            target_boundary = select(target, found_idx)
-        n_crossed = int(crossed.sum())
+            if s.adversarial_term == "all":
+                x_adv, target_adv, weight = result.x_boundary, select(target, idx), self.ima.beta
+            else:
+                x_adv = result.x_boundary[result.found]
+                target_adv = select(target, idx[result.found])
+                weight = self.ima.beta * int(found.sum()) / batch_size
+        # A clean-wrong slice "crosses" at its start point; the margin store counts it as
+        # clean-wrong (shrink or reset), so only the crossings of clean-correct slices count here.
+        n_crossed = int((crossed & correct.cpu()).sum())
         return AdversarialBatch(
-            x_boundary, target_boundary, self.ima.beta * n_crossed / batch_size, clean_dice,
-            correct, extra={"keys": keys, "crossed_mask": crossed, "distance": distance,
-                            "attacked": int(idx.numel()), "crossed": n_crossed})
+            x_adv, target_adv, weight, clean_dice, correct,
+            extra={"keys": keys, "crossed_mask": crossed, "distance": distance,
+                   "attacked": int(idx.numel()), "crossed": n_crossed})
 
     def after_step(self, batch: dict, adversarial: AdversarialBatch,
                    adversarial_dice: torch.Tensor) -> None:
@@ -94,8 +116,10 @@ class nnUNetTrainerIMA(nnUNetTrainerAdv):
         update = self.margins.end_epoch()
         row = {"epoch": self.current_epoch, **self._epoch_stats.summary()}
         row.update({
-            "margin_mean": update.margin_mean, "margin_median": update.margin_median,
+            "margin_mean": update.margin_mean, "margin_q25": update.margin_q25,
+            "margin_median": update.margin_median, "margin_q75": update.margin_q75,
             "margin_min": update.margin_min, "margin_max": update.margin_max,
+            "eps_max": self.ima.eps_max,
             "fraction_expanded": update.fraction_expanded,
             "fraction_shrunk": update.fraction_shrunk, "fraction_reset": update.fraction_reset,
             "slices_updated": update.keys_updated, "slices_total": update.keys_total})

@@ -1,0 +1,394 @@
+"""The ablation experiment: which reading of IMA makes it beat vanilla adversarial training.
+
+On one planned and split nnU-Net dataset, with one schedule and one seed, it trains
+
+* ``clean`` (plain nnU-Net) and ``clean_half_lr`` (half the learning rate: IMA's clean term has
+  weight ``1 - beta``, so a weak adversarial term makes IMA train like this);
+* ``adv<eps>``: vanilla adversarial training at several budgets (the front IMA must not be
+  dominated by);
+* ``ima_printed`` and ``ima_authors``: the two recipes of :data:`nnunet_ima.trainer_config.RECIPES`;
+* one-factor-at-a-time variants: the authors' recipe with one of its differences put back to the
+  printed reading (``authors-<factor>``), and the printed recipe with the authors' adversarial
+  term (``printed+term``);
+
+each as a real ``nnUNetv2_train`` in its own ``nnUNet_results`` folder (side by side with
+``jobs``), then attacks every model with ``nnunet-ima-eval`` (PGD and APGD by default) and
+writes one table and one picture. Everything is resumable: a trained model, and each (model,
+attack, case set) evaluation, is reused when the command runs again with the same options.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import write_json, write_text
+from nnunet_ima.metrics import robustness_auc
+from nnunet_ima.pipeline import Command, console_script, run_side_by_side, threads_per_job
+from nnunet_ima.trainer_config import RECIPES, settings_from_dict
+from nnunet_ima.training_stats import STATS_FILENAME
+
+OPTIONS_FILENAME = "ablation_options.json"
+TABLE_FILENAME = "ablation.md"
+RESULTS_FILENAME = "ablation.json"
+PICTURE_FILENAME = "ablation.png"
+
+# factor of the one-factor-at-a-time variants -> the settings that make it up (METHOD.md 3b).
+FACTORS: Dict[str, Sequence[str]] = {
+    "term": ("adversarial_term",),                                     # item 1
+    "growth": ("margin_growth_epochs",),                               # item 2
+    "slices": ("attack_slices", "dice_reduce", "dice_absent_class"),   # items 3 and 6
+    "draws": ("repeat_draws",),                                        # item 4
+    "dice": ("adversarial_dice",),                                     # item 5
+    "lr": ("lr_schedule",),                                            # item 7
+    "start": ("start_point", "boundary"),                              # start and boundary point
+}
+DEFAULT_VARIANTS = ("clean", "clean_half_lr", "adv", "ima_printed", "ima_authors",
+                    "printed+term", "authors-term", "authors-growth", "authors-slices",
+                    "authors-lr")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model of the experiment: a trainer class and its ``NNUNET_IMA_CONFIG`` settings."""
+
+    name: str
+    trainer: str
+    settings: Dict[str, object]
+    kind: str  # "clean", "adv" or "ima"
+
+
+@dataclass
+class AblationOptions:
+    """What the experiment trains and how it evaluates (all of it is part of the resume key)."""
+
+    dataset: str
+    workdir: str
+    variants: List[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    adv_eps: List[float] = field(default_factory=lambda: [4.0, 8.0, 16.0])
+    eps_max: float = 16.0
+    epochs: int = 10
+    iterations: int = 10
+    val_iterations: int = 2
+    initial_lr: float = 0.01
+    pgd_steps: int = 5
+    binary_steps: int = 5
+    seed: int = 0
+    fold: int = 0
+    jobs: int = 1
+    device: str = "cpu"
+    noise: List[float] = field(default_factory=lambda: [0.0, 4.0, 8.0, 16.0])
+    eval_steps: int = 100
+    attacks: List[str] = field(default_factory=lambda: ["pgd", "apgd"])
+    cases: List[str] = field(default_factory=lambda: ["test"])
+    max_slices: Optional[int] = 12
+
+    def resume_key(self) -> dict:
+        """The options a result depends on (``jobs`` and ``workdir`` do not change results)."""
+        key = asdict(self)
+        for name in ("jobs", "workdir", "variants", "attacks", "cases"):
+            key.pop(name)
+        return key
+
+
+def build_variants(options: AblationOptions) -> List[Variant]:
+    """The models named by ``options.variants`` (``adv`` expands to one per ``adv_eps``)."""
+    schedule = {"num_epochs": options.epochs, "num_iterations_per_epoch": options.iterations,
+                "num_val_iterations_per_epoch": options.val_iterations, "seed": options.seed,
+                "initial_lr": options.initial_lr}
+    attack = {"pgd_steps": options.pgd_steps}
+    ima = dict(schedule, **attack, eps_max=options.eps_max, binary_steps=options.binary_steps)
+    variants: List[Variant] = []
+    for name in options.variants:
+        if name == "clean":
+            variants.append(Variant("clean", "nnUNetTrainerClean", dict(schedule), "clean"))
+        elif name == "clean_half_lr":
+            variants.append(Variant(name, "nnUNetTrainerClean",
+                                    dict(schedule, initial_lr=options.initial_lr / 2), "clean"))
+        elif name == "adv":
+            for eps in options.adv_eps:
+                variants.append(Variant(f"adv{eps:g}", "nnUNetTrainerAdv",
+                                        dict(schedule, **attack, adv_eps=float(eps)), "adv"))
+        elif name in ("ima_printed", "ima_authors"):
+            recipe = name.split("_", 1)[1]
+            variants.append(Variant(name, "nnUNetTrainerIMA", dict(ima, recipe=recipe), "ima"))
+        elif name.startswith("authors-") and name[len("authors-"):] in FACTORS:
+            keys = FACTORS[name[len("authors-"):]]
+            reverted = {k: RECIPES["printed"][k] for k in keys}
+            variants.append(Variant(name, "nnUNetTrainerIMA",
+                                    dict(ima, recipe="authors", **reverted), "ima"))
+        elif name.startswith("printed+") and name[len("printed+"):] in FACTORS:
+            keys = FACTORS[name[len("printed+"):]]
+            added = {k: RECIPES["authors"][k] for k in keys}
+            variants.append(Variant(name, "nnUNetTrainerIMA",
+                                    dict(ima, recipe="printed", **added), "ima"))
+        else:
+            raise UserInputError(f"unknown variant {name!r}; known: clean, clean_half_lr, adv, "
+                                 f"ima_printed, ima_authors, authors-<factor>, printed+<factor> "
+                                 f"with factor in {sorted(FACTORS)}")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise UserInputError(f"variants repeat a model: {names}")
+    for v in variants:  # every setting is checked before anything is trained
+        settings_from_dict(v.settings, source=f"variant {v.name}")
+    return variants
+
+
+# ------------------------------------------------------------------------------- workdir
+def results_root(options: AblationOptions, variant: Variant) -> str:
+    """The ``nnUNet_results`` folder of one variant (each has its own: same trainer class)."""
+    return os.path.join(options.workdir, "results", variant.name)
+
+
+def model_folder(options: AblationOptions, variant: Variant, dataset_name: str) -> str:
+    return os.path.join(results_root(options, variant), dataset_name,
+                        f"{variant.trainer}__nnUNetPlans__2d")
+
+
+def eval_folder(options: AblationOptions, variant: Variant, attack: str, cases: str) -> str:
+    return os.path.join(options.workdir, "eval", cases, attack, variant.name)
+
+
+def check_options(options: AblationOptions) -> None:
+    """Refuse a workdir whose results were made with other options; record them otherwise."""
+    for name in ("epochs", "iterations", "pgd_steps", "eval_steps", "jobs"):
+        if getattr(options, name) < 1:
+            raise UserInputError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(options, name)}")
+    if any(n < 0 for n in options.noise) or max(options.noise) <= 0:
+        raise UserInputError(f"noise levels must be >= 0 with one > 0, got {options.noise}")
+    if any(e <= 0 for e in options.adv_eps) or options.eps_max <= 0:
+        raise UserInputError("--adv-eps and --eps-max must be > 0")
+    os.makedirs(options.workdir, exist_ok=True)
+    path = os.path.join(options.workdir, OPTIONS_FILENAME)
+    key = options.resume_key()
+    if os.path.isfile(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        if recorded != key:
+            changed = sorted(k for k in set(recorded) | set(key) if recorded.get(k) != key.get(k))
+            raise UserInputError(f"{options.workdir} holds an ablation made with other options "
+                                 f"(differing: {changed}); use another --workdir or the same "
+                                 f"options")
+        return
+    write_json(path, key)
+
+
+def train_all(options: AblationOptions, variants: List[Variant], dataset_name: str,
+              env: Dict[str, str]) -> None:
+    """Train every variant not trained yet, ``options.jobs`` at a time."""
+    commands = []
+    threads = str(threads_per_job(options.jobs))
+    for variant in variants:
+        final = os.path.join(model_folder(options, variant, dataset_name),
+                             f"fold_{options.fold}", "checkpoint_final.pth")
+        if os.path.isfile(final):
+            print(f"{variant.name}: already trained", flush=True)
+            continue
+        config = os.path.join(options.workdir, "configs", f"{variant.name}.json")
+        write_json(config, variant.settings)
+        root = results_root(options, variant)
+        os.makedirs(root, exist_ok=True)
+        # --c continues a training an earlier run left unfinished.
+        resume = ["--c"] if os.path.isdir(os.path.join(root, dataset_name)) else []
+        commands.append(Command(
+            [console_script("nnUNetv2_train"), dataset_name, "2d", str(options.fold), "-tr",
+             variant.trainer, "-device", options.device, *resume],
+            f"train_{variant.name}",
+            {"nnUNet_results": root, "NNUNET_IMA_CONFIG": config,
+             "nnUNet_n_proc_DA": "0" if options.device == "cpu" else "2",
+             "OMP_NUM_THREADS": threads, "nnUNet_def_n_proc": "1"}))
+    run_side_by_side(commands, os.path.join(options.workdir, "logs"), env, options.jobs)
+
+
+def evaluate_all(options: AblationOptions, variants: List[Variant], dataset_name: str) -> None:
+    """``nnunet-ima-eval`` on every (variant, attack, case set) not evaluated yet."""
+    from nnunet_ima.evaluation.cli import main as evaluate
+    for cases in options.cases:
+        for attack in options.attacks:
+            for variant in variants:
+                out = eval_folder(options, variant, attack, cases)
+                if os.path.isfile(os.path.join(out, "summary.json")):
+                    continue
+                args = ["-m", model_folder(options, variant, dataset_name),
+                        "-f", str(options.fold), "--cases", cases, "--attack", attack,
+                        "--noise", *[f"{n:g}" for n in options.noise],
+                        "--steps", str(options.eval_steps), "--device", options.device,
+                        "--seed", str(options.seed), "-o", out, "--no-progress"]
+                if options.max_slices:
+                    args += ["--max-slices", str(options.max_slices)]
+                print(f"\n$ nnunet-ima-eval {' '.join(args)}", flush=True)
+                code = evaluate(args)
+                if code:
+                    raise UserInputError(f"nnunet-ima-eval failed for {variant.name} ({attack}, "
+                                         f"{cases}) with exit code {code}")
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class VariantResult:
+    """One row of the ablation table (percent for Dice values)."""
+
+    name: str
+    kind: str
+    clean_tvdi: float
+    clean_adi: float
+    tvdi: Dict[str, Dict[float, float]]  # attack -> noise -> TVDI
+    adi: Dict[str, Dict[float, float]]
+    worst_tvdi: Dict[float, float]        # noise -> min over the attacks
+    worst_adi: Dict[float, float]
+    auc_tvdi: float
+    auc_adi: float
+    adv_weight: float
+    margin_mean: float
+    adv_eps: Optional[float] = None
+
+
+def _read_summary(path: str) -> dict:
+    with open(path) as f:
+        summary = json.load(f)
+    (model,) = summary["models"].values()
+    return {float(level): values for level, values in model["noise"].items()}
+
+
+def training_statistics(fold: str) -> Dict[str, float]:
+    """Mean adversarial weight over the epochs and the final mean margin, from ``ima_stats.csv``."""
+    path = os.path.join(fold, STATS_FILENAME)
+    if not os.path.isfile(path):
+        return {"adv_weight": 0.0, "margin_mean": float("nan")}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    weights = [float(r["adv_weight"]) for r in rows if r.get("adv_weight") not in (None, "")]
+    margins = [float(r["margin_mean"]) for r in rows if r.get("margin_mean") not in (None, "")]
+    return {"adv_weight": float(np.mean(weights)) if weights else float("nan"),
+            "margin_mean": margins[-1] if margins else float("nan")}
+
+
+def collect_results(options: AblationOptions, variants: List[Variant], dataset_name: str,
+                    cases: str) -> List[VariantResult]:
+    """The table rows of one case set; the worst case over the attacks is taken per noise level."""
+    rows = []
+    for variant in variants:
+        tvdi: Dict[str, Dict[float, float]] = {}
+        adi: Dict[str, Dict[float, float]] = {}
+        for attack in options.attacks:
+            levels = _read_summary(os.path.join(eval_folder(options, variant, attack, cases),
+                                                "summary.json"))
+            tvdi[attack] = {n: 100 * v["tvdi"] for n, v in levels.items()}
+            adi[attack] = {n: 100 * v["adi"] for n, v in levels.items()}
+        noise = sorted(options.noise)
+        worst_tvdi = {n: min(tvdi[a][n] for a in options.attacks) for n in noise}
+        worst_adi = {n: min(adi[a][n] for a in options.attacks) for n in noise}
+        stats = training_statistics(os.path.join(model_folder(options, variant, dataset_name),
+                                                 f"fold_{options.fold}"))
+        rows.append(VariantResult(
+            name=variant.name, kind=variant.kind, clean_tvdi=worst_tvdi[noise[0]],
+            clean_adi=worst_adi[noise[0]], tvdi=tvdi, adi=adi, worst_tvdi=worst_tvdi,
+            worst_adi=worst_adi,
+            auc_tvdi=robustness_auc(noise, [worst_tvdi[n] for n in noise]),
+            auc_adi=robustness_auc(noise, [worst_adi[n] for n in noise]),
+            adv_weight=stats["adv_weight"] if variant.kind != "clean" else 0.0,
+            margin_mean=stats["margin_mean"] if variant.kind == "ima" else float("nan"),
+            adv_eps=float(variant.settings["adv_eps"]) if variant.kind == "adv" else None))
+    return rows
+
+
+def dominated_by(row: VariantResult, others: Sequence[VariantResult]) -> List[str]:
+    """Names of the ``others`` at least as good on clean TVDI and TVDI AUC, better on one."""
+    return [o.name for o in others
+            if o.clean_tvdi >= row.clean_tvdi and o.auc_tvdi >= row.auc_tvdi
+            and (o.clean_tvdi > row.clean_tvdi or o.auc_tvdi > row.auc_tvdi)]
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: List[VariantResult], options: AblationOptions, cases: str) -> str:
+    """One row per model: clean TVDI / ADI, worst-case TVDI per noise level, the AUCs, the mean
+    adversarial weight, the final mean margin and the Adv budgets that dominate it."""
+    noise = sorted(options.noise)[1:]
+    adv = [r for r in rows if r.kind == "adv"]
+    header = (["model", "clean TVDI", "clean ADI"] + [f"TVDI@{n:g}" for n in noise]
+              + ["TVDI AUC", "ADI AUC", "adv weight", "mean margin", "dominated by (Adv)"])
+    lines = [f"Ablation on `{options.dataset}`, {cases} cases: worst case over "
+             f"{' and '.join(a.upper() for a in options.attacks)} ({options.eval_steps} steps, "
+             f"L2) per noise level; Dice in %; AUC = area under the TVDI (ADI) curve over noise "
+             f"{', '.join(f'{n:g}' for n in sorted(options.noise))} / largest noise.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        beaten = dominated_by(r, adv) if r.kind != "adv" else []
+        lines.append("| " + " | ".join(
+            [r.name, _fmt(r.clean_tvdi), _fmt(r.clean_adi)]
+            + [_fmt(r.worst_tvdi[n]) for n in noise]
+            + [_fmt(r.auc_tvdi), _fmt(r.auc_adi), _fmt(r.adv_weight, 3), _fmt(r.margin_mean),
+               ", ".join(beaten) if beaten else ("none" if r.kind != "adv" else "")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_front(rows: List[VariantResult], path: str, title: str) -> None:
+    """Clean TVDI against TVDI AUC, one point per model, the Adv budgets joined as a front."""
+    from nnunet_ima.plotting import pyplot, save_figure
+    fig, ax = pyplot().subplots(figsize=(7, 5))
+    adv = sorted((r for r in rows if r.kind == "adv"), key=lambda r: r.adv_eps)
+    if adv:
+        ax.plot([r.clean_tvdi for r in adv], [r.auc_tvdi for r in adv], "-o", color="tab:orange",
+                label="Adv (budgets joined)")
+    colours = {"clean": "tab:gray", "ima": "tab:blue"}
+    for r in rows:
+        if r.kind != "adv":
+            ax.scatter(r.clean_tvdi, r.auc_tvdi, color=colours[r.kind], zorder=3)
+        ax.annotate(r.name, (r.clean_tvdi, r.auc_tvdi), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.scatter([], [], color="tab:blue", label="IMA variants")
+    ax.scatter([], [], color="tab:gray", label="clean")
+    ax.set_xlabel("clean TVDI (%)")
+    ax.set_ylabel("TVDI AUC under attack (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def write_report(options: AblationOptions, variants: List[Variant], dataset_name: str) -> str:
+    """Write ``ablation.md`` / ``ablation.json`` / ``ablation[_<cases>].png``; returns the tables."""
+    tables = []
+    everything = {}
+    for cases in options.cases:
+        rows = collect_results(options, variants, dataset_name, cases)
+        tables.append(markdown_table(rows, options, cases))
+        suffix = "" if len(options.cases) == 1 else f"_{cases}"
+        draw_front(rows, os.path.join(options.workdir, PICTURE_FILENAME.replace(
+            ".png", f"{suffix}.png")), f"{dataset_name}, {cases} cases: clean vs robust TVDI")
+        everything[cases] = [{**asdict(r),
+                              "settings": next(v.settings for v in variants if v.name == r.name)}
+                             for r in rows]
+    text = "\n".join(tables)
+    write_text(os.path.join(options.workdir, TABLE_FILENAME), text)
+    write_json(os.path.join(options.workdir, RESULTS_FILENAME),
+               {"options": asdict(options), "cases": everything})
+    return text
+
+
+def run_ablation(options: AblationOptions, stop_after: str = "report") -> str:
+    """Train, evaluate and report (each step skipped where already done); returns the tables."""
+    from nnunet_ima.nnunet_paths import dataset_name, preprocessed_dataset_folder
+    name = dataset_name(options.dataset)
+    preprocessed_dataset_folder(name)  # a clear error before anything is trained
+    variants = build_variants(options)
+    check_options(options)
+    env = dict(os.environ)
+    env.pop("NNUNET_IMA_CONFIG", None)
+    train_all(options, variants, name, env)
+    if stop_after == "train":
+        return ""
+    evaluate_all(options, variants, name)
+    return write_report(options, variants, name)
