@@ -29,8 +29,9 @@ Splits (``--split``):
   checkpoint is evaluated). Every kind of scan is seen in training, so a short schedule learns
   the lesions; the test slices come from the same patients (other slices), so the clean Dice is
   optimistic, and the comparison of the three trainings is what the benchmark is for.
-- ``patients``: whole volumes, ``nnunet-ima split --test 1 --val 1`` (three training volumes of
-  three kinds of scan). Much harder: 600 iterations on a GPU learned nothing that generalised.
+- ``patients``: whole volumes, ``nnunet-ima split --test 1 --folds 4`` (fold 0: three training
+  volumes of three kinds of scan, one validation volume). Much harder: 600 iterations on a GPU
+  learned nothing that generalised.
 
     python benchmarks/pyradiomics_benchmark.py --workdir runs/pyradiomics            # everything
     python benchmarks/pyradiomics_benchmark.py --workdir runs/pyradiomics --stop-after preprocess
@@ -408,13 +409,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "-npfp", "1", "-np", "1", "--verify_dataset_integrity"], "plan_and_preprocess")
         if not os.path.isfile(os.path.join(preprocessed, "test_cases.json")):
             if args.split == "patients":
+                # Four folds of the four non-test volumes: fold 0 trains on three, as before.
                 runner.run([_bin("nnunet-ima"), "split", "-d", str(args.dataset_id), "--test", "1",
-                            "--val", "1", "--seed", str(args.seed)], "split", show_output=True)
+                            "--folds", "4", "--seed", str(args.seed)], "split", show_output=True)
             else:
                 from nnunet_ima.commands.split import case_identifiers, save_split
 
                 split = halves_split(case_identifiers(preprocessed))
-                save_split(preprocessed, split, args.seed)
+                # The _b parts validate and test: the final checkpoint is evaluated, so no model
+                # selection happens on them (none is trained on).
+                save_split(preprocessed, split, args.seed, allow_test_in_val=True)
                 print(f"\nsplit (halves): train {' '.join(split['train'])}; validation and test "
                       f"{' '.join(split['test'])}", flush=True)
         if stop < STAGES.index("train"):

@@ -7,6 +7,13 @@ Examples::
     nnunet-ima-eval -m $nnUNet_results/Dataset002_Heart/nnUNetTrainerIMA__nnUNetPlans__2d \\
         --images imagesTs --labels labelsTs -o robustness_heart_ts
     nnunet-ima-eval -d 2 -tr nnUNetTrainerIMA --attack apgd -o robustness_heart_apgd
+    nnunet-ima-eval -d 2 -tr nnUNetTrainerIMA -f 0 1 2 3 4 -chk checkpoint_best.pth -device cuda \\
+        -o robustness_heart_folds
+
+nnU-Net's spellings ``-device``, ``-chk checkpoint_best.pth`` and ``-f`` with several folds
+work too; each fold is one model (``nnUNetTrainerIMA_fold1``). A case that a model's fold
+trained on is refused (:mod:`.training_cases`) unless ``--allow-train-cases``, and then the
+tables say so.
 
 Outputs in ``-o OUT``: ``summary.json``, ``per_slice.csv``, ``tvdi.md``, ``adi.md``,
 ``curves.png``, ``examples.png``, and ``parts/`` (one file per finished (model, noise level):
@@ -15,6 +22,7 @@ a rerun with the same arguments resumes from them).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import shutil
@@ -30,7 +38,7 @@ from nnunet_ima.errors import UserInputError
 from nnunet_ima.nnunet_paths import dataset_name, require_folder
 
 from nnunet_ima.evaluation.attacks import ATTACKS
-from nnunet_ima.evaluation.models import LoadedModel, load_model
+from nnunet_ima.evaluation.models import LoadedModel, checkpoint_choice, load_model
 from nnunet_ima.evaluation.plots import plot_curves, plot_examples
 from nnunet_ima.evaluation.preflight import preflight
 from nnunet_ima.evaluation.report import (CONFIG_FILENAME, atomic_write_text, load_part,
@@ -41,9 +49,29 @@ from nnunet_ima.evaluation.robustness import (ATTACK_LOSSES, LEVEL_BATCHING, Att
                                               attack_loss, full_precision, iter_levels)
 from nnunet_ima.evaluation.samples import (SliceSample, cases_from_source, limit_slices,
                                            load_preprocessed_slices, load_raw_slices,
-                                           resolve_case_source)
+                                           resolve_case_source, select_raw_cases)
+from nnunet_ima.evaluation.training_cases import (parse_fold, refusal_message, trained_on,
+                                                  training_cases)
 
 DEFAULT_NOISE = (0.0, 5.0, 15.0, 25.0)  # the paper's Heart levels (METHOD section 6)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("nnunet-ima")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown (not installed)"
+
+
+def _argument_type(parse):
+    """An argparse ``type`` from a parser raising ``ValueError``, keeping its message."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,13 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("-c", "--configuration", default="2d", help="nnU-Net configuration")
     models.add_argument("-m", "--model-folders", nargs="+", metavar="FOLDER",
                         help="model folders (.../Trainer__Plans__2d) instead of -d/-tr/-p/-c")
-    models.add_argument("-f", "--fold", type=int, default=0, help="fold")
-    models.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"))
+    # Single-dash spellings are nnU-Net's (nnUNetv2_predict); declared so that argparse does not
+    # read -device as -d evice or -chk as -c hk.
+    models.add_argument("-f", "--fold", nargs="+", type=_argument_type(parse_fold), default=[0],
+                        metavar="FOLD",
+                        help="folds (numbers and/or 'all'); with several, each fold is one model, "
+                             "named TRAINER_foldK")
+    models.add_argument("-chk", "--checkpoint", default="final",
+                        type=_argument_type(checkpoint_choice),
+                        help="final, best or latest, or nnU-Net's file name "
+                             "(checkpoint_best.pth, ...)")
     data = p.add_argument_group("test slices")
     data.add_argument("--cases", nargs="+", metavar="CASE",
                       help="'test' (test_cases.json of `nnunet-ima split`), 'val' (the fold's "
                            "validation cases) and/or case identifiers, e.g. --cases test val; "
                            "default: 'test' when test_cases.json exists, else 'val'")
+    data.add_argument("--allow-train-cases", action="store_true",
+                      help="score cases that the model's fold trained on (refused otherwise); the "
+                           "tables then name them")
     data.add_argument("--images", help="raw test images folder (imagesTs), preprocessed with the "
                                        "model's plans; needs --labels")
     data.add_argument("--labels", help="raw test labels folder (labelsTs)")
@@ -100,12 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attack a batch with fewer slices than --batch-size at several noise "
                         "levels at once (up to slices x levels = --batch-size); the counts are "
                         "those of one level at a time. auto: on GPUs only (CPUs gain nothing)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("-device", "--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="discard results in OUTPUT made with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
 
 
@@ -134,6 +175,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserInputError("name the models: -d DATASET -tr TRAINER ... or -m FOLDER ...")
     if args.model_folders and args.dataset:
         raise UserInputError("name the models either by -d/-tr/-p/-c or by -m FOLDER, not both")
+    repeated = sorted({str(f) for f in args.fold if args.fold.count(f) > 1})
+    if repeated:
+        raise UserInputError(f"-f names fold {', '.join(repeated)} more than once")
     if args.images and args.cases and set(args.cases) & {"test", "val"}:
         raise UserInputError("--cases test/val select preprocessed cases; with --images give case "
                              "identifiers of the images folder, or no --cases for all of them")
@@ -148,6 +192,20 @@ def _model_folders(args: argparse.Namespace) -> List[str]:
             for t in args.trainers]
 
 
+def _load_models(folders: Sequence[str], folds: Sequence, checkpoint: str,
+                 device: torch.device) -> List[LoadedModel]:
+    """One model per (folder, fold), named by its trainer (``Trainer_foldK`` with several folds),
+    or by its folder where trainers repeat (same trainer, other plans or datasets)."""
+    suffix = (lambda fold: f"_fold{fold}") if len(folds) > 1 else (lambda fold: "")
+    models = [load_model(f, fold, checkpoint, device,
+                         name=os.path.basename(os.path.normpath(f)).split("__")[0] + suffix(fold))
+              for f in folders for fold in folds]
+    if len({m.name for m in models}) != len(models):
+        for m in models:
+            m.name = os.path.basename(os.path.normpath(m.folder)) + suffix(m.fold)
+    return models
+
+
 def _case_source(model: LoadedModel, args: argparse.Namespace) -> List[str]:
     if args.images:
         return ["raw"]
@@ -155,14 +213,50 @@ def _case_source(model: LoadedModel, args: argparse.Namespace) -> List[str]:
     return resolve_case_source(folder, args.cases)
 
 
-def _load_samples(model: LoadedModel, args: argparse.Namespace) -> List[SliceSample]:
+def _cases_to_score(model: LoadedModel, args: argparse.Namespace) -> List[str]:
+    """The case identifiers ``model`` is to be scored on (before slices without foreground and
+    ``--max-slices`` thin them out)."""
+    if args.images:
+        return list(select_raw_cases(args.images, args.labels, model.dataset_json, args.cases))
+    folder = os.path.join(require_folder("nnUNet_preprocessed"), model.dataset_name)
+    return cases_from_source(folder, args.cases, model.fold)
+
+
+def _training_cases(model: LoadedModel, args: argparse.Namespace) -> List[str]:
+    """The cases ``model``'s fold trained on. Raw images can be scored without the preprocessed
+    dataset; then the check cannot be made, which is said rather than hidden."""
+    try:
+        folder = os.path.join(require_folder("nnUNet_preprocessed"), model.dataset_name)
+        return training_cases(folder, model.data_identifier, model.fold)
+    except UserInputError as e:
+        if not args.images:
+            raise
+        print(f"warning: {model.name}: cannot check whether the --images cases were training "
+              f"cases ({e})", file=sys.stderr, flush=True)
+        return []
+
+
+def _check_training_cases(models: Sequence[LoadedModel], cases: Dict[str, List[str]],
+                          args: argparse.Namespace) -> Dict[str, List[str]]:
+    """Refuse to score a model on the cases its fold trained on, unless ``--allow-train-cases``;
+    returns the training cases that will be scored, per model (empty unless allowed)."""
+    overlap = trained_on(cases, {m.name: _training_cases(m, args) for m in models})
+    if overlap and not args.allow_train_cases:
+        raise UserInputError(refusal_message(overlap, {m.name: m.fold for m in models}))
+    for name, hit in overlap.items():
+        print(f"warning: {name} is scored on {len(hit)} case{'s' * (len(hit) != 1)} it trained "
+              f"on ({', '.join(hit)}); the tables say so", file=sys.stderr, flush=True)
+    return overlap
+
+
+def _load_samples(model: LoadedModel, cases: List[str], args: argparse.Namespace
+                  ) -> List[SliceSample]:
     if args.images:
         samples = load_raw_slices(args.images, args.labels, model.plans, model.configuration,
-                                  model.dataset_json, args.include_empty, args.cases,
+                                  model.dataset_json, args.include_empty, cases,
                                   model.ignore_label)
     else:
         folder = os.path.join(require_folder("nnUNet_preprocessed"), model.dataset_name)
-        cases = cases_from_source(folder, args.cases, args.fold)
         samples = load_preprocessed_slices(folder, model.data_identifier, cases, args.include_empty,
                                            model.ignore_label)
     if not samples:
@@ -170,36 +264,54 @@ def _load_samples(model: LoadedModel, args: argparse.Namespace) -> List[SliceSam
     return limit_slices(samples, args.max_slices, args.seed)
 
 
-def _samples_by_model(models: Sequence[LoadedModel], args: argparse.Namespace
-                      ) -> Dict[str, List[SliceSample]]:
+def _samples_by_model(models: Sequence[LoadedModel], cases: Dict[str, List[str]],
+                      args: argparse.Namespace) -> Dict[str, List[SliceSample]]:
     """The test slices of every model; models that read the same data share one copy."""
     cache: Dict[str, List[SliceSample]] = {}
     samples = {}
     for m in models:
-        # Same preprocessed folder (or same plans for raw images) -> the same slices.
-        key = json.dumps([m.dataset_name, m.data_identifier] if not args.images else
-                         [m.plans, m.configuration, m.dataset_json], sort_keys=True)
+        # Same preprocessed folder (or same plans for raw images) and cases -> the same slices;
+        # folds differ in their validation cases.
+        key = json.dumps([m.dataset_name, m.data_identifier, cases[m.name]] if not args.images else
+                         [m.plans, m.configuration, m.dataset_json, cases[m.name]], sort_keys=True)
         if key not in cache:
-            cache[key] = _load_samples(m, args)
+            cache[key] = _load_samples(m, cases[m.name], args)
         samples[m.name] = cache[key]
     return samples
 
 
+def _model_config(model: LoadedModel, args: argparse.Namespace, samples: List[SliceSample],
+                  train_cases_scored: List[str]) -> dict:
+    """A model's part of :func:`_run_config`. ``train_cases_scored`` (training cases scored under
+    ``--allow-train-cases``) appears only when there are any, so folders written before it
+    existed still resume."""
+    entry = {"folder": model.folder, "checkpoint_sha256": model.checkpoint_sha256,
+             "case_source": _case_source(model, args),
+             "cases": list(dict.fromkeys(s.case for s in samples)),
+             "n_slices": len(samples)}
+    scored = set(entry["cases"])
+    hit = [c for c in train_cases_scored if c in scored]  # all-background cases drop out
+    if hit:
+        entry["train_cases_scored"] = hit
+    return entry
+
+
 def _run_config(args: argparse.Namespace, models: Sequence[LoadedModel],
                 samples: Dict[str, List[SliceSample]], noise: Sequence[float],
-                settings: AttackSettings) -> dict:
+                settings: AttackSettings, train_cases_scored: Dict[str, List[str]]) -> dict:
     """Everything a result depends on; a rerun in the same folder must match it to resume.
 
     Besides the options this holds, per model, the checkpoint's digest and the test cases
     actually used, so that retrained weights or a new split are not mixed with old parts. The
     batch size is part of it because each batch draws its own random start. An option that
     does not apply to the attack (``alpha`` for apgd, ``attack_loss`` for segpgd) is ``None``.
+    One fold is recorded as itself (``0``, as before ``-f`` took several), several as a list.
     """
-    return {"models": {m.name: {"folder": m.folder, "checkpoint_sha256": m.checkpoint_sha256,
-                                "case_source": _case_source(m, args),
-                                "cases": list(dict.fromkeys(s.case for s in samples[m.name])),
-                                "n_slices": len(samples[m.name])} for m in models},
-            "fold": args.fold, "checkpoint": args.checkpoint,
+    return {"models": {m.name: _model_config(m, args, samples[m.name],
+                                             train_cases_scored.get(m.name, []))
+                       for m in models},
+            "fold": args.fold[0] if len(args.fold) == 1 else list(args.fold),
+            "checkpoint": args.checkpoint,
             "images": args.images and os.path.abspath(args.images),
             "labels": args.labels and os.path.abspath(args.labels),
             "include_empty": args.include_empty, "max_slices": args.max_slices,
@@ -273,13 +385,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     folders = _model_folders(args)
     if len(set(folders)) != len(folders):
         raise UserInputError(f"a model is named twice: {folders}")
-    models = [load_model(f, args.fold, args.checkpoint, device,
-                         name=os.path.basename(os.path.normpath(f)).split("__")[0])
-              for f in folders]
-    if len({m.name for m in models}) != len(models):  # same trainer, other plans or datasets
-        for m in models:
-            m.name = os.path.basename(os.path.normpath(m.folder))
-    samples = _samples_by_model(models, args)
+    models = _load_models(folders, args.fold, args.checkpoint, device)
+    cases = {m.name: _cases_to_score(m, args) for m in models}
+    train_cases_scored = _check_training_cases(models, cases, args)
+    samples = _samples_by_model(models, cases, args)
     for m in models:
         first = samples[m.name][0]
         same_shape = [s for s in samples[m.name] if s.image.shape == first.image.shape]
@@ -289,7 +398,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         # SegPGD maximises a (weighted) CE: check the gradient of the CE for it.
         loss = "ce" if settings.attack == "segpgd" else settings.loss
         preflight(m.name, m.network, x, y, attack_loss(loss, m.ignore_label))
-    config = _run_config(args, models, samples, noise, settings)
+    config = _run_config(args, models, samples, noise, settings, train_cases_scored)
     resume = _existing_config(args.output, config, args.overwrite)
     results: Dict[str, Dict[float, NoiseResult]] = {m.name: {} for m in models}
     if resume:

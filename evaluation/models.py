@@ -23,6 +23,18 @@ CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth",
                "latest": "checkpoint_latest.pth"}
 
 
+def checkpoint_choice(text: str) -> str:
+    """``best`` or nnU-Net's ``-chk`` spelling ``checkpoint_best.pth`` -> ``best`` (likewise
+    final, latest); anything else is a ``ValueError`` that lists both spellings."""
+    by_file = {file: name for name, file in CHECKPOINTS.items()}
+    if text in CHECKPOINTS:
+        return text
+    if text in by_file:
+        return by_file[text]
+    raise ValueError(f"a checkpoint is one of {', '.join(CHECKPOINTS)} or its file name "
+                     f"({', '.join(by_file)}), got {text!r}")
+
+
 class PaddedNetwork(nn.Module):
     """Runs ``network`` on inputs zero-padded to a multiple of its total stride, then crops.
 
@@ -62,6 +74,7 @@ class LoadedModel:
         plans, dataset_json: the model folder's ``plans.json`` and ``dataset.json``.
         checkpoint_path, checkpoint_sha256: the weights file and its digest (a resumed
             evaluation refuses parts computed with other weights).
+        fold: the nnU-Net fold of the weights, a number or ``"all"``.
     """
 
     name: str
@@ -76,6 +89,7 @@ class LoadedModel:
     dataset_json: dict
     checkpoint_path: str = ""
     checkpoint_sha256: str = ""
+    fold: object = 0
 
 
 def _read_json(path: str) -> dict:
@@ -138,9 +152,10 @@ def stride_divisor(strides) -> Tuple[int, int]:
     return tuple(int(v) for v in pairs.prod(axis=0))
 
 
-def load_model(folder: str, fold: int, checkpoint: str, device: torch.device,
+def load_model(folder: str, fold, checkpoint: str, device: torch.device,
                name: str = None) -> LoadedModel:
-    """Load ``folder/fold_{fold}/checkpoint_{checkpoint}.pth`` with the architecture of its plans."""
+    """Load ``folder/fold_{fold}/checkpoint_{checkpoint}.pth`` with the architecture of its plans;
+    ``fold`` is a number or ``"all"``."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -186,4 +201,4 @@ def load_model(folder: str, fold: int, checkpoint: str, device: torch.device,
                        configuration=configuration, data_identifier=config.data_identifier,
                        dataset_name=plans["dataset_name"], ignore_label=label_manager.ignore_label,
                        plans=plans, dataset_json=dataset_json, checkpoint_path=path,
-                       checkpoint_sha256=file_sha256(path))
+                       checkpoint_sha256=file_sha256(path), fold=fold)

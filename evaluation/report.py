@@ -22,6 +22,7 @@ from nnunet_ima.errors import UserInputError
 from nnunet_ima.metrics import adi, robustness_auc, tvdi
 
 from nnunet_ima.evaluation.robustness import NoiseResult
+from nnunet_ima.evaluation.training_cases import footnote
 
 CONFIG_FILENAME = "config.json"
 
@@ -123,9 +124,17 @@ def attack_caption(config: Optional[dict]) -> str:
     return f"{attack} ({', '.join(p for p in parts if p)})"
 
 
+def train_cases_scored(config: Optional[dict]) -> Dict[str, List[str]]:
+    """Per model, the training cases scored under ``--allow-train-cases`` (none: ``{}``)."""
+    models = (config or {}).get("models", {})
+    return {name: entry["train_cases_scored"] for name, entry in models.items()
+            if isinstance(entry, dict) and entry.get("train_cases_scored")}
+
+
 def markdown_table(summary: dict, metric: str, noise_levels: Sequence[float]) -> str:
     """One row per model, one column per noise level, percent with two decimals (paper style);
-    the caption names the attack when ``summary`` holds the run's ``config``."""
+    the caption names the attack when ``summary`` holds the run's ``config``, and a footnote
+    names the training cases scored, if any (``--allow-train-cases``)."""
     header = "| model | " + " | ".join(f"noise {noise_key(n)}" for n in noise_levels) + " |"
     if any(f"auc_{metric}" in m for m in summary["models"].values()):
         header += " AUC |"
@@ -137,6 +146,9 @@ def markdown_table(summary: dict, metric: str, noise_levels: Sequence[float]) ->
         if f"auc_{metric}" in entry:
             cells.append(f"{100 * entry[f'auc_{metric}']:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    note = footnote(train_cases_scored(summary.get("config")))
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 

@@ -65,17 +65,23 @@ def _test_cases(preprocessed_dataset: str) -> List[str]:
     return list(cases)
 
 
-def _validation_cases(preprocessed_dataset: str, fold: int) -> List[str]:
+def _validation_cases(preprocessed_dataset: str, fold) -> List[str]:
+    if fold == "all":
+        raise UserInputError("fold all has no validation cases: nnU-Net trains and validates it "
+                             "on every preprocessed case. Use --cases test / CASE ... or "
+                             "--images/--labels")
     path = os.path.join(preprocessed_dataset, "splits_final.json")
     if not os.path.isfile(path):
         raise UserInputError(f"{path} does not exist: train the model first or use --cases test")
     splits = _read_json(path)
     if not 0 <= fold < len(splits):
-        raise UserInputError(f"{path} has {len(splits)} folds, fold {fold} asked")
+        raise UserInputError(f"{path} has {len(splits)} folds, fold {fold} asked (nnU-Net trained "
+                             f"it on its own random 80:20 split of all cases); name the cases "
+                             f"with --cases CASE ...")
     return list(splits[fold]["val"])
 
 
-def cases_from_source(preprocessed_dataset: str, source: Optional[Sequence[str]], fold: int
+def cases_from_source(preprocessed_dataset: str, source: Optional[Sequence[str]], fold
                       ) -> List[str]:
     """Case identifiers named by ``--cases``, in order: ``test`` stands for the cases of
     ``test_cases.json``, ``val`` for the fold's validation cases, anything else is a case
@@ -164,6 +170,21 @@ def _raw_cases(images: str, labels: str, file_ending: str, num_channels: int
     return found
 
 
+def select_raw_cases(images: str, labels: str, dataset_json: dict,
+                     cases: Optional[Sequence[str]] = None) -> Dict[str, Tuple[List[str], str]]:
+    """The raw test cases to score, ``{case: (channel files, label file)}``: ``cases`` (in that
+    order) or, without them, every case of ``images`` (sorted). Each needs all its channels and
+    its label."""
+    num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": 0})))
+    raw = _raw_cases(images, labels, dataset_json["file_ending"], num_channels)
+    if cases:
+        unknown = [c for c in cases if c not in raw]
+        if unknown:
+            raise UserInputError(f"cases {unknown} are not in {images}")
+        raw = {c: raw[c] for c in cases}
+    return raw
+
+
 def load_raw_slices(images: str, labels: str, plans: dict, configuration: str, dataset_json: dict,
                     include_empty: bool, cases: Optional[Sequence[str]] = None,
                     ignore_label: Optional[int] = None) -> List[SliceSample]:
@@ -177,13 +198,7 @@ def load_raw_slices(images: str, labels: str, plans: dict, configuration: str, d
 
     plans_manager = PlansManager(plans)
     config = plans_manager.get_configuration(configuration)
-    num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": 0})))
-    raw = _raw_cases(images, labels, dataset_json["file_ending"], num_channels)
-    if cases:
-        unknown = [c for c in cases if c not in raw]
-        if unknown:
-            raise UserInputError(f"cases {unknown} are not in {images}")
-        raw = {c: raw[c] for c in cases}
+    raw = select_raw_cases(images, labels, dataset_json, cases)
     preprocessor = config.preprocessor_class(verbose=False)
     samples: List[SliceSample] = []
     for case, (channels, label) in raw.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from typing import Optional, Sequence
 
@@ -17,18 +18,30 @@ SUBCOMMANDS = {
     "trainer-dir": ("nnunet_ima.commands.trainer_dir",
                     "print the folder to put in nnUNet_extTrainer"),
     "split": ("nnunet_ima.commands.split",
-              "write splits_final.json and a held-out test_cases.json for a preprocessed dataset"),
+              "hold out test cases (test_cases.json) and write nnU-Net's cross-validation folds "
+              "without them (splits_final.json)"),
     "demo": ("nnunet_ima.commands.demo",
              "train plain nnU-Net, Adv and IMA on a small synthetic dataset and print robustness tables"),
+    "ablation": ("nnunet_ima.commands.ablation",
+                 "train Clean, Adv budgets and IMA recipes side by side, attack them, and "
+                 "tabulate clean vs robust Dice"),
     "make-synthetic": ("nnunet_ima.commands.make_synthetic",
                        "write a small synthetic nnU-Net raw dataset"),
 }
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("nnunet-ima")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunet-ima",
         description="IMA (Increasing-Margin Adversarial) training for nnU-Net v2.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in SUBCOMMANDS.items():

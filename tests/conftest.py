@@ -84,7 +84,9 @@ def nnunet_workspace(tmp_path_factory) -> NNUNetWorkspace:
     # nnUNet_n_proc_DA=0 must not be set while planning (nnunetv2 2.8.1 fails on it).
     ws.run([_bin("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d",
             "-npfp", "1", "-np", "1", "--verify_dataset_integrity"])
-    ws.run([_bin("nnunet-ima"), "split", "-d", str(DATASET_ID), "--test", "2", "--val", "1",
+    # One fold per non-test case: fold 0 trains on 5 cases and validates on 1, the sizes the
+    # tests' expectations were set for.
+    ws.run([_bin("nnunet-ima"), "split", "-d", str(DATASET_ID), "--test", "2", "--folds", "6",
             "--seed", "0"])
     ws.env["nnUNet_n_proc_DA"] = "0"
     yield ws

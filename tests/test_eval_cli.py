@@ -17,6 +17,17 @@ def _args(ws, out, *extra):
             "--device", "cpu", "--no-progress", "-o", str(out), *extra]
 
 
+def _test_case(ws):
+    """A held-out case of the session's split (the model never trained on it)."""
+    with open(os.path.join(ws.preprocessed, ws.dataset_name, "test_cases.json")) as f:
+        return json.load(f)["test"][0]
+
+
+def _fold_split(ws, fold=0):
+    with open(os.path.join(ws.preprocessed, ws.dataset_name, "splits_final.json")) as f:
+        return json.load(f)[fold]
+
+
 def _per_slice(out):
     with open(os.path.join(out, "per_slice.csv"), newline="") as f:
         return list(csv.DictReader(f))
@@ -160,7 +171,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(nnunet_workspace, trained_cle
     images.mkdir()
     labels.mkdir()
     raw = os.path.join(ws.raw, ws.dataset_name)
-    shutil.copy(os.path.join(raw, "imagesTr", "syntheticorgan_003_0000.nii.gz"), images)
+    shutil.copy(os.path.join(raw, "imagesTr", f"{_test_case(ws)}_0000.nii.gz"), images)
     assert main(_args(ws, tmp_path / "o6", "--images", str(images), "--labels", str(labels))) == 2
     assert "has no label" in capsys.readouterr().err
     for i in range(1, 7):
@@ -175,11 +186,12 @@ def test_raw_test_folders_are_preprocessed_with_the_models_plans(nnunet_workspac
     images.mkdir()
     labels.mkdir()
     raw = os.path.join(ws.raw, ws.dataset_name)
-    shutil.copy(os.path.join(raw, "imagesTr", "syntheticorgan_003_0000.nii.gz"), images)
-    shutil.copy(os.path.join(raw, "labelsTr", "syntheticorgan_003.nii.gz"), labels)
+    case = _test_case(ws)
+    shutil.copy(os.path.join(raw, "imagesTr", f"{case}_0000.nii.gz"), images)
+    shutil.copy(os.path.join(raw, "labelsTr", f"{case}.nii.gz"), labels)
     assert main(_args(ws, tmp_path / "raw", "--noise", "0", "--images", str(images),
                       "--labels", str(labels))) == 0
-    assert main(_args(ws, tmp_path / "pre", "--noise", "0", "--cases", "syntheticorgan_003")) == 0
+    assert main(_args(ws, tmp_path / "pre", "--noise", "0", "--cases", case)) == 0
     raw_rows = _per_slice(tmp_path / "raw")
     pre_rows = _per_slice(tmp_path / "pre")
     assert [(r["slice"], r["dice_organ"]) for r in raw_rows] == \
@@ -200,13 +212,14 @@ def test_labels_outside_the_nonzero_region_count_as_background(nnunet_workspace,
     images.mkdir()
     labels.mkdir()
     raw = os.path.join(ws.raw, ws.dataset_name)
-    source = sitk.ReadImage(os.path.join(raw, "imagesTr", "syntheticorgan_003_0000.nii.gz"))
+    case = _test_case(ws)
+    source = sitk.ReadImage(os.path.join(raw, "imagesTr", f"{case}_0000.nii.gz"))
     array = sitk.GetArrayFromImage(source)
     array[:, :14, :14] = 0  # an image corner without signal, away from the organ
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(source)
-    sitk.WriteImage(image, str(images / "syntheticorgan_003_0000.nii.gz"))
-    shutil.copy(os.path.join(raw, "labelsTr", "syntheticorgan_003.nii.gz"), labels)
+    sitk.WriteImage(image, str(images / f"{case}_0000.nii.gz"))
+    shutil.copy(os.path.join(raw, "labelsTr", f"{case}.nii.gz"), labels)
     out = tmp_path / "out"
     assert main(_args(ws, out, "--noise", "0", "--images", str(images), "--labels", str(labels))) == 0
 
@@ -214,7 +227,7 @@ def test_labels_outside_the_nonzero_region_count_as_background(nnunet_workspace,
     dataset_json = json.load(open(os.path.join(trained_clean_model, "dataset.json")))
     manager = PlansManager(plans)
     data, seg, _ = DefaultPreprocessor(verbose=False).run_case(
-        [str(images / "syntheticorgan_003_0000.nii.gz")], str(labels / "syntheticorgan_003.nii.gz"),
+        [str(images / f"{case}_0000.nii.gz")], str(labels / f"{case}.nii.gz"),
         manager, manager.get_configuration("2d"), dataset_json)
     assert (seg == -1).any()  # the case really exercises the outside-nonzero label
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -234,3 +247,86 @@ def test_labels_outside_the_nonzero_region_count_as_background(nnunet_workspace,
             p, g = pred == c, label == c
             expected = 1.0 if p.sum() + g.sum() == 0 else 2 * (p & g).sum() / (p.sum() + g.sum())
             assert float(row[f"dice_{name}"]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_nnunet_spellings_of_device_checkpoint_and_folds_parse():
+    """nnU-Net's -device, -chk FILE and -f with several folds; before, argparse read -device cpu
+    as -d evice and -chk as -c hk."""
+    args = cli.build_parser().parse_args(["-d", "2", "-device", "cpu", "-chk", "checkpoint_best.pth",
+                                          "-f", "0", "1", "all", "-o", "out"])
+    assert (args.dataset, args.device, args.checkpoint, args.fold) == ("2", "cpu", "best",
+                                                                       [0, 1, "all"])
+    assert args.configuration == "2d"
+    for spelling, name in (("checkpoint_final.pth", "final"), ("latest", "latest")):
+        assert cli.build_parser().parse_args(["-chk", spelling, "-o", "o"]).checkpoint == name
+    assert cli.build_parser().parse_args(["--device", "cpu", "-o", "o"]).fold == [0]
+
+
+@pytest.mark.parametrize("argv, message", [(["-chk", "checkpoint_99.pth"], "checkpoint_best.pth"),
+                                           (["-f", "two"], "'all'"), (["-f", "-1"], "'all'")])
+def test_bad_checkpoint_and_fold_spellings_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(argv + ["-o", "o"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("nnunet-ima-eval ")
+
+
+def test_training_cases_are_refused_by_name_unless_allowed(nnunet_workspace, trained_clean_model,
+                                                          tmp_path, capsys):
+    ws = nnunet_workspace
+    trained = _fold_split(ws)["train"][:2]
+    argv = _args(ws, tmp_path / "o", "--noise", "0", "--max-slices", "4",
+                 "--cases", _test_case(ws), *trained)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"nnUNetTrainerClean (fold 0): {', '.join(trained)}" in err
+    assert "--allow-train-cases" in err and _test_case(ws) not in err.split("fold 0):")[1]
+    assert not (tmp_path / "o").exists()
+    # nnU-Net's spellings run the same evaluation.
+    nnunet_argv = [a for a in argv if a not in ("--device", "cpu")] + ["-device", "cpu", "-chk",
+                                                                        "checkpoint_final.pth"]
+    assert main(nnunet_argv + ["--allow-train-cases"]) == 0
+    assert "scored on" in capsys.readouterr().err
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    scored = config["models"]["nnUNetTrainerClean"]["train_cases_scored"]
+    assert scored and set(scored) <= set(trained)
+    for table in ("tvdi.md", "adi.md"):
+        last = (tmp_path / "o" / table).read_text().splitlines()[-1]
+        assert last.startswith("Note: training cases were scored (--allow-train-cases): "
+                               "nnUNetTrainerClean on ")
+    # Validation and test cases are not training cases: no note.
+    assert main(_args(ws, tmp_path / "held_out", "--noise", "0", "--max-slices", "2",
+                      "--cases", "test", "val")) == 0
+    assert "Note" not in (tmp_path / "held_out" / "tvdi.md").read_text()
+
+
+def test_several_folds_are_one_model_each_and_fold_all_trained_on_the_test_cases(
+        nnunet_workspace, trained_clean_model, tmp_path, capsys):
+    ws = nnunet_workspace
+    model = tmp_path / "models" / "nnUNetTrainerClean__nnUNetPlans__2d"
+    shutil.copytree(trained_clean_model, model)
+    # The same weights stand in for a fold-all training: nnU-Net would have trained it on
+    # every preprocessed case, the test cases included.
+    shutil.copytree(model / "fold_0", model / "fold_all")
+    argv = ["-m", str(model), "-f", "0", "all", "--noise", "0", "--max-slices", "2",
+            "--no-progress", "-device", "cpu", "-o", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nnUNetTrainerClean_foldall (fold all): " in err and "fold 'all'" in err
+    assert "_fold0 (fold 0)" not in err
+    assert main(argv + ["--allow-train-cases"]) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert list(summary["models"]) == ["nnUNetTrainerClean_fold0", "nnUNetTrainerClean_foldall"]
+    assert summary["config"]["fold"] == [0, "all"]
+    scored = {name: m.get("train_cases_scored") for name, m in summary["config"]["models"].items()}
+    assert scored["nnUNetTrainerClean_fold0"] is None and scored["nnUNetTrainerClean_foldall"]
+    # Same weights, same slices: the same numbers.
+    a, b = summary["models"].values()
+    assert a["noise"] == b["noise"]

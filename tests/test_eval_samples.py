@@ -123,3 +123,83 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch
     monkeypatch.undo()
     atomic_write_bytes(str(path), b"new")
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["summary.json"]
+
+
+class _FakeDataset:
+    """What nnUNetTrainer.do_split needs of a dataset class."""
+
+    def __init__(self, identifiers):
+        self.ids = list(identifiers)
+
+    def get_identifiers(self, folder):
+        return list(self.ids)
+
+    def __call__(self, folder, identifiers=None, folder_with_segs_from_previous_stage=None):
+        dataset = type("D", (), {})()
+        dataset.identifiers = list(self.ids)
+        return dataset
+
+
+def _nnunet_do_split(folder, identifiers, fold):
+    """nnU-Net 2.8.1's own choice of training cases, run on a stand-in trainer."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    trainer = type("T", (), {})()
+    trainer.dataset_class = _FakeDataset(identifiers)
+    trainer.fold = fold
+    trainer.preprocessed_dataset_folder = str(folder)
+    trainer.preprocessed_dataset_folder_base = str(folder)
+    trainer.folder_with_segs_from_previous_stage = None
+    trainer.print_to_log_file = lambda *a, **k: None
+    train, _ = nnUNetTrainer.do_split(trainer)
+    return sorted(str(c) for c in train)
+
+
+@pytest.mark.parametrize("fold", ["all", 0, 1, 4, 5, 7])
+@pytest.mark.parametrize("with_splits", [True, False])
+def test_training_cases_are_those_nnunet_trains_on(tmp_path, fold, with_splits):
+    """Fold all: every case; a fold in splits_final.json: its train list; a fold beyond it:
+    nnU-Net's seeded 80:20 split; no splits_final.json: nnU-Net's 5-fold split."""
+    from nnunet_ima.evaluation.training_cases import nnunet_training_cases
+    identifiers = [f"case_{i:02d}" for i in range(11)]
+    splits = None
+    if with_splits:
+        splits = [{"train": identifiers[2:], "val": identifiers[:2]},
+                  {"train": identifiers[:2] + identifiers[4:], "val": identifiers[2:4]}]
+        (tmp_path / "splits_final.json").write_text(json.dumps(splits))
+    ours = nnunet_training_cases(splits, identifiers[::-1], fold)  # any order of identifiers
+    assert ours == _nnunet_do_split(tmp_path, identifiers, fold)
+    if fold == "all":
+        assert ours == identifiers
+
+
+def test_overlap_and_its_refusal_message_name_models_and_cases():
+    from nnunet_ima.evaluation.training_cases import footnote, refusal_message, trained_on
+    overlap = trained_on({"A_fold0": ["t1", "t2"], "A_foldall": ["t1", "t2"]},
+                         {"A_fold0": ["x", "y"], "A_foldall": ["t2", "t1", "x"]})
+    assert overlap == {"A_foldall": ["t1", "t2"]}
+    message = refusal_message(overlap, {"A_fold0": 0, "A_foldall": "all"})
+    assert "A_foldall (fold all): t1, t2" in message and "--allow-train-cases" in message
+    assert "fold 'all' trains on every preprocessed case" in message
+    assert "fold 'all'" not in refusal_message({"B": ["t1"]}, {"B": 1})
+    assert footnote({}) == ""
+    assert "A_foldall on t1, t2" in footnote(overlap)
+
+
+def test_fold_all_and_folds_beyond_the_split_have_no_validation_cases_to_offer(tmp_path):
+    (tmp_path / "splits_final.json").write_text(json.dumps([{"train": ["a"], "val": ["b"]}]))
+    with pytest.raises(UserInputError, match="fold all has no validation cases"):
+        cases_from_source(str(tmp_path), ["val"], "all")
+    with pytest.raises(UserInputError, match="1 folds, fold 3 asked.*80:20"):
+        cases_from_source(str(tmp_path), ["val"], 3)
+
+
+def test_markdown_tables_say_when_training_cases_were_scored():
+    from nnunet_ima.evaluation.report import markdown_table
+    entry = {"noise": {"0": {"tvdi": 0.5, "adi": 0.5}}}
+    config = {"steps": 1, "models": {"m": {"cases": ["t1", "c"], "train_cases_scored": ["c"]},
+                                     "n": {"cases": ["t1"]}}}
+    table = markdown_table({"config": config, "models": {"m": entry, "n": entry}}, "tvdi", [0.0])
+    assert table.splitlines()[-1] == ("Note: training cases were scored (--allow-train-cases): "
+                                      "m on c. These numbers are not held-out results.")
+    del config["models"]["m"]["train_cases_scored"]
+    assert "Note" not in markdown_table({"config": config, "models": {"m": entry}}, "tvdi", [0.0])

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -406,10 +407,18 @@ def run_margins(args) -> int:
 
 
 # ----------------------------------------------------------------------------------- main
+def _version() -> str:
+    try:
+        return importlib.metadata.version("nnunet-ima")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-ima-classify",
                                      description="IMA, vanilla adversarial and clean training and "
                                                  "robustness evaluation for image classification")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_eval_parser(sub)
