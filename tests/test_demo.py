@@ -23,7 +23,7 @@ def test_demo_runs_all_steps_and_prints_the_tables(tmp_path):
         assert f"-tr {trainer} -device cpu" in out  # the nnU-Net command is shown to the user
     summary = json.loads((workdir / "robustness" / "summary.json").read_text())
     assert sorted(summary["models"]) == ["nnUNetTrainerAdv", "nnUNetTrainerClean", "nnUNetTrainerIMA"]
-    assert set(summary["models"]["nnUNetTrainerIMA"]["noise"]) == {"0", "2", "4", "8"}
+    assert set(summary["models"]["nnUNetTrainerIMA"]["noise"]) == {"0", "4", "8", "16"}
 
     # A second run skips every finished step and prints the same tables.
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
