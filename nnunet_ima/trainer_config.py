@@ -145,18 +145,15 @@ class TrainerSettings:
             _positive(name, getattr(self, name))
         if not isinstance(self.random_start, bool):
             raise ValueError(f"random_start must be true or false, got {self.random_start!r}")
-        _choice("norm", self.norm, NORMS)
-        _choice("attack_outputs", self.attack_outputs, ATTACK_OUTPUTS)
-        _choice("dice_reduce", self.dice_reduce, SLICE_REDUCTIONS)
-        _choice("boundary", self.boundary, BOUNDARY_POINTS)
-        _choice("recipe", self.recipe, RECIPES)
-        _choice("attack_slices", self.attack_slices, ATTACK_SLICES)
-        _choice("adversarial_term", self.adversarial_term, ADVERSARIAL_TERMS)
-        _choice("adversarial_dice", self.adversarial_dice, ADVERSARIAL_DICE)
-        _choice("dice_absent_class", self.dice_absent_class, ABSENT_CLASS_RULES)
-        _choice("repeat_draws", self.repeat_draws, REPEAT_DRAW_RULES)
-        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _choice("start_point", self.start_point, START_POINTS)
+        for name, options in (("norm", NORMS), ("attack_outputs", ATTACK_OUTPUTS),
+                              ("dice_reduce", SLICE_REDUCTIONS), ("boundary", BOUNDARY_POINTS),
+                              ("recipe", RECIPES), ("attack_slices", ATTACK_SLICES),
+                              ("adversarial_term", ADVERSARIAL_TERMS),
+                              ("adversarial_dice", ADVERSARIAL_DICE),
+                              ("dice_absent_class", ABSENT_CLASS_RULES),
+                              ("repeat_draws", REPEAT_DRAW_RULES), ("lr_schedule", LR_SCHEDULES),
+                              ("start_point", START_POINTS)):
+            _choice(name, getattr(self, name), options)
         check_threshold(self.dice_threshold)
         self.ima_config()  # validates eps_max, delta, beta and the margin-update options
 
