@@ -12,12 +12,34 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Sequence, Tuple
+import re
+import shutil
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_ima.io import write_text
+
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
+# Smallest (D, H, W) for which every case holds an organ and a lesion and keeps its first and
+# last slices empty (smaller volumes give empty or all-organ labels).
+MIN_SHAPE = (4, 8, 8)
+# The name becomes the folder Dataset{id}_{name} and, lower-cased, the prefix of every case
+# file: letters, digits, '_' and '-' are safe for nnU-Net's parsing and for shells.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
+# How check_request names each argument; the command line passes its own option names.
+API_WORDS = {"dataset_id": "dataset_id", "name": "name", "num_training": "num_training",
+             "num_test": "num_test", "shape": "shape", "seed": "seed",
+             "overwrite": "overwrite=True"}
+
+
+class DatasetExistsError(FileExistsError):
+    """The raw folder already holds a dataset with the asked id (``folders``: its folders)."""
+
+    def __init__(self, message: str, folders: List[str]):
+        super().__init__(message)
+        self.folders = folders
 
 
 def _ellipsoid(shape: Tuple[int, int, int], center: np.ndarray, radii: np.ndarray) -> np.ndarray:
@@ -59,6 +81,61 @@ def _write(array: np.ndarray, path: str, spacing: Sequence[float]) -> None:
     sitk.WriteImage(img, path, useCompression=True)
 
 
+def existing_datasets(raw_root: str, dataset_id: int) -> List[str]:
+    """The folders ``Dataset{id:03d}_*`` in ``raw_root``: nnU-Net resolves ``-d ID`` by this
+    prefix and fails when two names share an id."""
+    if not os.path.isdir(raw_root):
+        return []
+    prefix = f"Dataset{dataset_id:03d}_"
+    return sorted(os.path.join(raw_root, f) for f in os.listdir(raw_root)
+                  if f.startswith(prefix) and os.path.isdir(os.path.join(raw_root, f)))
+
+
+def check_request(raw_root: str, dataset_id: int, name: str, num_training: int, num_test: int,
+                  shape: Sequence[int], seed: int, overwrite: bool,
+                  words: Optional[Dict[str, str]] = None) -> List[str]:
+    """Every check of :func:`write_synthetic_dataset`, made before anything is written.
+
+    Args:
+        words: how to name each argument in the messages (default :data:`API_WORDS`; the
+            command line passes its option names, e.g. ``--overwrite``).
+
+    Returns:
+        The existing folders of ``dataset_id`` that ``overwrite`` replaces (a folder of the
+        same name without ``dataset.json``, left by an interrupted write, is simply rewritten).
+
+    Raises:
+        ValueError: an invalid id, name, count, shape or seed.
+        DatasetExistsError: ``dataset_id`` is taken and ``overwrite`` is false.
+    """
+    w = {**API_WORDS, **(words or {})}
+    if not 1 <= dataset_id <= 999:
+        raise ValueError(f"{w['dataset_id']} must be in [1, 999], got {dataset_id}")
+    if not NAME_PATTERN.match(name or ""):
+        raise ValueError(f"{w['name']} {name!r} cannot be part of an nnU-Net dataset folder "
+                         f"name: use letters, digits, '_' and '-' only, e.g. SyntheticOrgan")
+    if num_training < 2:
+        raise ValueError(f"{w['num_training']} must be >= 2 (nnU-Net needs a training and a "
+                         f"validation case), got {num_training}")
+    if num_test < 0:
+        raise ValueError(f"{w['num_test']} must be >= 0, got {num_test}")
+    if len(shape) != 3 or any(int(s) < m for s, m in zip(shape, MIN_SHAPE)):
+        raise ValueError(f"{w['shape']} must be three sizes D H W of at least "
+                         f"{' '.join(map(str, MIN_SHAPE))} (smaller volumes hold no organ and "
+                         f"lesion), got {' '.join(str(s) for s in shape)}")
+    if seed < 0:
+        raise ValueError(f"{w['seed']} must be >= 0, got {seed}")
+    own = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
+    taken = [f for f in existing_datasets(raw_root, dataset_id)
+             if f != own or os.path.exists(os.path.join(f, "dataset.json"))]
+    if taken and not overwrite:
+        raise DatasetExistsError(
+            f"dataset id {dataset_id} is taken by {', '.join(taken)} (nnU-Net finds a dataset "
+            f"by its id, so two names cannot share one); choose another id or pass "
+            f"{w['overwrite']} to replace it", taken)
+    return taken
+
+
 def write_synthetic_dataset(raw_root: str, dataset_id: int = 990, name: str = "SyntheticOrgan",
                             num_training: int = 8, num_test: int = 0,
                             shape: Tuple[int, int, int] = (16, 48, 48),
@@ -71,18 +148,19 @@ def write_synthetic_dataset(raw_root: str, dataset_id: int = 990, name: str = "S
         num_training: cases in ``imagesTr`` / ``labelsTr``.
         num_test: cases in ``imagesTs`` / ``labelsTs``.
         shape: ``(D, H, W)`` voxels per case; spacing in mm, ``(z, y, x)``.
-        overwrite: replace an existing folder of the same name; otherwise it is an error.
+        overwrite: delete the existing dataset(s) of ``dataset_id`` (under any name) first;
+            otherwise an existing one is an error.
 
     Returns:
         The dataset folder.
+
+    Raises:
+        ValueError, DatasetExistsError: see :func:`check_request`; nothing is written then.
     """
-    if not 1 <= dataset_id <= 999:
-        raise ValueError(f"dataset_id must be in [1, 999], got {dataset_id}")
-    if num_training < 2:
-        raise ValueError("num_training must be >= 2 (nnU-Net needs a train and a validation case)")
+    for old in check_request(raw_root, dataset_id, name, num_training, num_test, shape, seed,
+                             overwrite):
+        shutil.rmtree(old)  # a smaller rewrite must not keep the old folder's extra cases
     folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
-    if os.path.exists(os.path.join(folder, "dataset.json")) and not overwrite:
-        raise FileExistsError(f"{folder} already exists; pass overwrite=True or choose another id")
     rng = np.random.default_rng(seed)
     for sub in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if num_test else ()):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
@@ -101,8 +179,8 @@ def write_synthetic_dataset(raw_root: str, dataset_id: int = 990, name: str = "S
         "description": "Synthetic MR-like volumes with an organ and a lesion (nnunet-ima)",
         "licence": "CC0",
     }
-    with open(os.path.join(folder, "dataset.json"), "w") as f:
-        json.dump(dataset_json, f, indent=2)
+    # Last, and atomically: a folder with dataset.json is complete (check_request relies on it).
+    write_text(os.path.join(folder, "dataset.json"), json.dumps(dataset_json, indent=2))
     return folder
 
 
