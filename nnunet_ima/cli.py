@@ -11,7 +11,9 @@ import importlib.metadata
 import sys
 from typing import Optional, Sequence
 
-from nnunet_ima.errors import UserInputError
+from nnunet_ima.errors import run_command
+from nnunet_ima.help_format import DefaultsHelpFormatter
+from nnunet_ima.io import check_output_folder
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
@@ -27,6 +29,17 @@ SUBCOMMANDS = {
                  "tabulate clean vs robust Dice"),
     "make-synthetic": ("nnunet_ima.commands.make_synthetic",
                        "write a small synthetic nnU-Net raw dataset"),
+    "check-config": ("nnunet_ima.commands.check_config",
+                     "check a NNUNET_IMA_CONFIG settings file and print the settings a training "
+                     "would use"),
+}
+
+# subcommand -> {argument name: option} of the folders it writes into. They are checked here,
+# before the subcommand runs, so that a file or an unwritable place given as a folder is one
+# clear error before any work (and the subcommands need not each repeat the check).
+OUTPUT_FOLDERS = {
+    "demo": {"workdir": "--workdir"},
+    "ablation": {"workdir": "--workdir"},
 }
 
 
@@ -45,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp = sub.add_parser(name, help=help_text, description=help_text,
+                            formatter_class=DefaultsHelpFormatter)
         sp.set_defaults(_module=module)
         try:
             importlib.import_module(module).configure(sp)
@@ -55,14 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args: argparse.Namespace) -> int:
+    for name, option in OUTPUT_FOLDERS.get(args.command, {}).items():
+        check_output_folder(getattr(args, name), option)
+    return importlib.import_module(args._module).run(args)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(importlib.import_module(args._module).run(args) or 0)
-    except UserInputError as e:
-        print(f"nnunet-ima {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    return run_command(f"nnunet-ima {args.command}", lambda: _run(args))
 
 
 if __name__ == "__main__":
