@@ -152,6 +152,30 @@ def stride_divisor(strides) -> Tuple[int, int]:
     return tuple(int(v) for v in pairs.prod(axis=0))
 
 
+# Why a checkpoint is missing although the fold folder has others.
+_MISSING_BECAUSE = {"final": "the training has not finished",
+                    "latest": "nnU-Net deletes checkpoint_latest.pth when a training finishes",
+                    "best": "nnU-Net writes it when an epoch improves the validation Dice"}
+
+
+def missing_checkpoint_message(folder: str, fold, checkpoint: str) -> str:
+    """The error for a missing ``--checkpoint``: it names the checkpoints the fold does have, so
+    that a finished run asked for ``latest`` is pointed at ``--checkpoint final``."""
+    fold_folder = os.path.join(folder, f"fold_{fold}")
+    path = os.path.join(fold_folder, CHECKPOINTS[checkpoint])
+    if not os.path.isdir(fold_folder):
+        return (f"{fold_folder} does not exist: fold {fold} has not been trained "
+                f"(nnUNetv2_train DATASET CONFIGURATION {fold} -tr TRAINER) or check -f")
+    present = [name for name, file in CHECKPOINTS.items()
+               if os.path.isfile(os.path.join(fold_folder, file))]
+    if not present:
+        return (f"checkpoint {path} does not exist, nor does any other checkpoint of fold {fold}: "
+                f"its training has not finished a first epoch")
+    return (f"checkpoint {path} does not exist ({_MISSING_BECAUSE[checkpoint]}); fold {fold} "
+            f"has {', '.join(CHECKPOINTS[n] for n in present)}: use "
+            f"{' or '.join(f'--checkpoint {n}' for n in present)}")
+
+
 def load_model(folder: str, fold, checkpoint: str, device: torch.device,
                name: str = None) -> LoadedModel:
     """Load ``folder/fold_{fold}/checkpoint_{checkpoint}.pth`` with the architecture of its plans;
@@ -171,8 +195,7 @@ def load_model(folder: str, fold, checkpoint: str, device: torch.device,
         raise UserInputError(f"--checkpoint must be one of {sorted(CHECKPOINTS)}, got {checkpoint!r}")
     path = os.path.join(folder, f"fold_{fold}", CHECKPOINTS[checkpoint])
     if not os.path.isfile(path):
-        raise UserInputError(f"checkpoint {path} does not exist: has fold {fold} finished "
-                             f"training? (use --checkpoint best/latest for unfinished runs)")
+        raise UserInputError(missing_checkpoint_message(folder, fold, checkpoint))
     configuration = configuration_of(folder)
     plans = _read_json(os.path.join(folder, "plans.json"))
     dataset_json = _read_json(os.path.join(folder, "dataset.json"))

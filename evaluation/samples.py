@@ -59,10 +59,7 @@ def _test_cases(preprocessed_dataset: str) -> List[str]:
     if not os.path.isfile(path):
         raise UserInputError(f"{path} does not exist: run `nnunet-ima split -d DATASET --test N` "
                              f"or pass --cases val / --cases CASE [CASE ...] / --images/--labels")
-    cases = _read_json(path)["test"]
-    if not cases:
-        raise UserInputError(f"{path} lists no test cases")
-    return list(cases)
+    return list(_read_json(path)["test"])
 
 
 def _validation_cases(preprocessed_dataset: str, fold) -> List[str]:
@@ -81,6 +78,26 @@ def _validation_cases(preprocessed_dataset: str, fold) -> List[str]:
     return list(splits[fold]["val"])
 
 
+_CASE_SETS = {"test": lambda folder, fold: _test_cases(folder),
+              "val": _validation_cases}
+
+
+def _empty_set_message(preprocessed_dataset: str, token: str, fold) -> str:
+    """Why ``--cases TOKEN`` (test or val) selected nothing, and the set to use instead: the
+    other one where it has cases (an empty test set after ``split --test 0`` -> --cases val)."""
+    where = (f"{os.path.join(preprocessed_dataset, 'test_cases.json')} lists no test cases"
+             if token == "test" else f"fold {fold} of "
+             f"{os.path.join(preprocessed_dataset, 'splits_final.json')} has no validation cases")
+    other = "val" if token == "test" else "test"
+    try:
+        has_other = bool(_CASE_SETS[other](preprocessed_dataset, fold))
+    except UserInputError:  # that set is missing too
+        has_other = False
+    if has_other:
+        return f"{where}; use --cases {other}"
+    return f"{where}; name the cases with --cases CASE [CASE ...] or use --images/--labels"
+
+
 def cases_from_source(preprocessed_dataset: str, source: Optional[Sequence[str]], fold
                       ) -> List[str]:
     """Case identifiers named by ``--cases``, in order: ``test`` stands for the cases of
@@ -88,10 +105,11 @@ def cases_from_source(preprocessed_dataset: str, source: Optional[Sequence[str]]
     identifier (``--cases test val`` takes both sets). ``None``: see :func:`resolve_case_source`."""
     cases: List[str] = []
     for token in resolve_case_source(preprocessed_dataset, source):
-        if token == "test":
-            cases += _test_cases(preprocessed_dataset)
-        elif token == "val":
-            cases += _validation_cases(preprocessed_dataset, fold)
+        if token in _CASE_SETS:
+            selected = _CASE_SETS[token](preprocessed_dataset, fold)
+            if not selected:
+                raise UserInputError(_empty_set_message(preprocessed_dataset, token, fold))
+            cases += selected
         else:
             cases.append(token)
     repeated = sorted({c for c in cases if cases.count(c) > 1})

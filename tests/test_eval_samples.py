@@ -52,6 +52,21 @@ def test_default_cases_are_the_test_split_else_the_validation_fold(tmp_path):
         cases_from_source(str(tmp_path), ["val", "b"], 1)
 
 
+def test_an_empty_case_set_suggests_the_set_that_has_cases(tmp_path):
+    splits = [{"train": ["a", "b"], "val": ["c"]}, {"train": ["a", "b", "c"], "val": []}]
+    (tmp_path / "splits_final.json").write_text(json.dumps(splits))
+    (tmp_path / "test_cases.json").write_text(json.dumps({"test": [], "seed": 0}))
+    with pytest.raises(UserInputError, match="lists no test cases; use --cases val$"):
+        cases_from_source(str(tmp_path), None, 0)  # the default set is test
+    with pytest.raises(UserInputError, match="lists no test cases; name the cases with --cases"):
+        cases_from_source(str(tmp_path), ["test"], 1)  # fold 1 has no validation cases either
+    (tmp_path / "test_cases.json").write_text(json.dumps({"test": ["t"], "seed": 0}))
+    with pytest.raises(UserInputError, match="fold 1 of .* has no validation cases; use --cases test$"):
+        cases_from_source(str(tmp_path), ["val"], 1)
+    with pytest.raises(UserInputError, match="fold all has no validation cases.*--cases test"):
+        cases_from_source(str(tmp_path), ["val"], "all")
+
+
 def test_max_slices_is_a_seeded_subset_in_order():
     samples = [SliceSample("c", i, np.zeros((1, 2, 2), np.float32), np.zeros((2, 2), np.int16))
                for i in range(20)]
