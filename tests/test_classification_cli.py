@@ -108,13 +108,43 @@ def test_eval_checks_every_folder_before_attacking(tmp_path, capsys):
     assert main(["eval", "ce", "missing", "--noise", "0", "0.1", "--steps", "2", "--no-progress"]) == 2
     assert "missing/model_final.pt does not exist" in capsys.readouterr().err
     assert not (tmp_path / "ce" / "eval_l2.json").exists()
-    assert main(["eval", "ce", "--norm", "linf", "--noise", "0", "0.1", "--steps", "2",
-                 "--max-samples", "50", "-o", "table.md", "--no-progress"]) == 0
+    eval_args = ["eval", "ce", "--norm", "linf", "--noise", "0", "0.1", "--steps", "2",
+                 "--max-samples", "50", "--no-progress"]
+    # -o is a folder, as everywhere else; its old meaning (the table's file) is refused, and
+    # so is a file where the folder should be, both before any attack.
+    assert main([*eval_args, "-o", "table.md"]) == 2
+    assert "-o of eval is now a folder, and the table is written into it as table_<norm>.md" in \
+        capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main([*eval_args, "-o", "afile"]) == 2
+    assert "-o/--output afile is a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "ce" / "eval_linf.json").exists()
+    assert main([*eval_args, "-o", "tables"]) == 0
     report = json.load(open(tmp_path / "ce" / "eval_linf.json"))
     assert set(report) >= {"noise", "auc", "attacks", "n"} and report["n"] == 50
     assert list(report["noise"]) == ["0", "0.1"]
-    table = (tmp_path / "table.md").read_text()
+    table = (tmp_path / "tables" / "table_linf.md").read_text()
     assert "| ce | 50 |" in table and "LINF 0.1" in table
+    assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == []
+
+
+def test_train_refuses_an_output_that_is_a_file_before_any_work(tmp_path, capsys):
+    (tmp_path / "X").write_text("")
+    assert main(["train", *TINY, "--method", "ce", "-o", "X"]) == 2
+    assert "-o/--output X is a file, not a folder" in capsys.readouterr().err
+    assert main(["train", *TINY, "--method", "ce", "-o", "X/run"]) == 2
+    assert "cannot be created" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["X"]
+
+
+def test_ctrl_c_in_training_is_one_line_and_exit_code_130(monkeypatch, capsys):
+    def interrupted(self, resume=None):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli.Trainer, "run", interrupted)
+    before = torch.get_num_threads()
+    assert main(["train", *TINY, "--method", "ce", "-o", "run"]) == 130
+    assert capsys.readouterr().err == "interrupted; rerun the same command to resume\n"
+    assert torch.get_num_threads() == before
 
 
 def test_margins_command(tmp_path, capsys):

@@ -87,7 +87,7 @@ def test_a_rerun_trains_and_attacks_nothing(comparison, capsys):
 def test_another_evaluation_batch_size_reevaluates_without_training(comparison, capsys):
     """Each batch draws its own seeded starts, so reports of another batch size are stale."""
     finals = {m: os.path.getmtime(comparison / m / "model_final.pt") for m in ("ce", "adv0.3")}
-    assert _compare(comparison, "--eval-batch-size", "64") == 0
+    assert _compare(comparison, "--batch-size", "64") == 0  # the evaluation's, as in eval
     for name in ("ce", "adv0.3", "ima", "trades"):
         with open(comparison / name / "eval_l2.json") as f:
             assert json.load(f)["batch_size"] == 64
@@ -102,8 +102,25 @@ def test_other_settings_in_the_same_folder_are_refused(comparison, capsys):
     assert "other settings" in err and "epochs" in err
 
 
+def test_batch_size_is_the_evaluations_and_train_batch_size_the_trainings():
+    from nnunet_ima.classification.cli import build_parser
+    args = build_parser().parse_args(["compare", "--dataset", "moons", "--batch-size", "64",
+                                      "--train-batch-size", "32", "-o", "x"])
+    assert (args.eval_batch_size, args.batch_size) == (64, 32)
+    args = build_parser().parse_args(["compare", "--dataset", "moons", "-o", "x"])
+    assert (args.eval_batch_size, args.batch_size) == (500, None)  # None: the paper's
+    # The old name still works, without being advertised.
+    args = build_parser().parse_args(["compare", "--dataset", "moons", "--eval-batch-size", "7",
+                                      "-o", "x"])
+    assert args.eval_batch_size == 7
+    assert "--eval-batch-size" not in build_parser()._subparsers._group_actions[0].choices[
+        "compare"].format_help()
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--eval-batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--train-batch-size", "0"], "--train-batch-size must be >= 1, got 0"),
     (["--noise", "-1"], "--noise levels must be >= 0"),
     (["--eps", "0"], "eps"),
 ])
@@ -111,3 +128,10 @@ def test_bad_options_stop_before_training(tmp_path, capsys, extra, message):
     assert _compare(tmp_path / "c", *extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_an_output_that_is_a_file_stops_before_training(tmp_path, capsys):
+    (tmp_path / "c").write_text("")
+    assert _compare(tmp_path / "c") == 2
+    assert f"-o/--output {tmp_path / 'c'} is a file, not a folder" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["c"]

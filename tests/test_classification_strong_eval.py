@@ -226,11 +226,11 @@ def test_cli_runs_the_chosen_attacks_and_refuses_dlr_on_two_classes(tmp_path, mo
     assert "pip install --no-deps torchattacks==3.5.1" in capsys.readouterr().err
     monkeypatch.delitem(sys.modules, "torchattacks")
     assert main([*base, "--attacks", "ce", "margin", "apgd-ce", "spsa", "--spsa-iterations", "10",
-                 "--spsa-samples", "8", "-o", "table.md"]) == 0
+                 "--spsa-samples", "8", "-o", "tables"]) == 0
     report = json.load(open(tmp_path / "ce" / "eval_l2.json"))
     caption = "10-PGD (ce, margin), APGD-CE, SPSA"
     assert report["caption"] == caption
-    assert (tmp_path / "table.md").read_text().startswith(f"Robust accuracy (%), worst case of: {caption}")
+    assert (tmp_path / "tables" / "table_l2.md").read_text().startswith(f"Robust accuracy (%), worst case of: {caption}")
     assert list(report["per_attack"]) == ["ce", "margin", "apgd-ce", "spsa"]
     assert report["attack_settings"]["apgd"]["package"] == "torchattacks 3.5.1"
     assert report["attack_settings"]["spsa"]["iterations"] == 10

@@ -2,7 +2,7 @@
 
     nnunet-ima-classify train --dataset moons --method ima -o runs/moons_ima
     nnunet-ima-classify train --dataset moons --method adv --eps 0.3 -o runs/moons_adv0.3
-    nnunet-ima-classify eval runs/moons_ce runs/moons_adv0.3 runs/moons_ima --norm linf -o table.md
+    nnunet-ima-classify eval runs/moons_ce runs/moons_adv0.3 runs/moons_ima --norm linf -o tables
     nnunet-ima-classify margins runs/moons_ima
 """
 from __future__ import annotations
@@ -30,7 +30,9 @@ from nnunet_ima.classification.strong_attacks import (ATTACKS, StrongAttackSetti
 from nnunet_ima.classification.settings import (BASELINE_METHODS, METHODS, PAPER_SETTINGS,
                                                 TrainConfig)
 from nnunet_ima.classification.training import CHECKPOINT_FORMAT, FINAL, Trainer, seed_everything
-from nnunet_ima.errors import UserInputError
+from nnunet_ima.errors import UserInputError, run_command
+from nnunet_ima.help_format import DefaultsHelpFormatter
+from nnunet_ima.io import check_output_folder
 from nnunet_ima.margins import MarginStore
 
 # Below this many parameters a network's matrix products are too small for intra-op threads to
@@ -69,11 +71,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------- train
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a classifier (ce, adv, ima or a baseline)",
+                       formatter_class=DefaultsHelpFormatter,
                        description="Train with clean cross-entropy (ce), vanilla PGD adversarial "
                                    "training (adv), IMA, or the baselines trades, mma, ddn, fat, "
                                    "gairat. Defaults are the paper's settings of the dataset.")
-    p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--method", default="ima", choices=METHODS)
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="the dataset to train on")
+    p.add_argument("--method", default="ima", choices=METHODS, help="the training method")
     p.add_argument("-o", "--output", required=True,
                    help="run folder; a folder holding a checkpoint of the same settings is resumed")
     resume = p.add_mutually_exclusive_group()
@@ -84,26 +87,29 @@ def add_train_parser(sub) -> None:
     add_training_options(p)
 
 
-def add_training_options(p: argparse.ArgumentParser) -> None:
+def add_training_options(p: argparse.ArgumentParser, batch_option: str = "--batch-size") -> None:
     """The training settings shared by `train` and `compare` (all but dataset, method and
-    output folder)."""
+    output folder). ``batch_option``: the name of the training batch size (`compare` calls it
+    ``--train-batch-size``: there ``--batch-size`` is the evaluation's, as in `eval`)."""
     p.add_argument("--data-root", help="dataset folder (fashion-mnist: default "
                                        f"{FASHION_MNIST_DEFAULT_ROOT}; svhn, cifar10, covid-ct: required)")
     p.add_argument("--model", choices=sorted(MODELS), help="default: the paper's model of the dataset")
     p.add_argument("--epochs", type=int, help="default: the paper's (moons 30, fashion-mnist 60, ...)")
-    p.add_argument("--batch-size", type=int, help="default: 128 (covid-ct 32)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument(batch_option, dest="batch_size", type=int,
+                   help="training batch size (default: the paper's, 128; covid-ct 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="initialisation, sample order, attack starts")
     p.add_argument("--data-seed", type=int, default=0,
-                   help="validation hold-out, COVID-19 split and Moons points (default 0)")
+                   help="validation hold-out, COVID-19 split and Moons points")
     p.add_argument("--norm", default="l2", choices=("l2", "linf"), help="attack norm in training")
     p.add_argument("--eps", type=float,
                    help="adv: the fixed PGD budget (required); trades, mma (its d_max), ddn (its "
                         "max norm), fat, gairat: the training budget (default: the dataset's "
                         "eps_max, as in the paper's comparison)")
-    p.add_argument("--pgd-steps", type=int, default=20, help="PGD iterations in training (20)")
+    p.add_argument("--pgd-steps", type=int, default=20, help="PGD iterations in training")
     p.add_argument("--pgd-alpha", type=float, default=4.0,
-                   help="PGD step = alpha * eps / steps (4: the ball is swept 4 times)")
+                   help="PGD step = alpha * eps / steps (4: the ball is swept 4 times; "
+                        "default %(default)s)")
     p.add_argument("--eps-max", type=float, help="ima: the largest margin (default: the paper's)")
     p.add_argument("--delta", type=float, help="ima: margin expansion step (default eps_max / epochs)")
     p.add_argument("--beta", type=float, default=0.5, help="ima: weight of the boundary-point loss")
@@ -115,19 +121,19 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-min", default="zero", choices=("zero", "delta"),
                    help="ima: clip margins to [0, eps_max] or [delta, eps_max]")
     p.add_argument("--trades-beta", type=float, default=6.0,
-                   help="trades: weight of the KL term (default 6)")
+                   help="trades: weight of the KL term")
     p.add_argument("--mma-clean-weight", type=float, default=1 / 3,
                    help="mma: weight of the whole batch's clean loss (default 1/3)")
-    p.add_argument("--ddn-steps", type=int, default=100, help="ddn: DDN iterations (default 100)")
+    p.add_argument("--ddn-steps", type=int, default=100, help="ddn: DDN iterations")
     p.add_argument("--ddn-gamma", type=float, default=0.05,
-                   help="ddn: norm change per iteration (default 0.05)")
+                   help="ddn: norm change per iteration")
     p.add_argument("--gairat-lambda", type=float, default=-1.0,
-                   help="gairat: lambda of the weight function (default -1)")
+                   help="gairat: lambda of the weight function")
     p.add_argument("--gairat-begin-epoch", type=int,
                    help="gairat: first epoch (0-based) with reweighting (default: half the epochs)")
     p.add_argument("--max-train", type=int, help="train on the first N training samples only")
     p.add_argument("--moons-noise", type=float, default=MOONS_NOISE,
-                   help=f"make_moons noise (default {MOONS_NOISE})")
+                   help="make_moons noise")
     p.add_argument("--save-every", type=int, default=0,
                    help="also keep checkpoint_epoch_N.pt every N epochs (default: never)")
     _common(p)
@@ -181,6 +187,7 @@ def _split_path(folder: str, dataset: str) -> Optional[str]:
 
 
 def run_train(args) -> int:
+    check_output_folder(args.output, "-o/--output")
     if args.save_every < 0:
         raise UserInputError(f"--save-every must be >= 0, got {args.save_every}")
     config = config_from_args(args)
@@ -203,6 +210,7 @@ def run_train(args) -> int:
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="robust accuracy under 100-PGD (cross-entropy and margin "
                                     "loss), optionally APGD and SPSA",
+                       formatter_class=DefaultsHelpFormatter,
                        description="The paper's evaluation: per noise level, 100-step PGD (step "
                                    "noise/10, random start) maximising the cross-entropy and, "
                                    "separately, the margin loss; optionally also AutoAttack's "
@@ -212,11 +220,13 @@ def add_eval_parser(sub) -> None:
                                    "PGD is more than 2 points above a stronger attack (gradient "
                                    "masking).")
     p.add_argument("runs", nargs="+", help="run folders written by `train`")
-    p.add_argument("--norm", default="l2", choices=("l2", "linf"))
+    p.add_argument("--norm", default="l2", choices=("l2", "linf"), help="attack norm")
     add_attack_options(p)
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=500, help="test samples per attack batch")
     p.add_argument("--seed", type=int, default=0, help="random starts of the attacks")
-    p.add_argument("-o", "--table", help="also write the markdown table to this file")
+    p.add_argument("-o", "--output", metavar="FOLDER",
+                   help="also write the markdown table to FOLDER/table_<norm>.md (created if "
+                        "missing; each run's own results are always in RUN/eval_<norm>.json)")
     _common(p)
 
 
@@ -224,21 +234,18 @@ def add_attack_options(p: argparse.ArgumentParser) -> None:
     """The attack settings shared by `eval` and `compare`."""
     p.add_argument("--noise", type=float, nargs="+",
                    help="noise levels (default: the paper's for the dataset, e.g. moons 0 0.05 ... 0.3)")
-    p.add_argument("--steps", type=int, default=100, help="PGD and APGD iterations (default 100)")
+    p.add_argument("--steps", type=int, default=100, help="PGD and APGD iterations")
     p.add_argument("--attacks", nargs="+", default=list(ATTACK_LOSSES), choices=list(ATTACKS),
                    help="attacks whose worst case is reported: ce, margin (PGD losses), apgd-ce, "
-                        "apgd-dlr (>= 3 classes; both need torchattacks), spsa "
-                        "(default: ce margin)")
-    p.add_argument("--apgd-restarts", type=int, default=1,
-                   help="APGD random restarts (default 1)")
+                        "apgd-dlr (>= 3 classes; both need torchattacks), spsa")
+    p.add_argument("--apgd-restarts", type=int, default=1, help="APGD random restarts")
     spsa_defaults = SPSASettings()
     p.add_argument("--spsa-iterations", type=int, default=spsa_defaults.iterations,
-                   help=f"SPSA Adam steps (default {spsa_defaults.iterations})")
+                   help="SPSA Adam steps")
     p.add_argument("--spsa-samples", type=int, default=spsa_defaults.samples,
-                   help="SPSA Rademacher directions per step, two forward passes each "
-                        f"(default {spsa_defaults.samples})")
+                   help="SPSA Rademacher directions per step, two forward passes each")
     p.add_argument("--spsa-delta", type=float, default=spsa_defaults.delta,
-                   help=f"SPSA finite-difference size in input units (default {spsa_defaults.delta})")
+                   help="SPSA finite-difference size in input units")
     p.add_argument("--max-samples", type=int, help="evaluate the first N test samples")
 
 
@@ -311,13 +318,28 @@ def _warning_message(run: str, norm: str, steps: int, pgd_losses: Sequence[str],
             f"attack")
 
 
+def check_eval_output(folder: Optional[str]) -> None:
+    """``eval -o`` is a folder, as everywhere else; until version 0.1 it was the table's file,
+    so a path ending in ``.md`` is refused with the new meaning rather than made a folder."""
+    if folder is None:
+        return
+    if folder.endswith(".md"):
+        raise UserInputError(f"-o {folder}: -o of eval is now a folder, and the table is written "
+                             f"into it as table_<norm>.md; give a folder, e.g. -o "
+                             f"{os.path.dirname(folder) or '.'}")
+    check_output_folder(folder, "-o/--output")
+
+
 def run_eval(args) -> int:
     _check_eval_args(args)
+    check_eval_output(args.output)
     rows = evaluate_runs(args.runs, args)
     table = markdown_table(rows, args.norm, args.steps, args.attacks)
     print(table)
-    if args.table:
-        write_text(args.table, table)
+    if args.output:
+        path = os.path.join(args.output, f"table_{args.norm}.md")
+        write_text(path, table)
+        print(f"table in {path}")
     return 0
 
 
@@ -380,11 +402,11 @@ def evaluate_runs(folders: Sequence[str], args) -> List[Tuple[str, dict]]:
 
 # -------------------------------------------------------------------------------- margins
 def add_margins_parser(sub) -> None:
-    p = sub.add_parser("margins", help="the margin distribution of an IMA run and the eps it suggests")
+    p = sub.add_parser("margins", help="the margin distribution of an IMA run and the eps it suggests",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("run", help="an IMA run folder")
     p.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
-                   help="suggested eps = this quantile of the margins in [delta, eps_max) "
-                        "(default 0.1)")
+                   help="suggested eps = this quantile of the margins in [delta, eps_max)")
 
 
 def run_margins(args) -> int:
@@ -416,6 +438,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-ima-classify",
+                                     formatter_class=DefaultsHelpFormatter,
                                      description="IMA, vanilla adversarial and clean training and "
                                                  "robustness evaluation for image classification")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -430,16 +453,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Bad input: one message, exit code 2; Ctrl-C: exit code 130 (`train` and `compare`
+    resume from their checkpoints when the same command is run again)."""
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
+    from nnunet_ima.classification.compare import run_compare
+    commands = {"train": run_train, "eval": run_eval, "margins": run_margins,
+                "compare": run_compare}
     try:
-        from nnunet_ima.classification.compare import run_compare
-        commands = {"train": run_train, "eval": run_eval, "margins": run_margins,
-                    "compare": run_compare}
-        return commands[args.command](args)
-    except UserInputError as e:
-        print(f"nnunet-ima-classify {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return run_command(f"nnunet-ima-classify {args.command}",
+                           lambda: commands[args.command](args))
     finally:
         torch.set_num_threads(threads)  # main() may run inside another program (or a test)
 

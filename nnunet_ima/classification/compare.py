@@ -4,6 +4,10 @@ the paper's tables) and robustness curves.
 
     nnunet-ima-classify compare --dataset moons -o runs/moons_compare
     nnunet-ima-classify compare --dataset moons --methods ce adv ima trades --eval-norms l2 -o DIR
+    nnunet-ima-classify compare --dataset moons --train-batch-size 64 --batch-size 1000 -o DIR
+
+``--batch-size`` is the evaluation's batch size, as in `eval` (and in nnunet-ima-eval); the
+training batch size is ``--train-batch-size``.
 
 Layout of ``-o DIR``: one run folder per method (``DIR/ce``, ``DIR/adv0.3``, ``DIR/ima``, ...,
 each exactly what `train` writes, with its ``eval_<norm>.json``), ``DIR/table_<norm>.md`` and
@@ -27,6 +31,8 @@ from nnunet_ima.classification.settings import METHODS, PAPER_SETTINGS, TrainCon
 from nnunet_ima.classification.strong_attacks import settings_record
 from nnunet_ima.classification.training import FINAL
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.help_format import DefaultsHelpFormatter
+from nnunet_ima.io import check_output_folder
 
 NORMS = ("l2", "linf")
 
@@ -34,21 +40,26 @@ NORMS = ("l2", "linf")
 def add_compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="train several methods on one dataset and tabulate their "
                                        "robustness (the paper's comparison)",
+                       formatter_class=DefaultsHelpFormatter,
                        description="Train every --methods with the same settings (the paper's "
                                    "for the dataset unless given), evaluate each under the "
                                    "--attacks at every noise level of every --eval-norms, and "
                                    "write DIR/table_<norm>.md and DIR/curves_<norm>.png. adv and "
                                    "the baselines train at --eps, default the dataset's eps_max.")
-    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="the dataset to train on")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                   help=f"methods to train and compare (default: all, {' '.join(METHODS)})")
+                   help="methods to train and compare (default: all, %(default)s)")
     p.add_argument("-o", "--output", required=True,
                    help="comparison folder: one run folder per method, tables and curves")
-    cli.add_training_options(p)
+    cli.add_training_options(p, batch_option="--train-batch-size")
     p.add_argument("--eval-norms", nargs="+", default=list(NORMS), choices=NORMS,
-                   help="norms of the evaluation (default: l2 linf)")
+                   help="norms of the evaluation")
     cli.add_attack_options(p)
-    p.add_argument("--eval-batch-size", type=int, default=500, help="evaluation batch (500)")
+    p.add_argument("--batch-size", dest="eval_batch_size", type=int, default=500,
+                   help="test samples per attack batch of the evaluation, as in `eval`")
+    # The name before --batch-size meant the same in compare and eval; kept for old scripts.
+    p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def run_name(method: str, eps: float) -> str:
@@ -66,7 +77,7 @@ def _train_args(args, method: str, eps: float, folder: str) -> argparse.Namespac
 def _eval_args(args, norm: str) -> argparse.Namespace:
     """`eval`'s options for one norm; the attacks' seed is the comparison's ``--seed``."""
     return argparse.Namespace(**dict(vars(args), norm=norm, batch_size=args.eval_batch_size,
-                                     table=None))
+                                     output=None))
 
 
 def _report_is_current(folder: str, eval_args: argparse.Namespace, n_expected_noise: List[str]) -> bool:
@@ -96,9 +107,10 @@ def _load_report(folder: str, norm: str) -> dict:
 
 
 def run_compare(args) -> int:
-    if args.eval_batch_size < 1:
-        raise UserInputError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
-    cli._check_eval_args(_eval_args(args, args.eval_norms[0]))
+    check_output_folder(args.output, "-o/--output")
+    if args.batch_size is not None and args.batch_size < 1:  # named here as compare calls it
+        raise UserInputError(f"--train-batch-size must be >= 1, got {args.batch_size}")
+    cli._check_eval_args(_eval_args(args, args.eval_norms[0]))  # --batch-size among them
     eps = args.eps if args.eps is not None else PAPER_SETTINGS[args.dataset].eps_max
     methods = list(dict.fromkeys(args.methods))
     folders = [os.path.join(args.output, run_name(m, eps)) for m in methods]
