@@ -5,23 +5,35 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 from nnunet_ima.errors import UserInputError
 
 
-def write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a per-process temporary file, then rename it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
+def replace_atomically(path: str, write: Callable[[str], None], suffix: str = ".tmp") -> None:
+    """``write(tmp)`` to a per-process temporary file beside ``path``, then rename it over
+    ``path``. If either step fails (a full disk, a folder where the file should go, Ctrl-C),
+    the temporary file is removed: no failure leaves a ``*.tmp`` behind.
+
+    ``suffix`` ends the temporary name (``.tmp.png`` lets matplotlib infer the format).
+    """
+    tmp = f"{path}.{os.getpid()}{suffix}"  # per process: concurrent writers never clash
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` (its folder created if missing) atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    replace_atomically(path, write)
 
 
 def write_json(path: str, obj: Any) -> None:

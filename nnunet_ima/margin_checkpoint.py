@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any, Dict
 
+from nnunet_ima.io import write_text
 from nnunet_ima.margins import MarginStore
 
 FORMAT_VERSION = 1
@@ -41,10 +42,7 @@ def save_margins(checkpoint_path: str, store: MarginStore, current_epoch: int) -
         except (ValueError, KeyError):
             states = []  # an unreadable old file only loses the fallback state
     states.append({"current_epoch": int(current_epoch), "margins": store.state_dict()})
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"format": FORMAT_VERSION, "states": states}, f)
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"format": FORMAT_VERSION, "states": states}))
     return path
 
 

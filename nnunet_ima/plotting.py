@@ -1,7 +1,7 @@
 """Matplotlib without a display, and figures written atomically (a kill never leaves half a PNG)."""
 from __future__ import annotations
 
-import os
+from nnunet_ima.io import replace_atomically
 
 
 def pyplot():
@@ -14,7 +14,7 @@ def pyplot():
 
 def save_figure(fig, path: str, dpi: int = 100) -> None:
     """Save ``fig`` to ``path`` through a temporary file, then close it."""
-    tmp = f"{path}.{os.getpid()}.tmp.png"  # per process: concurrent writers never clash
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
-    pyplot().close(fig)
+    try:
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi), suffix=".tmp.png")
+    finally:
+        pyplot().close(fig)

@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from nnunet_ima.io import replace_atomically
+
 STATS_FILENAME = "ima_stats.csv"
 HISTOGRAM_FILENAME = "margins_hist.png"
 
@@ -97,12 +99,13 @@ def write_epoch_row(path: str, row: Dict[str, float]) -> None:
     columns = list(row)
     for r in rows:
         columns += [k for k in r if k not in columns]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+    replace_atomically(path, write)
 
 
 def _format(value) -> str:

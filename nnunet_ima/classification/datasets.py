@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import write_text
 
 DATASETS = ("moons", "digits", "fashion-mnist", "svhn", "cifar10", "covid-ct")
 NEEDS_DATA_ROOT = ("svhn", "cifar10", "covid-ct")
@@ -278,11 +279,7 @@ def _read_split(split_path: str, root: str) -> dict:
 
 
 def _write_json_atomic(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def load_covid_ct(root: str, seed: int = 0, split_path: Optional[str] = None, size: int = 224,

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import write_text
 from nnunet_ima.nnunet_paths import preprocessed_dataset_folder
 
 SPLITS_FILENAME = "splits_final.json"
@@ -99,10 +100,7 @@ def make_split(cases: Sequence[str], num_test: int, num_folds: Optional[int], se
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def write_split(dataset: str, num_test: int, seed: int, num_folds: Optional[int] = None,
