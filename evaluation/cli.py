@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnunet_ima.errors import UserInputError
+from nnunet_ima.errors import UserInputError, run_command
+from nnunet_ima.help_format import DefaultsHelpFormatter
+from nnunet_ima.io import check_output_folder
 from nnunet_ima.nnunet_paths import dataset_name, require_folder
 
 from nnunet_ima.evaluation.attacks import ATTACKS
@@ -42,8 +44,8 @@ from nnunet_ima.evaluation.models import LoadedModel, checkpoint_choice, load_mo
 from nnunet_ima.evaluation.plots import plot_curves, plot_examples
 from nnunet_ima.evaluation.preflight import preflight
 from nnunet_ima.evaluation.report import (CONFIG_FILENAME, atomic_write_text, load_part,
-                                          part_path, per_slice_rows, save_part, summarise,
-                                          write_outputs)
+                                          noise_key, part_path, per_slice_rows, save_part,
+                                          summarise, write_outputs)
 from nnunet_ima.evaluation.robustness import (ATTACK_LOSSES, LEVEL_BATCHING, AttackSettings,
                                               NoiseResult,
                                               attack_loss, full_precision, iter_levels)
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Attack trained nnU-Net 2D models with PGD (or SegPGD, APGD) at several noise "
                     "levels and report TVDI / ADI tables (Total Voxel Dice Index, Average Dice "
                     "Index).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     models = p.add_argument_group("models (nnU-Net names, or folders with -m)")
     models.add_argument("-d", "--dataset", help="dataset id or name, e.g. 2 or Dataset002_Heart")
     models.add_argument("-tr", "--trainers", nargs="+", default=["nnUNetTrainer"],
@@ -141,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "those of one level at a time. auto: on GPUs only (CPUs gain nothing)")
     p.add_argument("-device", "--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device: cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random starts of the attacks and the --max-slices draw")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder (created if missing; a rerun resumes in it)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard results in OUTPUT made with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -376,6 +380,7 @@ def _prepare_output(out: str, config: dict, resume: bool) -> None:
 def evaluate(args: argparse.Namespace) -> dict:
     """Run the evaluation described by ``args``; returns the summary."""
     _check_args(args)
+    check_output_folder(args.output, "-o/--output")  # before loading models and data
     noise = sorted(set(float(n) for n in args.noise))
     settings = AttackSettings(attack=args.attack, norm=args.norm, steps=args.steps,
                               alpha=args.alpha, random_start=not args.no_random_start,
@@ -419,6 +424,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         n_cases = len(config["models"][m.name]["cases"])
         print(f"{m.name}: {len(samples[m.name])} slices of {n_cases} case{'s' * (n_cases != 1)} "
               f"({' '.join(config['models'][m.name]['case_source'])})", flush=True)
+    _report_reused(args.output, results, len(models) * len(noise))
 
     todo = [(m, [n for n in noise if n not in results[m.name]]) for m in models]
     todo = [(m, pending) for m, pending in todo if pending]
@@ -450,25 +456,39 @@ def evaluate(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _report_reused(out: str, results: Dict[str, Dict[float, NoiseResult]], total: int) -> None:
+    """One line naming the (model, noise) results a resumed run took from ``out/parts`` rather
+    than recomputing them (a resume is otherwise silent, and looks like a too-fast run)."""
+    reused = {name: sorted(levels) for name, levels in results.items() if levels}
+    count = sum(len(levels) for levels in reused.values())
+    if count:
+        listed = "; ".join(f"{name} at noise {' '.join(noise_key(n) for n in levels)}"
+                           for name, levels in reused.items())
+        print(f"resuming: reused {count} of {total} (model, noise) results from "
+              f"{os.path.join(out, 'parts')}: {listed}", flush=True)
+
+
 def _class_names(model: LoadedModel) -> List[str]:
     labels = model.dataset_json.get("labels", {})
     by_value = {int(v): k for k, v in labels.items() if isinstance(v, int)}
     return [by_value.get(c, f"class{c}") for c in range(1, model.num_classes)]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        with full_precision():
-            evaluate(args)
-    except UserInputError as e:
-        print(f"nnunet-ima-eval: error: {e}", file=sys.stderr)
-        return 2
+def _evaluate_and_print(args: argparse.Namespace) -> int:
+    with full_precision():
+        evaluate(args)
     for metric in ("tvdi", "adi"):
         with open(os.path.join(args.output, f"{metric}.md")) as f:
             print("\n" + f.read(), end="")
     print(f"\nresults in {os.path.abspath(args.output)}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Bad input: one message, exit code 2; Ctrl-C: exit code 130, and the same command resumes
+    from the finished (model, noise) parts."""
+    args = build_parser().parse_args(argv)
+    return run_command("nnunet-ima-eval", lambda: _evaluate_and_print(args))
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_attack_lowers_dice_and_more_steps_never_help(nnunet_workspace, trained_
 
 
 def test_interrupted_run_resumes_to_the_same_summary(nnunet_workspace, trained_clean_model, tmp_path,
-                                                     monkeypatch):
+                                                     monkeypatch, capsys):
     ws = nnunet_workspace
     common = ("--noise", "0", "3", "6", "--max-slices", "5", "--steps", "4", "--level-batching", "on")
     assert main(_args(ws, tmp_path / "full", *common)) == 0
@@ -106,12 +106,16 @@ def test_interrupted_run_resumes_to_the_same_summary(nnunet_workspace, trained_c
             raise KeyboardInterrupt("killed")
         return original(*a, **k)
     monkeypatch.setattr(cli, "save_part", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        main(_args(ws, tmp_path / "resumed", *common))
+    assert main(_args(ws, tmp_path / "resumed", *common)) == 130  # Ctrl-C: no traceback
+    assert capsys.readouterr().err.endswith("interrupted; rerun the same command to resume\n")
     assert len(os.listdir(tmp_path / "resumed" / "parts")) == 2
     assert not (tmp_path / "resumed" / "summary.json").exists()
+    assert not [f for f in os.listdir(tmp_path / "resumed" / "parts") if f.endswith(".tmp")]
     monkeypatch.setattr(cli, "save_part", original)
     assert main(_args(ws, tmp_path / "resumed", *common)) == 0
+    # The rerun says what it took from the interrupted one.
+    assert (f"resuming: reused 2 of 3 (model, noise) results from "
+            f"{tmp_path / 'resumed' / 'parts'}: nnUNetTrainerClean at noise 0 3") in capsys.readouterr().out
 
     full = json.loads((tmp_path / "full" / "summary.json").read_text())
     resumed = json.loads((tmp_path / "resumed" / "summary.json").read_text())
@@ -160,7 +164,10 @@ def test_bad_inputs_fail_clearly_and_write_nothing(nnunet_workspace, trained_cle
         (_args(ws, tmp_path / "o1", "--noise", "0", "-3"), "noise levels must be finite and >= 0"),
         (["-d", "987", "-tr", "nnUNetTrainerClean", "-o", str(tmp_path / "o2")], "no dataset with id 987"),
         (_args(ws, tmp_path / "o3", "-tr", "nnUNetTrainerMissing"), "does not exist"),
-        (_args(ws, tmp_path / "o4", "--checkpoint", "latest"), "checkpoint_latest.pth does not exist"),
+        # A finished run has no checkpoint_latest.pth (nnU-Net deletes it): point at final.
+        (_args(ws, tmp_path / "o4", "--checkpoint", "latest"),
+         "checkpoint_latest.pth does not exist (nnU-Net deletes checkpoint_latest.pth when a "
+         "training finishes); fold 0 has checkpoint_final.pth"),
         (["-m", str(tmp_path / "nowhere__nnUNetPlans__2d"), "-o", str(tmp_path / "o5")], "does not exist"),
     ]
     for argv, message in cases:
@@ -330,3 +337,58 @@ def test_several_folds_are_one_model_each_and_fold_all_trained_on_the_test_cases
     # Same weights, same slices: the same numbers.
     a, b = summary["models"].values()
     assert a["noise"] == b["noise"]
+
+
+def _fake_model(tmp_path, checkpoints=("checkpoint_final.pth",)):
+    """A model folder as far as the checkpoint lookup reads it (the files are empty)."""
+    folder = tmp_path / "nnUNetTrainerClean__nnUNetPlans__2d"
+    (folder / "fold_0").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        (folder / name).write_text("{}")
+    for name in checkpoints:
+        (folder / "fold_0" / name).write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize("checkpoints, asked, expected, not_expected", [
+    (["checkpoint_final.pth", "checkpoint_best.pth"], "latest",
+     "fold 0 has checkpoint_final.pth, checkpoint_best.pth: use --checkpoint final or "
+     "--checkpoint best", "--checkpoint latest"),
+    (["checkpoint_latest.pth", "checkpoint_best.pth"], "final",
+     "(the training has not finished); fold 0 has checkpoint_best.pth, checkpoint_latest.pth: "
+     "use --checkpoint best or --checkpoint latest", "--checkpoint final"),
+    ([], "final", "nor does any other checkpoint of fold 0", "use --checkpoint"),
+])
+def test_a_missing_checkpoint_points_at_the_ones_that_exist(tmp_path, capsys, checkpoints, asked,
+                                                            expected, not_expected):
+    folder = _fake_model(tmp_path, checkpoints)
+    argv = ["-m", str(folder), "--checkpoint", asked, "--device", "cpu", "-o", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and not_expected not in err
+    assert main(argv[:2] + ["-f", "3"] + argv[2:]) == 2
+    assert "fold_3 does not exist: fold 3 has not been trained" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("output, message", [
+    ("file", "-o/--output {tmp}/file is a file, not a folder"),
+    ("file/sub", "-o/--output {tmp}/file/sub cannot be created: {tmp}/file is a file"),
+])
+def test_an_output_that_is_a_file_is_refused_before_loading_anything(tmp_path, capsys, output,
+                                                                     message):
+    (tmp_path / "file").write_text("")
+    # The model folder does not exist either: the output is checked first.
+    assert main(["-m", str(tmp_path / "nowhere"), "--device", "cpu",
+                 "-o", str(tmp_path / output)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(tmp=tmp_path) in err
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "evaluate", interrupted)
+    assert main(["-m", "x", "--device", "cpu", "-o", str(tmp_path / "o")]) == 130
+    assert capsys.readouterr().err == "interrupted; rerun the same command to resume\n"
