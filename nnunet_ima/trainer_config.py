@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional
 from nnunet_ima.attacks import BOUNDARY_POINTS
 from nnunet_ima.config import AttackConfig, IMAConfig, _choice, _count, _positive
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import replace_atomically
 from nnunet_ima.losses import check_threshold
 from nnunet_ima.margins import REPEAT_DRAW_RULES
 from nnunet_ima.metrics import ABSENT_CLASS_RULES, SLICE_REDUCTIONS
@@ -190,7 +191,7 @@ def settings_from_dict(values: Dict[str, Any], base: Optional[TrainerSettings] =
         raise UserInputError(f"{source}: unknown trainer option(s) {unknown}. "
                              f"Known options: {sorted(known)}")
     if "recipe" in values:
-        if values["recipe"] not in RECIPES:
+        if not isinstance(values["recipe"], str) or values["recipe"] not in RECIPES:
             raise UserInputError(f"{source}: recipe must be one of {tuple(RECIPES)}, got "
                                  f"{values['recipe']!r}")
         values = {**RECIPES[values["recipe"]], **values}
@@ -253,8 +254,9 @@ def write_settings(settings: TrainerSettings, output_folder: str) -> str:
     """Write ``ima_config.json`` atomically; returns its path."""
     os.makedirs(output_folder, exist_ok=True)
     path = os.path.join(output_folder, CONFIG_FILENAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(settings.to_dict(), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(settings.to_dict(), f, indent=2, sort_keys=True)
+    replace_atomically(path, write)
     return path

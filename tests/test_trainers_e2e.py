@@ -166,9 +166,14 @@ def test_bad_settings_stop_before_training(nnunet_workspace, config, message):
     ws = nnunet_workspace
     result = train(ws, "nnUNetTrainerIMA_eps40", config, check=False)
     assert result.returncode != 0
-    assert message in result.stderr
+    # The message stands in a paragraph of its own before nnU-Net's traceback.
+    paragraph = result.stderr.split("Traceback")[0]
+    assert "nnUNetTrainerIMA_eps40 cannot start" in paragraph and message in paragraph
+    assert "nnunet-ima check-config FILE -tr nnUNetTrainerIMA_eps40" in paragraph
     fold = os.path.join(ws.model_folder("nnUNetTrainerIMA_eps40"), "fold_0")
-    assert not any(f.endswith(".pth") for f in os.listdir(fold)) if os.path.isdir(fold) else True
+    # Nothing is left of the start: no checkpoint, no log file with only nnU-Net's banner.
+    left = os.listdir(fold) if os.path.isdir(fold) else []
+    assert not [f for f in left if f.endswith(".pth") or f.startswith("training_log")], left
 
 
 def test_3d_configuration_is_refused(nnunet_workspace):
@@ -176,4 +181,8 @@ def test_3d_configuration_is_refused(nnunet_workspace):
     result = ws.run([_bin("nnUNetv2_train"), str(ws.dataset_id), "3d_fullres", "0", "-tr",
                      "nnUNetTrainerIMA", "-device", "cpu"], check=False)
     assert result.returncode != 0
-    assert "trains nnU-Net's 2D configuration only" in result.stderr
+    assert "trains nnU-Net's 2D configuration only" in result.stderr.split("Traceback")[0]
+    fold = os.path.join(ws.results, ws.dataset_name, "nnUNetTrainerIMA__nnUNetPlans__3d_fullres",
+                        "fold_0")
+    assert not os.path.isdir(fold) or not [f for f in os.listdir(fold)
+                                           if f.startswith("training_log")]

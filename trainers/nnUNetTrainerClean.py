@@ -9,6 +9,7 @@ This file is imported by nnU-Net's trainer lookup as a top-level module: absolut
 """
 import os
 import random
+import sys
 from typing import Any, Dict
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import replace_atomically
 from nnunet_ima.nnunet_ddp import cpu_ddp_wrapping
 from nnunet_ima.trainer_config import resolve_settings, write_settings
 
@@ -43,12 +46,16 @@ class nnUNetTrainerClean(nnUNetTrainer):
             # nnU-Net moves every DDP rank to its CUDA device; under gloo on CPU, stay on CPU.
             self.device = device
         if not self.supports_3d and len(self.configuration_manager.patch_size) != 2:
-            raise RuntimeError(
+            self._refuse_start(RuntimeError(
                 f"{type(self).__name__} trains nnU-Net's 2D configuration only (its margins are "
                 f"kept per 2D slice), but configuration {configuration!r} has the 3D patch size "
                 f"{self.configuration_manager.patch_size}. Use: nnUNetv2_train DATASET 2d FOLD "
-                f"-tr {type(self).__name__}")
-        self.ima_settings = resolve_settings(self.class_defaults(), self.output_folder, continuing)
+                f"-tr {type(self).__name__}"))
+        try:
+            self.ima_settings = resolve_settings(self.class_defaults(), self.output_folder,
+                                                 continuing)
+        except UserInputError as e:
+            self._refuse_start(e, check_config=True)
         s = self.ima_settings
         self.num_epochs = s.num_epochs
         self.num_iterations_per_epoch = s.num_iterations_per_epoch
@@ -63,6 +70,21 @@ class nnUNetTrainerClean(nnUNetTrainer):
             random.seed(seed)
             np.random.seed(seed)
             torch.manual_seed(seed)
+
+    def _refuse_start(self, error: Exception, check_config: bool = False) -> None:
+        """Stop before any training work: one readable paragraph on stderr (nnU-Net's traceback
+        that follows buries the message on its last line), and no log file of a run that never
+        started (nnU-Net's constructor has already written its citation banner into one)."""
+        if os.path.isfile(self.log_file):
+            os.remove(self.log_file)
+            if os.path.isdir(self.output_folder) and not os.listdir(self.output_folder):
+                os.rmdir(self.output_folder)
+        hint = (f"\nCheck a settings file before launching: nnunet-ima check-config FILE -tr "
+                f"{type(self).__name__}") if check_config else ""
+        print(f"\nnnunet-ima: {type(self).__name__} cannot start.\n{error}{hint}\n"
+              f"(nothing was trained or written; nnU-Net's traceback follows)\n",
+              file=sys.stderr, flush=True)
+        raise error
 
     @classmethod
     def class_defaults(cls) -> Dict[str, Any]:
@@ -105,6 +127,4 @@ class nnUNetTrainerClean(nnUNetTrainer):
         # file for --c. Writing to a temporary name and renaming keeps the previous one intact.
         if self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)
-        tmp = filename + ".tmp"
-        super().save_checkpoint(tmp)
-        os.replace(tmp, filename)
+        replace_atomically(filename, super().save_checkpoint)
