@@ -124,3 +124,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Tests that run real nnU-Net (planning, training, prediction) or train classification models
+# for many epochs are the slow tier: `pytest -m "not slow"` is the developers' loop, CI runs all.
+SLOW_FIXTURES = {"nnunet_workspace", "trained_clean_model", "moons_runs"}
+SLOW_MODULES = {"test_ddp_training", "test_demo", "test_benchmark_scripts", "test_packaging",
+                "test_classification_compare"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or \
+                item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
