@@ -68,6 +68,9 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         "boundary": "midpoint",
     },
 }
+# The dataclass default, which nnUNetTrainerClean and nnUNetTrainerAdv use: of the recipe keys,
+# only lr_schedule acts there (nnU-Net's poly). nnUNetTrainerIMA sets "authors" in its class
+# defaults (chosen by the ablation in the README).
 DEFAULT_RECIPE = "printed"
 _DEFAULT = RECIPES[DEFAULT_RECIPE]
 

@@ -37,7 +37,8 @@ def test_check_config_applies_a_trainers_class_defaults(tmp_path, capsys, monkey
     assert (settings["adv_eps"], settings["num_epochs"]) == (40.0, 3)
     monkeypatch.setenv("NNUNET_IMA_CONFIG", str(path))  # FILE defaults to the variable
     assert main(["check-config"]) == 0
-    assert json.loads(capsys.readouterr().out)["adv_eps"] == 15.0
+    default = json.loads(capsys.readouterr().out)  # -tr nnUNetTrainerIMA by default
+    assert default["adv_eps"] == 15.0 and default["recipe"] == "authors"
 
 
 @pytest.mark.parametrize("content, message", [

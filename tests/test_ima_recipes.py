@@ -238,3 +238,26 @@ def test_start_on_the_sphere_of_the_given_radius_inside_the_ball():
     assert run.x_adv.flatten(1).norm(dim=1).tolist() == pytest.approx([4.0, 1.0, 2.0], rel=1e-5)
     xi = random_on_sphere(torch.zeros(2, 7), torch.tensor([0.5, 3.0]), "linf")
     assert xi.abs().amax(dim=1).tolist() == pytest.approx([0.5, 3.0], rel=1e-6)
+
+
+def test_ima_trainers_default_to_the_authors_recipe_and_the_baselines_keep_polys_schedule():
+    """nnUNetTrainerIMA (and its eps variants) use the recipe the ablation chose; Clean and Adv
+    keep nnU-Net's poly learning rate; the printed recipe stays one name away."""
+    from nnunet_ima.trainers.nnUNetTrainerAdv import nnUNetTrainerAdv
+    from nnunet_ima.trainers.nnUNetTrainerClean import nnUNetTrainerClean
+    from nnunet_ima.trainers.nnUNetTrainerIMA import nnUNetTrainerIMA
+    from nnunet_ima.trainers.variants.nnUNetTrainerIMA_eps25 import nnUNetTrainerIMA_eps25
+    from nnunet_ima.trainers.variants.nnUNetTrainerIMA_printed import nnUNetTrainerIMA_printed
+
+    def resolved(cls):
+        return settings_from_dict(cls.class_defaults())
+    for cls in (nnUNetTrainerIMA, nnUNetTrainerIMA_eps25):
+        s = resolved(cls)
+        assert all(getattr(s, k) == v for k, v in RECIPES["authors"].items()), cls.__name__
+    assert resolved(nnUNetTrainerIMA_eps25).eps_max == 25.0
+    # delta = eps_max / 10 under the authors' margin growth: 2.5 for the paper's Heart eps_max.
+    assert resolved(nnUNetTrainerIMA_eps25).ima_config().resolved_delta(50) == pytest.approx(2.5)
+    printed = resolved(nnUNetTrainerIMA_printed)
+    assert all(getattr(printed, k) == v for k, v in RECIPES["printed"].items())
+    for cls in (nnUNetTrainerClean, nnUNetTrainerAdv):
+        assert resolved(cls).lr_schedule == "poly"

@@ -62,7 +62,8 @@ def test_ima_trains_saves_margins_and_predicts(nnunet_workspace, tmp_path):
     slices = {s for _, s in store.keys()}
     assert cases <= {f"syntheticorgan_{i:03d}" for i in range(8)}
     assert slices <= set(range(16))
-    assert store.initial == pytest.approx(20.0 / 5)  # delta = eps_max / num_epochs
+    # nnUNetTrainerIMA defaults to the authors recipe: delta = eps_max / 10, not / num_epochs.
+    assert store.initial == pytest.approx(20.0 / 10)
     values = store.values()
     assert (values > store.initial).any(), "no slice survived its budget: nothing expanded"
     assert (values < store.initial).any(), "no slice crossed or was wrong: nothing shrank"

@@ -19,10 +19,9 @@ from nnunet_ima.trainer_config import CONFIG_ENV, read_config_file, settings_fro
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", nargs="?", metavar="FILE",
                         help=f"the JSON settings file (default: the file named by ${CONFIG_ENV})")
-    parser.add_argument("-tr", "--trainer",
+    parser.add_argument("-tr", "--trainer", default="nnUNetTrainerIMA",
                         help="apply this trainer's own defaults first, as nnUNetv2_train -tr "
-                             "TRAINER would (e.g. nnUNetTrainerIMA_eps15); default: the paper's "
-                             "protocol, the defaults of nnUNetTrainerIMA")
+                             "TRAINER would (e.g. nnUNetTrainerIMA_eps15)")
 
 
 def _trainer_names() -> List[str]:
