@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 from nnunet_ima.attacks import BOUNDARY_POINTS
 from nnunet_ima.config import AttackConfig, IMAConfig, _choice, _count, _positive
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.io import replace_atomically
+from nnunet_ima.io import write_json
 from nnunet_ima.losses import check_threshold
 from nnunet_ima.margins import REPEAT_DRAW_RULES
 from nnunet_ima.metrics import ABSENT_CLASS_RULES, SLICE_REDUCTIONS
@@ -255,11 +255,6 @@ def resolve_settings(class_defaults: Dict[str, Any], output_folder: Optional[str
 
 def write_settings(settings: TrainerSettings, output_folder: str) -> str:
     """Write ``ima_config.json`` atomically; returns its path."""
-    os.makedirs(output_folder, exist_ok=True)
     path = os.path.join(output_folder, CONFIG_FILENAME)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(settings.to_dict(), f, indent=2, sort_keys=True)
-    replace_atomically(path, write)
+    write_json(path, settings.to_dict())
     return path
