@@ -41,12 +41,12 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunet_ima.attacks import select
 from nnunet_ima.losses import DiceThresholdCorrect
 from nnunet_ima.model_mode import attack_mode
-from nnunet_ima.nnunet_loss import PerSampleDiceCE, deep_supervision_weights
-from nnunet_ima.synthetic import make_case
-from nnunet_ima.trainer_config import settings_from_dict
+from nnunet_ima.nnunet.loss import PerSampleDiceCE, deep_supervision_weights
+from nnunet_ima.nnunet.synthetic import make_case
+from nnunet_ima.nnunet.settings import settings_from_dict
 from nnunet_ima.trainers.nnUNetTrainerAdv import nnUNetTrainerAdv
 from nnunet_ima.trainers.nnUNetTrainerIMA import nnUNetTrainerIMA
-from nnunet_ima.training_stats import EpochAccumulator
+from nnunet_ima.nnunet.training_stats import EpochAccumulator
 
 # PlainConvUNet settings of nnU-Net 2D plans: the synthetic 48x48 plan of the tests, and the
 # plan nnU-Net makes for MSD Heart (Dataset002) 2D: patch 320x256, batch 40, 7 stages.

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from nnunet_ima.errors import UserInputError, run_command
 from nnunet_ima.help_format import DefaultsHelpFormatter
 from nnunet_ima.io import check_output_folder
-from nnunet_ima.nnunet_paths import dataset_name, require_folder
+from nnunet_ima.nnunet.paths import dataset_name, require_folder
 
 from nnunet_ima.evaluation.attacks import ATTACKS
 from nnunet_ima.evaluation.models import LoadedModel, checkpoint_choice, load_model

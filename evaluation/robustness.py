@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nnunet_ima.metrics import confusion_counts, dice_from_counts, slice_dice_from_counts
-from nnunet_ima.nnunet_loss import PerSampleDiceCE
+from nnunet_ima.nnunet.loss import PerSampleDiceCE
 from nnunet_ima.norms import random_in_ball
 
 from nnunet_ima.evaluation.attacks import ATTACKS, run_attack

@@ -20,7 +20,6 @@ from typing import Sequence, Tuple
 
 import numpy as np
 import torch
-from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 
 SLICE_REDUCTIONS = ("mean", "max")
 ABSENT_CLASS_RULES = ("one", "zero")
@@ -60,11 +59,17 @@ def confusion_counts(pred: torch.Tensor, target: torch.Tensor,
     for name, t in (("pred", pred), ("target", target)):
         if t.numel() and (t.min() < 0 or t.max() >= num_classes):
             raise ValueError(f"{name} holds labels outside [0, {num_classes - 1}]")
-    # nnU-Net's own counting (the one its Dice loss uses), on a hard one-hot prediction.
-    pred_onehot = torch.nn.functional.one_hot(pred, num_classes).movedim(-1, 1).float()
-    axes = tuple(range(2, pred_onehot.dim()))
-    tp, fp, fn, _ = get_tp_fp_fn_tn(pred_onehot, target.unsqueeze(1), axes=axes)
-    return tuple(c[:, 1:].round().long() for c in (tp, fp, fn))
+    # Integer counts straight from the label maps (tests check them against nnU-Net's own
+    # get_tp_fp_fn_tn): a one-hot float tensor of (B, K, H, W) is not needed.
+    flat_pred = pred.reshape(pred.shape[0], -1)
+    flat_target = target.reshape(target.shape[0], -1)
+    classes = torch.arange(1, num_classes, device=pred.device).view(1, -1, 1)  # (1, K, 1)
+    is_pred = flat_pred.unsqueeze(1) == classes                                # (B, K, N)
+    is_target = flat_target.unsqueeze(1) == classes
+    tp = (is_pred & is_target).sum(-1)
+    fp = (is_pred & ~is_target).sum(-1)
+    fn = (~is_pred & is_target).sum(-1)
+    return tp, fp, fn
 
 
 def dice_from_counts(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from nnunet_ima.commands.trainer_dir import trainer_dir
-from nnunet_ima.synthetic import write_synthetic_dataset
+from nnunet_ima.nnunet.synthetic import write_synthetic_dataset
 
 DATASET_ID = 990
 DATASET_NAME = "Dataset990_SyntheticOrgan"

@@ -6,11 +6,11 @@ import os
 import pytest
 
 from conftest import _bin
-from nnunet_ima.ablation import (AblationOptions, build_variants, check_options, collect_results,
+from nnunet_ima.nnunet.ablation import (AblationOptions, build_variants, check_options, collect_results,
                                  dominated_by, eval_folder, markdown_table, model_folder,
                                  write_report)
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.trainer_config import RECIPES, settings_from_dict
+from nnunet_ima.nnunet.settings import RECIPES, settings_from_dict
 
 
 def _options(tmp_path, **kw):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from nnunet_ima.margin_checkpoint import margins_path
+from nnunet_ima.nnunet.margin_checkpoint import margins_path
 from nnunet_ima.margins import MarginStore
 from nnunet_ima.trainers.nnUNetTrainerAdv import nnUNetTrainerAdv
 from nnunet_ima.trainers.nnUNetTrainerIMA import nnUNetTrainerIMA

@@ -10,9 +10,9 @@ from nnunet_ima.errors import UserInputError
 from nnunet_ima.losses import DiceThresholdCorrect
 from nnunet_ima.margins import MarginStore
 from nnunet_ima.metrics import slice_dice_from_counts
-from nnunet_ima.nnunet_data import SLICE_KEY
-from nnunet_ima.nnunet_loss import PerSampleDiceCE
-from nnunet_ima.trainer_config import (CONFIG_ENV, RECIPES, TrainerSettings, resolve_settings,
+from nnunet_ima.nnunet.data import SLICE_KEY
+from nnunet_ima.nnunet.loss import PerSampleDiceCE
+from nnunet_ima.nnunet.settings import (CONFIG_ENV, RECIPES, TrainerSettings, resolve_settings,
                                        settings_from_dict, write_settings)
 from nnunet_ima.trainers.nnUNetTrainerIMA import nnUNetTrainerIMA
 from nnunet_ima.trainers.variants.nnUNetTrainerIMA_authors import nnUNetTrainerIMA_authors

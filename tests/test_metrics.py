@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 
 from nnunet_ima.metrics import (adi, confusion_counts, per_class_dice, robustness_auc, slice_dice,
                                 tvdi)
@@ -75,6 +76,19 @@ def test_counts_agree_with_nnunet_evaluation_on_random_maps():
         for c in range(1, 4):
             e_tp, e_fp, e_fn, _ = compute_tp_fp_fn_tn(gt[b] == c, pred[b] == c)
             assert (tp[b, c - 1], fp[b, c - 1], fn[b, c - 1]) == (e_tp, e_fp, e_fn)
+
+
+def test_counts_equal_nnunet_dice_loss_helper_on_3d_maps():
+    """The core counts without nnunetv2; they must match the helper nnU-Net's Dice loss uses."""
+    g = torch.Generator().manual_seed(1)
+    gt = torch.randint(0, 4, (3, 5, 6, 7), generator=g)
+    pred = torch.randint(0, 4, (3, 5, 6, 7), generator=g)
+    onehot = torch.nn.functional.one_hot(pred, 4).movedim(-1, 1).float()
+    e_tp, e_fp, e_fn, _ = get_tp_fp_fn_tn(onehot, gt.unsqueeze(1), axes=(2, 3, 4))
+    tp, fp, fn = confusion_counts(pred, gt, num_classes=4)
+    for ours, theirs in ((tp, e_tp), (fp, e_fp), (fn, e_fn)):
+        assert ours.dtype == torch.int64
+        assert torch.equal(ours, theirs[:, 1:].long())
 
 
 def test_robustness_auc():

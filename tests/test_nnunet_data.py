@@ -9,7 +9,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_ima.nnunet_data import SLICE_KEY, SliceTrackingDataLoader, sample_keys
+from nnunet_ima.nnunet.data import SLICE_KEY, SliceTrackingDataLoader, sample_keys
 
 
 def _loader(ws, oversample: float, batch_size: int = 8) -> SliceTrackingDataLoader:

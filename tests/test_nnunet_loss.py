@@ -6,7 +6,7 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-from nnunet_ima.nnunet_loss import PerSampleDiceCE, deep_supervision_weights, dice_ce_per_sample
+from nnunet_ima.nnunet.loss import PerSampleDiceCE, deep_supervision_weights, dice_ce_per_sample
 
 
 # nnU-Net accumulates its Dice sums in float32, hence tolerances of 1e-6 against our float64.

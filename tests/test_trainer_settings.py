@@ -4,7 +4,7 @@ import json
 import pytest
 
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.trainer_config import (CONFIG_ENV, TrainerSettings, resolve_settings,
+from nnunet_ima.nnunet.settings import (CONFIG_ENV, TrainerSettings, resolve_settings,
                                        settings_from_dict, write_settings)
 
 
@@ -76,7 +76,7 @@ def test_continuing_reuses_or_checks_the_saved_settings(tmp_path):
 
 
 def test_epoch_accumulator_means():
-    from nnunet_ima.training_stats import EpochAccumulator
+    from nnunet_ima.nnunet.training_stats import EpochAccumulator
     acc = EpochAccumulator()
     # IMA-like steps: 4 samples, 3 attacked, 1 crossed whose boundary point has Dice 0.7.
     acc.add([1.0, 0.9, 0.8, 0.1], 3, [0.7], attacked=3, crossed=1, attack_seconds=1.0,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import _bin, train
-from nnunet_ima.margin_checkpoint import margins_path
+from nnunet_ima.nnunet.margin_checkpoint import margins_path
 from nnunet_ima.margins import MarginStore
 
 TINY_IMA = {"num_epochs": 2, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1,

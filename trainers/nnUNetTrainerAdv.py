@@ -12,10 +12,10 @@ One training step (``train_step``):
 
 Under DDP (``-num_gpus N``) the attack uses the network inside the DDP wrapper, the adversarial
 term uses nnU-Net's loss without its cross-rank batch Dice, and the gradients of both backward
-passes are averaged across ranks once per step (``nnunet_ima.nnunet_ddp`` explains why).
+passes are averaged across ranks once per step (``nnunet_ima.nnunet.ddp`` explains why).
 
 For vanilla adversarial training the weights are 1/2 and 1/2: ``L = (loss(x) + loss(x_eps)) / 2``.
-The attack maximises nnU-Net's Dice + CE per sample (``nnunet_ima.nnunet_loss``).
+The attack maximises nnU-Net's Dice + CE per sample (``nnunet_ima.nnunet.loss``).
 
 This file is imported by nnU-Net's trainer lookup as a top-level module: absolute imports only.
 """
@@ -32,10 +32,10 @@ from torch import autocast
 from nnunet_ima.attacks import detach, pgd
 from nnunet_ima.distributed import gather_objects
 from nnunet_ima.losses import DiceThresholdCorrect
-from nnunet_ima.nnunet_ddp import average_gradients, unwrap_ddp
-from nnunet_ima.nnunet_loss import PerSampleDiceCE
+from nnunet_ima.nnunet.ddp import average_gradients, unwrap_ddp
+from nnunet_ima.nnunet.loss import PerSampleDiceCE
 from nnunet_ima.trainers.nnUNetTrainerClean import nnUNetTrainerClean
-from nnunet_ima.training_stats import (STATS_FILENAME, EpochAccumulator, format_for_log,
+from nnunet_ima.nnunet.training_stats import (STATS_FILENAME, EpochAccumulator, format_for_log,
                                        write_epoch_row)
 
 

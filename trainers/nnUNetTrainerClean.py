@@ -19,8 +19,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.io import replace_atomically
-from nnunet_ima.nnunet_ddp import cpu_ddp_wrapping
-from nnunet_ima.trainer_config import resolve_settings, write_settings
+from nnunet_ima.nnunet.ddp import cpu_ddp_wrapping
+from nnunet_ima.nnunet.settings import resolve_settings, write_settings
 
 
 def compile_requested() -> bool:

@@ -31,10 +31,10 @@ import torch
 
 from nnunet_ima.attacks import bpgd, select
 from nnunet_ima.distributed import merge_margin_records
-from nnunet_ima.margin_checkpoint import load_margins, remove_margins, save_margins
-from nnunet_ima.nnunet_data import sample_keys, slice_tracking_loaders
+from nnunet_ima.nnunet.margin_checkpoint import load_margins, remove_margins, save_margins
+from nnunet_ima.nnunet.data import sample_keys, slice_tracking_loaders
 from nnunet_ima.trainers.nnUNetTrainerAdv import AdversarialBatch, nnUNetTrainerAdv
-from nnunet_ima.training_stats import HISTOGRAM_FILENAME, plot_margin_histogram
+from nnunet_ima.nnunet.training_stats import HISTOGRAM_FILENAME, plot_margin_histogram
 
 
 class nnUNetTrainerIMA(nnUNetTrainerAdv):
@@ -140,7 +140,7 @@ class nnUNetTrainerIMA(nnUNetTrainerAdv):
     # ---------------------------------------------------------- checkpoints
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank == 0 and not self.disable_checkpointing:
-            # Written first: see nnunet_ima.margin_checkpoint for why this order is crash-safe.
+            # Written first: see nnunet_ima.nnunet.margin_checkpoint for why this order is crash-safe.
             save_margins(filename, self.margins, self.current_epoch + 1)
         super().save_checkpoint(filename)
 

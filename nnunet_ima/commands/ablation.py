@@ -1,10 +1,10 @@
 """``nnunet-ima ablation``: Clean, Adv budgets, IMA recipes and their one-factor variants on one
-dataset, side by side, attacked and tabulated (see :mod:`nnunet_ima.ablation`)."""
+dataset, side by side, attacked and tabulated (see :mod:`nnunet_ima.nnunet.ablation`)."""
 from __future__ import annotations
 
 import argparse
 
-from nnunet_ima.ablation import DEFAULT_VARIANTS, FACTORS, AblationOptions, run_ablation
+from nnunet_ima.nnunet.ablation import DEFAULT_VARIANTS, FACTORS, AblationOptions, run_ablation
 
 _DEFAULTS = AblationOptions(dataset="", workdir="")
 

@@ -13,7 +13,7 @@ import os
 from typing import Any, Dict, List
 
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.trainer_config import CONFIG_ENV, read_config_file, settings_from_dict
+from nnunet_ima.nnunet.settings import CONFIG_ENV, read_config_file, settings_from_dict
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

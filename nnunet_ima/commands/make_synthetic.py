@@ -10,7 +10,7 @@ import sys
 
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.io import check_output_folder
-from nnunet_ima.synthetic import (DatasetExistsError, MIN_SHAPE, check_request,
+from nnunet_ima.nnunet.synthetic import (DatasetExistsError, MIN_SHAPE, check_request,
                                   write_synthetic_dataset)
 
 OPTION_WORDS = {"dataset_id": "-d/--dataset-id", "name": "--name", "num_training": "--cases",

@@ -26,7 +26,7 @@ import numpy as np
 
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.io import write_text
-from nnunet_ima.nnunet_paths import preprocessed_dataset_folder
+from nnunet_ima.nnunet.paths import preprocessed_dataset_folder
 
 SPLITS_FILENAME = "splits_final.json"
 TEST_CASES_FILENAME = "test_cases.json"

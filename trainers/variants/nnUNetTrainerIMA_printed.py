@@ -1,4 +1,4 @@
-"""IMA with the ``printed`` recipe: Algorithm 1 as printed in the paper (see ``nnunet_ima.trainer_config.RECIPES``)."""
+"""IMA with the ``printed`` recipe: Algorithm 1 as printed in the paper (see ``nnunet_ima.nnunet.settings.RECIPES``)."""
 from nnunet_ima.trainers.nnUNetTrainerIMA import nnUNetTrainerIMA
 
 

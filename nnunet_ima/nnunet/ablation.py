@@ -6,7 +6,7 @@ On one planned and split nnU-Net dataset, with one schedule and one seed, it tra
   weight ``1 - beta``, so a weak adversarial term makes IMA train like this);
 * ``adv<eps>``: vanilla adversarial training at several budgets (the front IMA must not be
   dominated by);
-* ``ima_printed`` and ``ima_authors``: the two recipes of :data:`nnunet_ima.trainer_config.RECIPES`;
+* ``ima_printed`` and ``ima_authors``: the two recipes of :data:`nnunet_ima.nnunet.settings.RECIPES`;
 * one-factor-at-a-time variants: the authors' recipe with one of its differences put back to the
   printed reading (``authors-<factor>``), and the printed recipe with the authors' adversarial
   term (``printed+term``);
@@ -30,9 +30,9 @@ import numpy as np
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.io import write_json, write_text
 from nnunet_ima.metrics import robustness_auc
-from nnunet_ima.pipeline import Command, console_script, run_side_by_side, threads_per_job
-from nnunet_ima.trainer_config import RECIPES, settings_from_dict
-from nnunet_ima.training_stats import STATS_FILENAME
+from nnunet_ima.nnunet.pipeline import Command, console_script, run_side_by_side, threads_per_job
+from nnunet_ima.nnunet.settings import RECIPES, settings_from_dict
+from nnunet_ima.nnunet.training_stats import STATS_FILENAME
 
 OPTIONS_FILENAME = "ablation_options.json"
 TABLE_FILENAME = "ablation.md"
@@ -380,7 +380,7 @@ def write_report(options: AblationOptions, variants: List[Variant], dataset_name
 
 def run_ablation(options: AblationOptions, stop_after: str = "report") -> str:
     """Train, evaluate and report (each step skipped where already done); returns the tables."""
-    from nnunet_ima.nnunet_paths import dataset_name, preprocessed_dataset_folder
+    from nnunet_ima.nnunet.paths import dataset_name, preprocessed_dataset_folder
     name = dataset_name(options.dataset)
     preprocessed_dataset_folder(name)  # a clear error before anything is trained
     variants = build_variants(options)
