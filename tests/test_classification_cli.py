@@ -8,6 +8,7 @@ import torch
 
 from nnunet_ima.classification import cli
 from nnunet_ima.classification.cli import main
+from nnunet_ima.classification.training import Trainer
 
 TINY = ["--dataset", "moons", "--max-train", "300", "--epochs", "2", "--batch-size", "100",
         "--no-progress", "--device", "cpu"]
@@ -140,7 +141,7 @@ def test_train_refuses_an_output_that_is_a_file_before_any_work(tmp_path, capsys
 def test_ctrl_c_in_training_is_one_line_and_exit_code_130(monkeypatch, capsys):
     def interrupted(self, resume=None):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli.Trainer, "run", interrupted)
+    monkeypatch.setattr(Trainer, "run", interrupted)
     before = torch.get_num_threads()
     assert main(["train", *TINY, "--method", "ce", "-o", "run"]) == 130
     assert capsys.readouterr().err == "interrupted; rerun the same command to resume\n"

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from nnunet_ima.classification.cli import load_run, main
+from nnunet_ima.classification.cli import main
+from nnunet_ima.classification.runs import load_run
 from nnunet_ima.classification.datasets import load_dataset
 from nnunet_ima.classification.models import build_model
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from core_models import LinearBinary
-from nnunet_ima.classification.cli import main, markdown_table
+from nnunet_ima.classification.cli import main
+from nnunet_ima.classification.tables import markdown_table
 from nnunet_ima.classification.robust_eval import PGD_WORST, masking_warnings, robust_accuracy
 from nnunet_ima.classification.spsa import SPSASettings, spsa
 from nnunet_ima.classification.strong_attacks import (StrongAttackSettings, UnitBox, UnitBoxModel,

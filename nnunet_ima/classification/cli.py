@@ -4,6 +4,10 @@
     nnunet-ima-classify train --dataset moons --method adv --eps 0.3 -o runs/moons_adv0.3
     nnunet-ima-classify eval runs/moons_ce runs/moons_adv0.3 runs/moons_ima --norm linf -o tables
     nnunet-ima-classify margins runs/moons_ima
+    nnunet-ima-classify compare --dataset moons --methods ce adv ima trades -o runs/moons_compare
+
+This module parses the options and dispatches; the work is in ``runs`` (train, load),
+``evaluate`` (attack run folders), ``tables`` and ``compare``.
 """
 from __future__ import annotations
 
@@ -12,56 +16,35 @@ import importlib.metadata
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
-from nnunet_ima.classification.datasets import (DATASETS, FASHION_MNIST_DEFAULT_ROOT, MOONS_NOISE,
-                                                DatasetSplits, load_dataset)
-from nnunet_ima.classification.files import write_json, write_text
+from nnunet_ima.classification.compare import compare, run_name
+from nnunet_ima.classification.datasets import DATASETS, FASHION_MNIST_DEFAULT_ROOT, MOONS_NOISE
+from nnunet_ima.classification.evaluate import (DEFAULT_BATCH_SIZE, DEFAULT_STEPS, EvalOptions,
+                                                evaluate_runs)
+from nnunet_ima.classification.files import write_text
 from nnunet_ima.classification.margins_report import DEFAULT_QUANTILE, margin_report
-from nnunet_ima.classification.models import DEFAULT_MODEL, MODELS, build_model
-from nnunet_ima.classification.robust_eval import (ATTACK_LOSSES, MASKING_THRESHOLD_POINTS,
-                                                   PGD_WORST, WORST, auc_of, masking_warnings,
-                                                   robust_accuracy)
-from nnunet_ima.classification.spsa import SPSASettings
-from nnunet_ima.classification.strong_attacks import (ATTACKS, StrongAttackSettings, caption,
-                                                      check_attacks, settings_record)
+from nnunet_ima.classification.models import DEFAULT_MODEL, MODELS
+from nnunet_ima.classification.robust_eval import ATTACK_LOSSES
+from nnunet_ima.classification.runs import SMALL_MODEL_PARAMETERS, ExecutionOptions, train_run
 from nnunet_ima.classification.settings import (BASELINE_METHODS, METHODS, PAPER_SETTINGS,
                                                 TrainConfig)
-from nnunet_ima.classification.training import CHECKPOINT_FORMAT, FINAL, Trainer, seed_everything
+from nnunet_ima.classification.spsa import SPSASettings
+from nnunet_ima.classification.strong_attacks import ATTACKS, StrongAttackSettings
+from nnunet_ima.classification.tables import markdown_table
+from nnunet_ima.classification.training import FINAL
+from nnunet_ima.devices import add_device_argument, resolve_device
 from nnunet_ima.errors import UserInputError, run_command
 from nnunet_ima.help_format import DefaultsHelpFormatter
 from nnunet_ima.io import check_output_folder
 from nnunet_ima.margins import MarginStore
-
-# Below this many parameters a network's matrix products are too small for intra-op threads to
-# pay off; on a busy CPU the threads' synchronisation made the moons MLP 30x slower.
-SMALL_MODEL_PARAMETERS = 200_000
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserInputError(f"--device {name!r} is not a device name; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("--device cuda asked but no CUDA device is available; use --device cpu")
-    return device
-
-
-def _set_threads(requested: Optional[int], model: torch.nn.Module) -> None:
-    if requested is not None:
-        if requested < 1:
-            raise UserInputError(f"--num-threads must be >= 1, got {requested}")
-        torch.set_num_threads(requested)
-    elif sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
-        torch.set_num_threads(1)
+from nnunet_ima.norms import NORMS
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_device_argument(p)
     p.add_argument("--num-threads", type=int,
                    help="CPU threads of torch (default: torch's, 1 for networks under "
                         f"{SMALL_MODEL_PARAMETERS} parameters)")
@@ -182,8 +165,10 @@ def _training_eps(args, paper_eps_max: float) -> Optional[float]:
     return None
 
 
-def _split_path(folder: str, dataset: str) -> Optional[str]:
-    return os.path.join(folder, "covid_split.json") if dataset == "covid-ct" else None
+def execution_from_args(args) -> ExecutionOptions:
+    """The --device, --num-threads and --no-progress options."""
+    return ExecutionOptions(device=resolve_device(args.device), num_threads=args.num_threads,
+                            progress=not args.no_progress)
 
 
 def run_train(args) -> int:
@@ -191,16 +176,8 @@ def run_train(args) -> int:
     if args.save_every < 0:
         raise UserInputError(f"--save-every must be >= 0, got {args.save_every}")
     config = config_from_args(args)
-    device = _device(args.device)
-    data = load_dataset(config.dataset, config.data_root, config.data_seed,
-                        _split_path(args.output, config.dataset), config.moons_noise)
-    seed_everything(config.seed)
-    model = build_model(config.model, data.num_classes, data.input_shape)
-    _set_threads(args.num_threads, model)
-    trainer = Trainer(config, data, model, args.output, device, args.save_every,
-                      progress=not args.no_progress)
-    history = trainer.run(resume=args.resume)
-    last = history[-1]
+    last = train_run(config, args.output, execution_from_args(args), args.save_every,
+                     resume=args.resume)
     print(f"final: train_acc {last['train_acc']:.4f} val_acc {last['val_acc']:.4f} -> "
           f"{os.path.join(args.output, FINAL)}")
     return 0
@@ -220,9 +197,10 @@ def add_eval_parser(sub) -> None:
                                    "PGD is more than 2 points above a stronger attack (gradient "
                                    "masking).")
     p.add_argument("runs", nargs="+", help="run folders written by `train`")
-    p.add_argument("--norm", default="l2", choices=("l2", "linf"), help="attack norm")
+    p.add_argument("--norm", default="l2", choices=NORMS, help="attack norm")
     add_attack_options(p)
-    p.add_argument("--batch-size", type=int, default=500, help="test samples per attack batch")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="test samples per attack batch")
     p.add_argument("--seed", type=int, default=0, help="random starts of the attacks")
     p.add_argument("-o", "--output", metavar="FOLDER",
                    help="also write the markdown table to FOLDER/table_<norm>.md (created if "
@@ -234,7 +212,7 @@ def add_attack_options(p: argparse.ArgumentParser) -> None:
     """The attack settings shared by `eval` and `compare`."""
     p.add_argument("--noise", type=float, nargs="+",
                    help="noise levels (default: the paper's for the dataset, e.g. moons 0 0.05 ... 0.3)")
-    p.add_argument("--steps", type=int, default=100, help="PGD and APGD iterations")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="PGD and APGD iterations")
     p.add_argument("--attacks", nargs="+", default=list(ATTACK_LOSSES), choices=list(ATTACKS),
                    help="attacks whose worst case is reported: ce, margin (PGD losses), apgd-ce, "
                         "apgd-dlr (>= 3 classes; both need torchattacks), spsa")
@@ -249,75 +227,6 @@ def add_attack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-samples", type=int, help="evaluate the first N test samples")
 
 
-def load_run(folder: str, device: torch.device) -> Tuple[TrainConfig, dict]:
-    """The config and the final weights of a run folder (checked, nothing built yet)."""
-    path = os.path.join(folder, FINAL)
-    if not os.path.isfile(path):
-        raise UserInputError(f"{path} does not exist: train the run first (`nnunet-ima-classify "
-                             f"train ... -o {folder}`)")
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise UserInputError(f"{path} cannot be loaded ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserInputError(f"{path} is not a model of nnunet-ima-classify")
-    return TrainConfig.from_dict(state["config"]), state["model"]
-
-
-def _check_eval_args(args) -> None:
-    if args.noise is not None and any(not n >= 0 for n in args.noise):
-        raise UserInputError(f"--noise levels must be >= 0, got {args.noise}")
-    if args.steps < 1:
-        raise UserInputError(f"--steps must be >= 1, got {args.steps}")
-    if args.batch_size < 1:
-        raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_samples is not None and args.max_samples < 1:
-        raise UserInputError(f"--max-samples must be >= 1, got {args.max_samples}")
-    for option in ("apgd_restarts", "spsa_iterations", "spsa_samples"):
-        if getattr(args, option) < 1:
-            raise UserInputError(f"--{option.replace('_', '-')} must be >= 1, "
-                                 f"got {getattr(args, option)}")
-    if not args.spsa_delta > 0:
-        raise UserInputError(f"--spsa-delta must be > 0, got {args.spsa_delta}")
-
-
-def markdown_table(rows: List[Tuple[str, dict]], norm: str, steps: int, attacks: Sequence[str]) -> str:
-    """One row per run, one column per noise level (robust accuracy in %), then the AUC.
-
-    The caption names the attacks run; a cell where PGD was more than 2 points above a stronger
-    attack (``report["warnings"]``) carries a footnote mark ``[^k]`` explained below the table.
-    """
-    levels = sorted({float(n) for _, report in rows for n in report["noise"]})
-    header = "| run | n | " + " | ".join(f"{norm.upper()} {n:g}" for n in levels) + " | AUC |"
-    lines = [f"Robust accuracy (%), worst case of: {caption(attacks, steps)}",
-             "", header, "|---|---:|" + "---:|" * (len(levels) + 1)]
-    notes = []
-    for name, report in rows:
-        flagged = {f"{w['noise']:g}": w for w in report.get("warnings", [])}
-        cells = []
-        for n in levels:
-            key = f"{n:g}"
-            cell = f"{100 * report['noise'][key]:.2f}" if key in report["noise"] else ""
-            if key in flagged:
-                notes.append(flagged[key]["message"])
-                cell += f" [^{len(notes)}]"
-            cells.append(cell)
-        auc = f"{100 * report['auc']:.2f}" if report["auc"] is not None else ""
-        lines.append(f"| {name} | {report['n']} | " + " | ".join(cells) + f" | {auc} |")
-    if notes:
-        lines.append("")
-        lines.extend(f"[^{k}]: {note}" for k, note in enumerate(notes, start=1))
-    return "\n".join(lines) + "\n"
-
-
-def _warning_message(run: str, norm: str, steps: int, pgd_losses: Sequence[str], w: dict) -> str:
-    return (f"run {run}, {norm.upper()} noise {w['noise']:g}: {steps}-PGD "
-            f"({', '.join(pgd_losses)}) {100 * w['pgd']:.2f} % is {w['points']:.2f} points above "
-            f"{ATTACKS[w['attack']].label} {100 * w['accuracy']:.2f} % (more than "
-            f"{MASKING_THRESHOLD_POINTS:g}): PGD's gradients may be masked; trust the stronger "
-            f"attack")
-
-
 def check_eval_output(folder: Optional[str]) -> None:
     """``eval -o`` is a folder, as everywhere else; until version 0.1 it was the table's file,
     so a path ending in ``.md`` is refused with the new meaning rather than made a folder."""
@@ -330,74 +239,29 @@ def check_eval_output(folder: Optional[str]) -> None:
     check_output_folder(folder, "-o/--output")
 
 
+def eval_options(args, norm: Optional[str] = None,
+                 batch_size: Optional[int] = None) -> EvalOptions:
+    """The `eval` options (checked); `compare` passes the norm and batch size of its own."""
+    strong = StrongAttackSettings(apgd_restarts=args.apgd_restarts, spsa=SPSASettings(
+        iterations=args.spsa_iterations, samples=args.spsa_samples, delta=args.spsa_delta))
+    return EvalOptions(norm=norm or args.norm,
+                       noise=None if args.noise is None else tuple(args.noise),
+                       steps=args.steps, attacks=tuple(args.attacks),
+                       batch_size=args.batch_size if batch_size is None else batch_size,
+                       seed=args.seed, max_samples=args.max_samples, strong=strong)
+
+
 def run_eval(args) -> int:
-    _check_eval_args(args)
+    options = eval_options(args)
     check_eval_output(args.output)
-    rows = evaluate_runs(args.runs, args)
-    table = markdown_table(rows, args.norm, args.steps, args.attacks)
+    rows = evaluate_runs(args.runs, options, execution_from_args(args))
+    table = markdown_table(rows, options.norm, options.steps, options.attacks)
     print(table)
     if args.output:
-        path = os.path.join(args.output, f"table_{args.norm}.md")
+        path = os.path.join(args.output, f"table_{options.norm}.md")
         write_text(path, table)
         print(f"table in {path}")
     return 0
-
-
-def attack_settings(args) -> StrongAttackSettings:
-    """APGD and SPSA settings from the `eval` options."""
-    return StrongAttackSettings(apgd_restarts=args.apgd_restarts, spsa=SPSASettings(
-        iterations=args.spsa_iterations, samples=args.spsa_samples, delta=args.spsa_delta))
-
-
-def evaluate_runs(folders: Sequence[str], args) -> List[Tuple[str, dict]]:
-    """Attack the final model of every run folder as ``args`` (the `eval` options) say; writes
-    ``eval_<norm>.json`` into each folder and returns ``(run name, report)`` per folder."""
-    device = _device(args.device)
-    settings = attack_settings(args)
-    # Every folder, its data and the attacks it can take are checked before any attack runs,
-    # so a typo in the last one (or apgd-dlr on 2 classes) wastes nothing.
-    runs = [(folder, *load_run(folder, device)) for folder in folders]
-    datasets: Dict[tuple, DatasetSplits] = {}
-    for folder, config, _ in runs:
-        key = (config.dataset, config.data_root, config.data_seed, config.moons_noise)
-        if key not in datasets:
-            datasets[key] = load_dataset(config.dataset, config.data_root, config.data_seed,
-                                         _split_path(folder, config.dataset), config.moons_noise)
-        check_attacks(args.attacks, datasets[key].num_classes,
-                      where=f"{folder} ({config.dataset})")
-    pgd_losses = [a for a in args.attacks if a in ATTACK_LOSSES]
-    rows = []
-    for folder, config, weights in runs:
-        data = datasets[(config.dataset, config.data_root, config.data_seed, config.moons_noise)]
-        model = build_model(config.model, data.num_classes, data.input_shape)
-        model.load_state_dict(weights)
-        model = model.to(device).eval()
-        _set_threads(args.num_threads, model)
-        noise = sorted(set(args.noise if args.noise is not None else PAPER_SETTINGS[config.dataset].noise))
-        x, y = data.x_test, data.y_test
-        if args.max_samples:
-            x, y = x[:args.max_samples], y[:args.max_samples]
-        result = robust_accuracy(model, x, y, noise, args.norm, args.steps, args.attacks,
-                                 data.clamp, args.batch_size, args.seed, device,
-                                 progress=not args.no_progress, settings=settings)
-        name = os.path.basename(os.path.normpath(folder))
-        warnings = masking_warnings(result, args.attacks)
-        for w in warnings:
-            w["message"] = _warning_message(name, args.norm, args.steps, pgd_losses, w)
-            print(f"nnunet-ima-classify eval: warning: {w['message']}", file=sys.stderr)
-        report = {"noise": {f"{n:g}": result[WORST][n] for n in noise}, "auc": auc_of(result[WORST]),
-                  "attacks": list(args.attacks), "caption": caption(args.attacks, args.steps),
-                  "n": len(x), "norm": args.norm, "steps": args.steps, "step_size": "noise / 10",
-                  "seed": args.seed, "max_samples": args.max_samples,
-                  "batch_size": args.batch_size, "attack_settings": settings_record(args.attacks, args.steps,
-                                                                        settings),
-                  "per_attack": {a: {f"{n:g}": result[a][n] for n in noise} for a in args.attacks},
-                  "warnings": warnings}
-        if PGD_WORST in result:
-            report["pgd_worst"] = {f"{n:g}": result[PGD_WORST][n] for n in noise}
-        write_json(os.path.join(folder, f"eval_{args.norm}.json"), report)
-        rows.append((name, report))
-    return rows
 
 
 # -------------------------------------------------------------------------------- margins
@@ -428,6 +292,57 @@ def run_margins(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------- compare
+def add_compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="train several methods on one dataset and tabulate their "
+                                       "robustness (the paper's comparison)",
+                       formatter_class=DefaultsHelpFormatter,
+                       description="Train every --methods with the same settings (the paper's "
+                                   "for the dataset unless given), evaluate each under the "
+                                   "--attacks at every noise level of every --eval-norms, and "
+                                   "write DIR/table_<norm>.md and DIR/curves_<norm>.png. adv and "
+                                   "the baselines train at --eps, default the dataset's eps_max. "
+                                   "A rerun resumes: finished trainings are kept and an "
+                                   "evaluation is redone only when its settings changed or the "
+                                   "model is newer than it.")
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="the dataset to train on")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="methods to train and compare (default: all, %(default)s)")
+    p.add_argument("-o", "--output", required=True,
+                   help="comparison folder: one run folder per method, tables and curves")
+    # --batch-size is the evaluation's, as in `eval` (and in nnunet-ima-eval).
+    add_training_options(p, batch_option="--train-batch-size")
+    p.add_argument("--eval-norms", nargs="+", default=list(NORMS), choices=NORMS,
+                   help="norms of the evaluation")
+    add_attack_options(p)
+    p.add_argument("--batch-size", dest="eval_batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="test samples per attack batch of the evaluation, as in `eval`")
+    # The name before --batch-size meant the same in compare and eval; kept for old scripts.
+    p.add_argument("--eval-batch-size", dest="eval_batch_size", type=int,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def run_compare(args) -> int:
+    check_output_folder(args.output, "-o/--output")
+    if args.batch_size is not None and args.batch_size < 1:  # named here as compare calls it
+        raise UserInputError(f"--train-batch-size must be >= 1, got {args.batch_size}")
+    noise = args.noise if args.noise is not None else PAPER_SETTINGS[args.dataset].noise
+    evaluations = [eval_options(argparse.Namespace(**{**vars(args), "noise": noise}), norm,
+                                args.eval_batch_size) for norm in args.eval_norms]
+    eps = args.eps if args.eps is not None else PAPER_SETTINGS[args.dataset].eps_max
+    runs = []
+    # Every method's settings are checked before the first one trains: a bad option found
+    # after an hour of training would waste it.
+    for method in dict.fromkeys(args.methods):
+        folder = os.path.join(args.output, run_name(method, eps))
+        method_args = argparse.Namespace(**{**vars(args), "method": method,
+                                            "eps": eps if method == "adv" else args.eps})
+        runs.append((folder, config_from_args(method_args)))
+    tables = compare(args.output, runs, evaluations, execution_from_args(args), args.save_every)
+    print("\n".join(tables))
+    return 0
+
+
 # ----------------------------------------------------------------------------------- main
 def _version() -> str:
     try:
@@ -446,8 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_eval_parser(sub)
     add_margins_parser(sub)
-    # compare builds on this module's train and eval, so it is imported here, not at the top
-    from nnunet_ima.classification.compare import add_compare_parser
     add_compare_parser(sub)
     return parser
 
@@ -457,7 +370,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     resume from their checkpoints when the same command is run again)."""
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
-    from nnunet_ima.classification.compare import run_compare
     commands = {"train": run_train, "eval": run_eval, "margins": run_margins,
                 "compare": run_compare}
     try:
