@@ -138,3 +138,14 @@ def pytest_collection_modifyitems(config, items):
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or \
                 item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def cnn_batch():
+    """A 3-class float64 CNN in eval mode and 6 images (6, 1, 8, 8) in [0, 1] with labels."""
+    from core_models import SmallCNN
+    torch.manual_seed(0)
+    model = SmallCNN().double().eval()
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    return model, x, y

@@ -1,4 +1,5 @@
-"""PGD and BPGD: agreement with torchattacks, analytic margins of a linear model, invariants."""
+"""PGD and BPGD: analytic margins of a linear model, invariants (torchattacks agreement:
+test_attacks_torchattacks.py)."""
 import pytest
 import torch
 
@@ -7,35 +8,6 @@ from nnunet_ima.losses import DiceThresholdCorrect
 from nnunet_ima.norms import per_sample_norm
 
 from core_models import LinearBinary, SmallCNN
-
-torchattacks = pytest.importorskip("torchattacks")
-
-
-@pytest.fixture
-def cnn_batch():
-    torch.manual_seed(0)
-    model = SmallCNN().double().eval()
-    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
-    y = torch.tensor([0, 1, 2, 0, 1, 2])
-    return model, x, y
-
-
-@pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_pgd_iterates_equal_torchattacks(cnn_batch, norm):
-    model, x, y = cnn_batch
-    eps = 0.5 if norm == "l2" else 0.05
-    step = eps / 4
-    for k in range(1, 6):
-        if norm == "l2":
-            oracle = torchattacks.PGDL2(model, eps=eps, alpha=step, steps=k, random_start=False)
-        else:
-            oracle = torchattacks.PGD(model, eps=eps, alpha=step, steps=k, random_start=False)
-        expected = oracle(x, y)
-        ours = pgd(model, x, y, eps, norm=norm, steps=k, alpha=step * k / eps,
-                   random_start=False, clamp=(0.0, 1.0))
-        assert ours.dtype == torch.float64
-        assert torch.allclose(ours, expected, atol=1e-6, rtol=0), f"iterate {k} differs"
-        assert (ours - x).abs().max() > 0
 
 
 def _linear_problem(dtype=torch.float64):
