@@ -23,7 +23,7 @@ def check_norm(norm: str) -> str:
     return norm.lower()
 
 
-def _broadcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``(B,)`` -> ``(B, 1, ..., 1)`` so that it multiplies a ``(B, ...)`` tensor per sample."""
     return v.view(-1, *([1] * (like.dim() - 1)))
 
@@ -60,7 +60,7 @@ def steepest_ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     """``h(g)`` of PGD: the unit-L2 gradient per sample, or ``sign(g)`` for Linf. Shape kept."""
     if norm == "l2":
         length = per_sample_norm(grad, "l2").clamp_min(_TINY)
-        return grad / _broadcast(length, grad)
+        return grad / per_sample_view(length, grad)
     return grad.sign()
 
 
@@ -69,8 +69,8 @@ def project(delta: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "l2":
         length = per_sample_norm(delta, "l2")
         factor = torch.where(length > eps, eps / length.clamp_min(_TINY), torch.ones_like(length))
-        return delta * _broadcast(factor, delta)
-    bound = _broadcast(eps, delta)
+        return delta * per_sample_view(factor, delta)
+    bound = per_sample_view(eps, delta)
     return torch.maximum(torch.minimum(delta, bound), -bound)
 
 
@@ -85,11 +85,11 @@ def random_in_ball(like: torch.Tensor, eps: torch.Tensor, norm: str,
     if norm == "l2":
         direction = torch.randn(like.shape, generator=generator, dtype=like.dtype, device="cpu")
         direction = direction.to(like.device)
-        direction = direction / _broadcast(per_sample_norm(direction, "l2").clamp_min(_TINY), like)
+        direction = direction / per_sample_view(per_sample_norm(direction, "l2").clamp_min(_TINY), like)
         radius = torch.rand(like.shape[0], generator=generator, dtype=like.dtype, device="cpu")
-        return direction * _broadcast(radius.to(like.device) * eps, like)
+        return direction * per_sample_view(radius.to(like.device) * eps, like)
     u = torch.rand(like.shape, generator=generator, dtype=like.dtype, device="cpu").to(like.device)
-    return (2 * u - 1) * _broadcast(eps, like)
+    return (2 * u - 1) * per_sample_view(eps, like)
 
 
 def random_on_sphere(like: torch.Tensor, radius: torch.Tensor, norm: str,
@@ -105,8 +105,8 @@ def random_on_sphere(like: torch.Tensor, radius: torch.Tensor, norm: str,
         direction = 2 * torch.rand(like.shape, generator=generator, dtype=like.dtype,
                                    device="cpu") - 1
     direction = direction.to(like.device)
-    direction = direction / _broadcast(per_sample_norm(direction, norm).clamp_min(_TINY), like)
-    return direction * _broadcast(radius, like)
+    direction = direction / per_sample_view(per_sample_norm(direction, norm).clamp_min(_TINY), like)
+    return direction * per_sample_view(radius, like)
 
 
 def clamp_to_range(x: torch.Tensor, clamp: Optional[tuple]) -> torch.Tensor:
@@ -115,9 +115,9 @@ def clamp_to_range(x: torch.Tensor, clamp: Optional[tuple]) -> torch.Tensor:
         return x
     low, high = clamp
     if isinstance(low, torch.Tensor) and low.dim() == 1:
-        low = _broadcast(low.to(x), x)
+        low = per_sample_view(low.to(x), x)
     if isinstance(high, torch.Tensor) and high.dim() == 1:
-        high = _broadcast(high.to(x), x)
+        high = per_sample_view(high.to(x), x)
     if isinstance(low, torch.Tensor) or isinstance(high, torch.Tensor):
         low = torch.as_tensor(low, dtype=x.dtype, device=x.device)
         high = torch.as_tensor(high, dtype=x.dtype, device=x.device)

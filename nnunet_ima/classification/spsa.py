@@ -36,7 +36,8 @@ from torch import nn
 
 from nnunet_ima.attacks import margin_loss
 from nnunet_ima.model_mode import attack_mode
-from nnunet_ima.norms import as_eps_tensor, check_norm, clamp_to_range, per_sample_norm, project
+from nnunet_ima.norms import (as_eps_tensor, check_norm, clamp_to_range, per_sample_norm,
+                              per_sample_view, project)
 
 _ADAM_BETA1, _ADAM_BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 _TINY = 1e-12
@@ -83,10 +84,6 @@ class SPSAResult:
     x_adv: torch.Tensor
     fooled: torch.Tensor
     forward_samples: int
-
-
-def _broadcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1)))
 
 
 @torch.no_grad()
@@ -156,8 +153,8 @@ def spsa(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Union[float, t
             else:
                 # Adam's per-coordinate scaling is Linf geometry (it tends to sign(g)) and would
                 # pull an L2 attack towards a corner of the cube instead of along the gradient.
-                direction = m_hat / _broadcast(per_sample_norm(m_hat, "l2").clamp_min(_TINY), m_hat)
-            moved = xa + _broadcast(step[active], xa) * direction
+                direction = m_hat / per_sample_view(per_sample_norm(m_hat, "l2").clamp_min(_TINY), m_hat)
+            moved = xa + per_sample_view(step[active], xa) * direction
             delta = project(moved - x[active], eps[active], norm)
             x_adv[active] = clamp_to_range(x[active] + delta, clamp)
             now_fooled = model(x_adv[active]).argmax(dim=1) != ya
