@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import sys
 from typing import Optional, Sequence
 
+from nnunet_ima import installed_version
 from nnunet_ima.errors import run_command
 from nnunet_ima.help_format import DefaultsHelpFormatter
 from nnunet_ima.io import check_output_folder
@@ -43,18 +43,11 @@ OUTPUT_FOLDERS = {
 }
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("nnunet-ima")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
-        return "unknown (not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunet-ima",
         description="IMA (Increasing-Margin Adversarial) training for nnU-Net v2.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in SUBCOMMANDS.items():

@@ -12,7 +12,6 @@ This module parses the options and dispatches; the work is in ``runs`` (train, l
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import sys
@@ -20,6 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from nnunet_ima import installed_version
 from nnunet_ima.classification.compare import compare, run_name
 from nnunet_ima.classification.datasets import DATASETS, FASHION_MNIST_DEFAULT_ROOT, MOONS_NOISE
 from nnunet_ima.classification.evaluate import (DEFAULT_BATCH_SIZE, DEFAULT_STEPS, EvalOptions,
@@ -344,19 +344,12 @@ def run_compare(args) -> int:
 
 
 # ----------------------------------------------------------------------------------- main
-def _version() -> str:
-    try:
-        return importlib.metadata.version("nnunet-ima")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
-        return "unknown (not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-ima-classify",
                                      formatter_class=DefaultsHelpFormatter,
                                      description="IMA, vanilla adversarial and clean training and "
                                                  "robustness evaluation for image classification")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_eval_parser(sub)
