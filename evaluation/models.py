@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -90,6 +90,14 @@ class LoadedModel:
     checkpoint_path: str = ""
     checkpoint_sha256: str = ""
     fold: object = 0
+
+    @property
+    def class_names(self) -> List[str]:
+        """The names of the foreground classes 1 .. K-1 in ``dataset.json`` (``classK`` where it
+        names none): the columns of the per-class Dice."""
+        labels = self.dataset_json.get("labels", {})
+        by_value = {int(v): k for k, v in labels.items() if isinstance(v, int)}
+        return [by_value.get(c, f"class{c}") for c in range(1, self.num_classes)]
 
 
 def _read_json(path: str) -> dict:
@@ -225,3 +233,17 @@ def load_model(folder: str, fold, checkpoint: str, device: torch.device,
                        dataset_name=plans["dataset_name"], ignore_label=label_manager.ignore_label,
                        plans=plans, dataset_json=dataset_json, checkpoint_path=path,
                        checkpoint_sha256=file_sha256(path), fold=fold)
+
+
+def load_models(folders: Sequence[str], folds: Sequence, checkpoint: str,
+                device: torch.device) -> List[LoadedModel]:
+    """One model per (folder, fold), named by its trainer (``Trainer_foldK`` with several folds),
+    or by its folder where trainers repeat (same trainer, other plans or datasets)."""
+    suffix = (lambda fold: f"_fold{fold}") if len(folds) > 1 else (lambda fold: "")
+    models = [load_model(f, fold, checkpoint, device,
+                         name=os.path.basename(os.path.normpath(f)).split("__")[0] + suffix(fold))
+              for f in folders for fold in folds]
+    if len({m.name for m in models}) != len(models):
+        for m in models:
+            m.name = os.path.basename(os.path.normpath(m.folder)) + suffix(m.fold)
+    return models

@@ -5,12 +5,17 @@ look weak and the robustness table look good; each failure stops the evaluation 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Dict, List, Sequence
 
+import numpy as np
 import torch
 
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.model_mode import attack_mode
+
+from nnunet_ima.evaluation.models import LoadedModel
+from nnunet_ima.evaluation.robustness import AttackSettings, attack_loss
+from nnunet_ima.evaluation.samples import SliceSample
 
 
 def preflight(name: str, network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -44,3 +49,18 @@ def preflight(name: str, network: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     if grad.abs().max() == 0:
         raise UserInputError(f"{name}: the input gradient is zero everywhere (gradient masking, "
                              f"or a non-differentiable layer); PGD cannot measure robustness")
+
+
+def preflight_models(models: Sequence[LoadedModel], samples: Dict[str, List[SliceSample]],
+                     settings: AttackSettings, device: torch.device) -> None:
+    """:func:`preflight` every model on its first batch: up to ``settings.batch_size`` of its
+    slices of the first slice's shape, with the loss the attack maximises."""
+    for m in models:
+        first = samples[m.name][0]
+        same_shape = [s for s in samples[m.name] if s.image.shape == first.image.shape]
+        batch = same_shape[: settings.batch_size]
+        x = torch.from_numpy(np.stack([s.image for s in batch])).to(device)
+        y = torch.from_numpy(np.stack([s.label for s in batch])[:, None].astype(np.int64)).to(device)
+        # SegPGD maximises a (weighted) CE: check the gradient of the CE for it.
+        loss = "ce" if settings.attack == "segpgd" else settings.loss
+        preflight(m.name, m.network, x, y, attack_loss(loss, m.ignore_label))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nnunet_ima.attacks import pgd
-from nnunet_ima.evaluation import cli
+from nnunet_ima.evaluation import run
 from nnunet_ima.evaluation.attacks import (apgd, apgd_checkpoints, run_attack, segpgd_lambda,
                                            segpgd_loss)
 from nnunet_ima.evaluation.cli import main
@@ -296,6 +296,6 @@ def test_cli_records_the_attack_and_refuses_another_in_the_same_folder(
 
     def no_attack(*a, **k):
         raise AssertionError("a finished folder must resume without attacking")
-    monkeypatch.setattr(cli, "iter_levels", no_attack)
+    monkeypatch.setattr(run, "iter_levels", no_attack)
     assert main(_args(ws, tmp_path / "old")) == 0
     assert main(_args(ws, tmp_path / "old", "--attack", "segpgd")) == 2

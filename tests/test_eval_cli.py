@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_ima.evaluation import cli
+from nnunet_ima.evaluation import cli, run
 from nnunet_ima.evaluation.cli import main
 
 
@@ -97,7 +97,7 @@ def test_interrupted_run_resumes_to_the_same_summary(nnunet_workspace, trained_c
     assert main(_args(ws, tmp_path / "full", *common)) == 0
 
     # Killed while writing the third part (noise 6, attacked in one batch with noise 3).
-    original = cli.save_part
+    original = run.save_part
     calls = []
 
     def crash_after_two(*a, **k):
@@ -105,13 +105,13 @@ def test_interrupted_run_resumes_to_the_same_summary(nnunet_workspace, trained_c
         if len(calls) == 3:
             raise KeyboardInterrupt("killed")
         return original(*a, **k)
-    monkeypatch.setattr(cli, "save_part", crash_after_two)
+    monkeypatch.setattr(run, "save_part", crash_after_two)
     assert main(_args(ws, tmp_path / "resumed", *common)) == 130  # Ctrl-C: no traceback
     assert capsys.readouterr().err.endswith("interrupted; rerun the same command to resume\n")
     assert len(os.listdir(tmp_path / "resumed" / "parts")) == 2
     assert not (tmp_path / "resumed" / "summary.json").exists()
     assert not [f for f in os.listdir(tmp_path / "resumed" / "parts") if f.endswith(".tmp")]
-    monkeypatch.setattr(cli, "save_part", original)
+    monkeypatch.setattr(run, "save_part", original)
     assert main(_args(ws, tmp_path / "resumed", *common)) == 0
     # The rerun says what it took from the interrupted one.
     assert (f"resuming: reused 2 of 3 (model, noise) results from "

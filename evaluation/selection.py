@@ -1,0 +1,117 @@
+"""What an evaluation scores: the model folders, the cases of each model (never, unless allowed,
+the cases its fold trained on) and their test slices."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, List, Sequence
+
+from nnunet_ima.errors import UserInputError
+from nnunet_ima.nnunet.paths import dataset_name, require_folder
+
+from nnunet_ima.evaluation.models import LoadedModel
+from nnunet_ima.evaluation.options import EvalOptions
+from nnunet_ima.evaluation.samples import (SliceSample, cases_from_source, limit_slices,
+                                           load_preprocessed_slices, load_raw_slices,
+                                           resolve_case_source, select_raw_cases)
+from nnunet_ima.evaluation.training_cases import refusal_message, trained_on, training_cases
+
+
+def model_folders(options: EvalOptions) -> List[str]:
+    """The absolute model folders: ``options.model_folders``, or one per trainer under
+    ``$nnUNet_results/<dataset>``.
+
+    Raises:
+        UserInputError: a folder is named twice, or ``nnUNet_results`` is needed and not set.
+    """
+    if options.model_folders:
+        folders = [os.path.abspath(f) for f in options.model_folders]
+    else:
+        results = require_folder("nnUNet_results")
+        name = dataset_name(options.dataset)
+        folders = [os.path.join(results, name, f"{t}__{options.plans}__{options.configuration}")
+                   for t in options.trainers]
+    if len(set(folders)) != len(folders):
+        raise UserInputError(f"a model is named twice: {folders}")
+    return folders
+
+
+def _preprocessed_dataset(model: LoadedModel) -> str:
+    return os.path.join(require_folder("nnUNet_preprocessed"), model.dataset_name)
+
+
+def case_source(model: LoadedModel, options: EvalOptions) -> List[str]:
+    """Where ``model``'s cases come from, as recorded in the run's configuration: ``["raw"]``
+    for ``--images``, else ``--cases`` with its default filled in (e.g. ``["test"]``)."""
+    if options.images:
+        return ["raw"]
+    return resolve_case_source(_preprocessed_dataset(model), options.cases)
+
+
+def cases_to_score(model: LoadedModel, options: EvalOptions) -> List[str]:
+    """The case identifiers ``model`` is to be scored on (before slices without foreground and
+    ``max_slices`` thin them out)."""
+    if options.images:
+        return list(select_raw_cases(options.images, options.labels, model.dataset_json,
+                                     options.cases))
+    return cases_from_source(_preprocessed_dataset(model), options.cases, model.fold)
+
+
+def _training_cases(model: LoadedModel, options: EvalOptions) -> List[str]:
+    """The cases ``model``'s fold trained on. Raw images can be scored without the preprocessed
+    dataset; then the check cannot be made, which is said rather than hidden."""
+    try:
+        return training_cases(_preprocessed_dataset(model), model.data_identifier, model.fold)
+    except UserInputError as e:
+        if not options.images:
+            raise
+        print(f"warning: {model.name}: cannot check whether the --images cases were training "
+              f"cases ({e})", file=sys.stderr, flush=True)
+        return []
+
+
+def check_training_cases(models: Sequence[LoadedModel], cases: Dict[str, List[str]],
+                         options: EvalOptions) -> Dict[str, List[str]]:
+    """Refuse to score a model on the cases its fold trained on, unless
+    ``options.allow_train_cases``; returns the training cases that will be scored, per model
+    name (empty unless allowed)."""
+    overlap = trained_on(cases, {m.name: _training_cases(m, options) for m in models})
+    if overlap and not options.allow_train_cases:
+        raise UserInputError(refusal_message(overlap, {m.name: m.fold for m in models}))
+    for name, hit in overlap.items():
+        print(f"warning: {name} is scored on {len(hit)} case{'s' * (len(hit) != 1)} it trained "
+              f"on ({', '.join(hit)}); the tables say so", file=sys.stderr, flush=True)
+    return overlap
+
+
+def _load_samples(model: LoadedModel, cases: List[str], options: EvalOptions
+                  ) -> List[SliceSample]:
+    if options.images:
+        samples = load_raw_slices(options.images, options.labels, model.plans,
+                                  model.configuration, model.dataset_json, options.include_empty,
+                                  cases, model.ignore_label)
+    else:
+        samples = load_preprocessed_slices(_preprocessed_dataset(model), model.data_identifier,
+                                           cases, options.include_empty, model.ignore_label)
+    if not samples:
+        raise UserInputError("no test slices: the cases have no foreground (use --include-empty)")
+    return limit_slices(samples, options.max_slices, options.attack.seed)
+
+
+def samples_by_model(models: Sequence[LoadedModel], cases: Dict[str, List[str]],
+                     options: EvalOptions) -> Dict[str, List[SliceSample]]:
+    """The test slices of every model, by model name; models that read the same data share one
+    copy."""
+    cache: Dict[str, List[SliceSample]] = {}
+    samples = {}
+    for m in models:
+        # Same preprocessed folder (or same plans for raw images) and cases -> the same slices;
+        # folds differ in their validation cases.
+        key = json.dumps([m.dataset_name, m.data_identifier, cases[m.name]] if not options.images
+                         else [m.plans, m.configuration, m.dataset_json, cases[m.name]],
+                         sort_keys=True)
+        if key not in cache:
+            cache[key] = _load_samples(m, cases[m.name], options)
+        samples[m.name] = cache[key]
+    return samples
