@@ -25,11 +25,11 @@ This module parses and checks the command line; :func:`.run.evaluate` does the w
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import sys
 from typing import Optional, Sequence
 
+from nnunet_ima import installed_version
 from nnunet_ima.devices import add_device_argument, resolve_device
 from nnunet_ima.errors import UserInputError, run_command
 from nnunet_ima.help_format import DefaultsHelpFormatter
@@ -40,13 +40,6 @@ from nnunet_ima.evaluation.options import DEFAULT_NOISE, EvalOptions
 from nnunet_ima.evaluation.robustness import ATTACK_LOSSES, LEVEL_BATCHING, AttackSettings
 from nnunet_ima.evaluation.run import evaluate
 from nnunet_ima.evaluation.training_cases import parse_fold
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("nnunet-ima")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
-        return "unknown (not installed)"
 
 
 def _argument_type(parse):
@@ -133,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="discard results in OUTPUT made with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     return p
 
 
