@@ -1,0 +1,109 @@
+"""The per-slice losses of the ensemble's APGD members: SEA's (Croce, Singh and Hein, ECCV 2024).
+
+Each maps ``logits (B, K, H, W)`` and ``target (B, 1, H, W)`` (or ``(B, H, W)``) integer labels
+to ``(B,)``, the mean over the slice's scored pixels (ignore-label and negative-label pixels
+count in neither the sum nor the number of pixels). Which pixels are "correct" is read off the
+logits (argmax) and is not differentiated.
+
+* ``mask_ce``: the cross-entropy of the pixels still classified correctly. Once a pixel is
+  wrong it stops pulling on the gradient, so the attack spends its budget on the pixels it has
+  not flipped yet (plain CE keeps pushing wrong pixels ever deeper).
+* ``bal_mask_ce``: ``mask_ce`` with each pixel weighted by ``1 - n_c / n``, ``n_c`` the slice's
+  scored pixels of its ground-truth class ``c`` and ``n`` all its scored pixels: small
+  structures (a lesion, say) weigh about 1 and the dominant background little, so the attack
+  does not spend its budget on background pixels that carry no Dice.
+* ``js``: the Jensen-Shannon divergence between the softmax and the one-hot label, summed over
+  classes. It is bounded (by ``log 2``), so a pixel already far on the wrong side adds no more
+  than a pixel just across.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+SegmentationLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _labels(logits: torch.Tensor, target: torch.Tensor, ignore_label: Optional[int]
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(B, H, W)`` labels with unscored pixels set to 0, and the ``(B, H, W)`` scored mask."""
+    if target.dim() == logits.dim():
+        target = target[:, 0]
+    target = target.long()
+    scored = target >= 0
+    if ignore_label is not None:
+        scored &= target != ignore_label
+    return torch.where(scored, target, torch.zeros_like(target)), scored
+
+
+def _slice_mean(pixel_loss: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W)`` -> ``(B,)``: the mean over each slice's scored pixels (0 with none)."""
+    axes = tuple(range(1, pixel_loss.dim()))
+    return (pixel_loss * scored).sum(axes) / scored.sum(axes).clamp_min(1).to(pixel_loss.dtype)
+
+
+def masked_ce(logits: torch.Tensor, target: torch.Tensor,
+              ignore_label: Optional[int] = None) -> torch.Tensor:
+    """``(B,)`` mean CE over the scored pixels, counting only the correctly classified ones."""
+    labels, scored = _labels(logits, target, ignore_label)
+    pixel_ce = F.cross_entropy(logits, labels, reduction="none")
+    with torch.no_grad():
+        correct = (logits.argmax(dim=1) == labels) & scored
+    return _slice_mean(pixel_ce * correct, scored)
+
+
+def class_balance_weights(labels: torch.Tensor, scored: torch.Tensor,
+                          num_classes: int) -> torch.Tensor:
+    """``(B, H, W)`` weights ``1 - n_c / n`` of each pixel (``c`` its label; see the module)."""
+    onehot = F.one_hot(labels, num_classes) * scored.unsqueeze(-1)            # (B, H, W, K)
+    axes = tuple(range(1, labels.dim()))
+    per_class = onehot.sum(axes).to(torch.float64)                              # (B, K)
+    fraction = per_class / scored.sum(axes).clamp_min(1).unsqueeze(-1)          # (B, K)
+    pixel_fraction = torch.gather(fraction, 1, labels.reshape(labels.shape[0], -1))
+    return (1 - pixel_fraction).reshape(labels.shape)
+
+
+def balanced_masked_ce(logits: torch.Tensor, target: torch.Tensor,
+                       ignore_label: Optional[int] = None) -> torch.Tensor:
+    """``(B,)`` :func:`masked_ce` with the class-balance weights of :func:`class_balance_weights`."""
+    labels, scored = _labels(logits, target, ignore_label)
+    pixel_ce = F.cross_entropy(logits, labels, reduction="none")
+    with torch.no_grad():
+        correct = (logits.argmax(dim=1) == labels) & scored
+        weight = class_balance_weights(labels, scored, logits.shape[1]).to(pixel_ce.dtype)
+    return _slice_mean(pixel_ce * correct * weight, scored)
+
+
+def js_divergence(logits: torch.Tensor, target: torch.Tensor,
+                  ignore_label: Optional[int] = None) -> torch.Tensor:
+    """``(B,)`` mean over scored pixels of ``JS(softmax(logits), onehot(target))``, summed over
+    classes: ``(KL(p || m) + KL(q || m)) / 2`` with ``m = (p + q) / 2``, in ``[0, log 2]``."""
+    labels, scored = _labels(logits, target, ignore_label)
+    p = logits.softmax(dim=1)                                                     # (B, K, H, W)
+    q = F.one_hot(labels, logits.shape[1]).movedim(-1, 1).to(p.dtype)
+    m = (p + q) / 2
+    # p log(p / m) and q log(q / m) with 0 log 0 = 0; m > 0 wherever p > 0 or q > 0.
+    log_m = m.clamp_min(torch.finfo(p.dtype).tiny).log()
+    kl_p = torch.where(p > 0, p * (p.clamp_min(torch.finfo(p.dtype).tiny).log() - log_m),
+                       torch.zeros_like(p))
+    kl_q = torch.where(q > 0, q * (-log_m), torch.zeros_like(q))   # q is 0 or 1: q log q = 0
+    pixel_js = (kl_p + kl_q).sum(dim=1) / 2
+    return _slice_mean(pixel_js, scored)
+
+
+JS_MAXIMUM = math.log(2)
+
+SEA_LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
+    "mask_ce": masked_ce, "bal_mask_ce": balanced_masked_ce, "js": js_divergence}
+"""The three APGD losses of the default ensemble, by the name used in tables and summaries."""
+
+
+def sea_loss(name: str, ignore_label: Optional[int]) -> SegmentationLoss:
+    """``(logits, target) -> (B,)`` loss ``name`` of :data:`SEA_LOSSES` with ``ignore_label``."""
+    if name not in SEA_LOSSES:
+        raise ValueError(f"loss must be one of {tuple(SEA_LOSSES)}, got {name!r}")
+    function = SEA_LOSSES[name]
+    return lambda logits, target: function(logits, target, ignore_label)
