@@ -107,7 +107,7 @@ def make_trainer(cls, network, settings, device):
     if cls is nnUNetTrainerAdv:
         trainer.clean_weight = 0.5
     if cls is nnUNetTrainerIMA:
-        trainer.ima = settings.ima_config()
+        trainer.ima = settings.ima
         trainer.clean_weight = 1 - trainer.ima.beta
         trainer.margins = trainer.ima.make_margin_store(settings.num_epochs)
         trainer.margins.initial = settings.adv_eps  # the same budget as Adv

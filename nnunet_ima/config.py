@@ -1,11 +1,18 @@
-"""Frozen, validated settings of the attacks and of IMA, serialisable to and from JSON dicts."""
+"""Frozen, validated settings of the attacks and of IMA, serialisable to and from JSON dicts.
+
+Every field is declared once (:func:`nnunet_ima.declared.setting`): its default, help text and
+rule live in the field, ``__post_init__`` validates from them, and the command lines and the
+composing settings (``nnunet_ima.nnunet.settings.TrainerSettings``,
+``nnunet_ima.classification.settings.TrainConfig``) build on them instead of repeating them.
+"""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Type, TypeVar
 
 from nnunet_ima.attacks import BOUNDARY_POINTS, NAMED_LOSSES
+from nnunet_ima.declared import (Choice, Count, Flag, InvalidSetting, Positive, UnitInterval,
+                                 setting, validate_declared)
 from nnunet_ima.margins import (CLEAN_WRONG_POLICIES, CLIP_MINIMA, REPEAT_DRAW_RULES, SHRINK_RULES,
                                 MarginStore)
 from nnunet_ima.norms import NORMS
@@ -22,37 +29,21 @@ def from_dict(cls: Type[T], values: Dict[str, Any]) -> T:
     return cls(**values)
 
 
-def _positive(name: str, value: Any) -> None:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _count(name: str, value: Any, minimum: int = 0) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _choice(name: str, value: Any, options) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class AttackConfig:
     """PGD settings: ``steps`` iterations of size ``alpha * eps / steps`` in ``norm``."""
 
-    norm: str = "l2"
-    steps: int = 20
-    alpha: float = 4.0
-    random_start: bool = True
-    loss: str = "ce"
+    norm: str = setting("l2", help="attack norm", rule=Choice(NORMS))
+    steps: int = setting(20, help="PGD iterations", rule=Count(1))
+    alpha: float = setting(4.0, help="PGD step = alpha * eps / steps (4: the ball is swept 4 "
+                                     "times)", rule=Positive())
+    random_start: bool = setting(True, help="start PGD at a random point of the ball (else at "
+                                            "the input)", rule=Flag())
+    loss: str = setting("ce", help="the per-sample loss PGD maximises (cross-entropy or the "
+                                   "margin loss)", rule=Choice(tuple(NAMED_LOSSES)))
 
     def __post_init__(self):
-        _choice("norm", self.norm, NORMS)
-        _count("steps", self.steps, 1)
-        _positive("alpha", self.alpha)
-        _choice("loss", self.loss, NAMED_LOSSES)
+        validate_declared(self)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -75,39 +66,43 @@ class IMAConfig:
     in one epoch (``cross_shrinks`` / ``miss_expands``, see :mod:`nnunet_ima.margins`).
     """
 
-    eps_max: float
-    delta: Optional[float] = None
-    beta: float = 0.5
-    binary_steps: int = 10
-    margin_update: str = "average"
-    on_clean_wrong: str = "shrink"
-    clip_min: str = "zero"
-    boundary: str = "last_correct"
-    growth_epochs: Optional[int] = None
-    repeat_draws: str = "cross_shrinks"
+    eps_max: float = setting(help="the largest margin", rule=Positive())
+    delta: Optional[float] = setting(
+        None, help="margin expansion step (default: eps_max / growth epochs)", rule=Positive(),
+        optional=True)
+    beta: float = setting(0.5, help="weight of the boundary-point loss", rule=UnitInterval())
+    binary_steps: int = setting(10, help="bisection steps of BPGD", rule=Count(0))
+    margin_update: str = setting(
+        "average", help="a crossed sample's margin becomes (d + E) / 2 (average) or d (replace)",
+        rule=Choice(SHRINK_RULES))
+    on_clean_wrong: str = setting(
+        "shrink", help="a misclassified sample's margin shrinks as if crossed at distance 0, or "
+                       "is reset to delta", rule=Choice(CLEAN_WRONG_POLICIES))
+    clip_min: str = setting("zero", help="clip margins to [0, eps_max] or [delta, eps_max]",
+                            rule=Choice(CLIP_MINIMA))
+    boundary: str = setting(
+        "last_correct", help="the point BPGD returns: the correct end of the last bisection "
+                             "bracket, or its midpoint", rule=Choice(BOUNDARY_POINTS))
+    growth_epochs: Optional[int] = setting(
+        None, help="epochs for a margin to grow from 0 to eps_max, so that delta defaults to "
+                   "eps_max / growth epochs (default: the number of training epochs)",
+        rule=Count(1), optional=True)
+    repeat_draws: str = setting(
+        "cross_shrinks", help="a sample recorded several times in one epoch: shrinks if any "
+                              "record crossed (cross_shrinks), expands if any did not "
+                              "(miss_expands)", rule=Choice(REPEAT_DRAW_RULES))
 
     def __post_init__(self):
-        _positive("eps_max", self.eps_max)
-        if self.growth_epochs is not None:
-            _count("growth_epochs", self.growth_epochs, 1)
-        if self.delta is not None:
-            _positive("delta", self.delta)
-            if self.delta > self.eps_max:
-                raise ValueError(f"delta ({self.delta}) must not exceed eps_max ({self.eps_max})")
-        if not (isinstance(self.beta, (int, float)) and 0 <= self.beta <= 1):
-            raise ValueError(f"beta must be in [0, 1], got {self.beta!r}")
-        _count("binary_steps", self.binary_steps, 0)
-        _choice("margin_update", self.margin_update, SHRINK_RULES)
-        _choice("on_clean_wrong", self.on_clean_wrong, CLEAN_WRONG_POLICIES)
-        _choice("clip_min", self.clip_min, CLIP_MINIMA)
-        _choice("boundary", self.boundary, BOUNDARY_POINTS)
-        _choice("repeat_draws", self.repeat_draws, REPEAT_DRAW_RULES)
+        validate_declared(self)
+        if self.delta is not None and self.delta > self.eps_max:
+            raise InvalidSetting("delta", f"({self.delta}) must not exceed {{eps_max}} "
+                                          f"({self.eps_max})")
 
     def resolved_delta(self, num_epochs: int) -> float:
         """``delta``, or ``eps_max / (growth_epochs or num_epochs)`` when unset."""
         if self.delta is not None:
             return float(self.delta)
-        _count("num_epochs", num_epochs, 1)
+        Count(1).check("num_epochs", num_epochs)
         return float(self.eps_max) / (self.growth_epochs or num_epochs)
 
     def make_margin_store(self, num_epochs: int) -> MarginStore:

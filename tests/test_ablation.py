@@ -31,7 +31,7 @@ def test_variants_share_schedule_and_seed_and_differ_in_one_factor(tmp_path):
     assert (settings["adv2"].adv_eps, settings["adv6"].adv_eps) == (2.0, 6.0)
 
     def differences(a, b):
-        return {k for k in RECIPES["printed"] if getattr(a, k) != getattr(b, k)}
+        return {k for k in RECIPES["printed"] if a.to_dict()[k] != b.to_dict()[k]}
     assert differences(settings["authors-slices"], settings["ima_authors"]) == \
         {"attack_slices", "dice_reduce", "dice_absent_class"}
     assert differences(settings["printed+term"], settings["ima_printed"]) == {"adversarial_term"}

@@ -25,7 +25,7 @@ def test_every_recipe_sets_the_same_keys_and_validates():
     assert set(RECIPES["printed"]) == set(RECIPES["authors"])
     for name in RECIPES:
         s = settings_from_dict({"recipe": name})
-        assert all(getattr(s, k) == v for k, v in RECIPES[name].items())
+        assert all(s.to_dict()[k] == v for k, v in RECIPES[name].items())
 
 
 def test_defaults_equal_the_default_recipe():
@@ -35,7 +35,8 @@ def test_defaults_equal_the_default_recipe():
 
 def test_explicit_keys_override_the_recipe_and_both_are_recorded(tmp_path):
     s = settings_from_dict({"recipe": "authors", "adversarial_term": "crossed", "beta": 0.3})
-    assert (s.recipe, s.adversarial_term, s.attack_slices, s.beta) == ("authors", "crossed", "all", 0.3)
+    assert (s.recipe, s.adversarial_term, s.attack_slices, s.ima.beta) == \
+        ("authors", "crossed", "all", 0.3)
     saved = json.loads(open(write_settings(s, str(tmp_path))).read())
     assert saved["recipe"] == "authors" and saved["adversarial_term"] == "crossed"
     # What was written loads back to the same settings (--c compares them).
@@ -47,8 +48,8 @@ def test_a_recipe_in_the_file_replaces_the_class_default_recipe(tmp_path):
     path.write_text(json.dumps({"recipe": "printed"}))
     s = resolve_settings({"recipe": "authors", "eps_max": 15.0}, None, False,
                          {CONFIG_ENV: str(path)})
-    assert s.recipe == "printed" and s.eps_max == 15.0
-    assert all(getattr(s, k) == v for k, v in RECIPES["printed"].items())
+    assert s.recipe == "printed" and s.ima.eps_max == 15.0
+    assert all(s.to_dict()[k] == v for k, v in RECIPES["printed"].items())
 
 
 @pytest.mark.parametrize("values, message", [
@@ -70,10 +71,10 @@ def test_bad_values_name_the_key(values, message):
 def test_margin_growth_epochs_sets_delta():
     printed = settings_from_dict({"recipe": "printed", "eps_max": 20.0, "num_epochs": 50})
     authors = settings_from_dict({"recipe": "authors", "eps_max": 20.0, "num_epochs": 50})
-    assert printed.ima_config().resolved_delta(50) == pytest.approx(0.4)  # 20 / 50 epochs
-    assert authors.ima_config().resolved_delta(50) == pytest.approx(2.0)  # 20 / 10
+    assert printed.ima.resolved_delta(50) == pytest.approx(0.4)  # 20 / 50 epochs
+    assert authors.ima.resolved_delta(50) == pytest.approx(2.0)  # 20 / 10
     explicit = settings_from_dict({"recipe": "authors", "eps_max": 20.0, "delta": 5.0})
-    assert explicit.ima_config().resolved_delta(50) == 5.0
+    assert explicit.ima.resolved_delta(50) == 5.0
 
 
 def test_files_written_before_recipes_keep_loading(tmp_path):
@@ -90,11 +91,11 @@ def test_files_written_before_recipes_keep_loading(tmp_path):
     fold.mkdir()
     (fold / "ima_config.json").write_text(json.dumps(old))
     s = resolve_settings({"recipe": "authors"}, str(fold), True, {})
-    assert s.recipe == "printed" and s.adversarial_term == "crossed" and s.pgd_steps == 3
+    assert s.recipe == "printed" and s.adversarial_term == "crossed" and s.attack.steps == 3
     flat = tmp_path / "flat.json"
     flat.write_text(json.dumps({"eps_max": 15, "pgd_steps": 10, "num_epochs": 100}))
     s = resolve_settings({}, None, False, {CONFIG_ENV: str(flat)})
-    assert (s.eps_max, s.pgd_steps, s.num_epochs) == (15, 10, 100)
+    assert (s.ima.eps_max, s.attack.steps, s.num_epochs) == (15, 10, 100)
 
 
 def test_class_defaults_add_up_along_the_class_hierarchy():
@@ -175,7 +176,7 @@ def _ima_trainer(recipe: str, **overrides) -> nnUNetTrainerIMA:
                                  # From x itself: the distances are then the geometry's alone.
                                  "random_start": False}, **overrides))
     trainer.ima_settings = s
-    trainer.ima = s.ima_config()
+    trainer.ima = s.ima
     trainer.margins = trainer.ima.make_margin_store(10)
     trainer.network = PixelValueNet()
     trainer.attack_loss = PerSampleDiceCE()
@@ -253,11 +254,11 @@ def test_ima_trainers_default_to_the_authors_recipe_and_the_baselines_keep_polys
         return settings_from_dict(cls.class_defaults())
     for cls in (nnUNetTrainerIMA, nnUNetTrainerIMA_eps25):
         s = resolved(cls)
-        assert all(getattr(s, k) == v for k, v in RECIPES["authors"].items()), cls.__name__
-    assert resolved(nnUNetTrainerIMA_eps25).eps_max == 25.0
+        assert all(s.to_dict()[k] == v for k, v in RECIPES["authors"].items()), cls.__name__
+    assert resolved(nnUNetTrainerIMA_eps25).ima.eps_max == 25.0
     # delta = eps_max / 10 under the authors' margin growth: 2.5 for the paper's Heart eps_max.
-    assert resolved(nnUNetTrainerIMA_eps25).ima_config().resolved_delta(50) == pytest.approx(2.5)
+    assert resolved(nnUNetTrainerIMA_eps25).ima.resolved_delta(50) == pytest.approx(2.5)
     printed = resolved(nnUNetTrainerIMA_printed)
-    assert all(getattr(printed, k) == v for k, v in RECIPES["printed"].items())
+    assert all(printed.to_dict()[k] == v for k, v in RECIPES["printed"].items())
     for cls in (nnUNetTrainerClean, nnUNetTrainerAdv):
         assert resolved(cls).lr_schedule == "poly"

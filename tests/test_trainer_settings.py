@@ -11,9 +11,10 @@ from nnunet_ima.nnunet.settings import (CONFIG_ENV, TrainerSettings, resolve_set
 def test_defaults_are_the_papers_protocol():
     s = TrainerSettings()
     assert (s.num_epochs, s.num_iterations_per_epoch) == (50, 50)
-    assert (s.eps_max, s.norm, s.pgd_steps, s.pgd_alpha, s.binary_steps) == (25.0, "l2", 20, 4.0, 10)
-    assert (s.beta, s.dice_threshold, s.margin_update) == (0.5, 0.6, "average")
-    assert s.ima_config().resolved_delta(s.num_epochs) == pytest.approx(0.5)  # 25 / 50
+    assert (s.ima.eps_max, s.attack.norm, s.attack.steps, s.attack.alpha, s.ima.binary_steps) == \
+        (25.0, "l2", 20, 4.0, 10)
+    assert (s.ima.beta, s.dice_threshold, s.ima.margin_update) == (0.5, 0.6, "average")
+    assert s.ima.resolved_delta(s.num_epochs) == pytest.approx(0.5)  # 25 / 50
 
 
 def _env_file(tmp_path, values):
@@ -25,8 +26,8 @@ def _env_file(tmp_path, values):
 def test_file_overrides_variant_defaults(tmp_path):
     env = _env_file(tmp_path, {"pgd_steps": 3, "num_epochs": 4})
     s = resolve_settings({"eps_max": 15.0}, str(tmp_path / "fold"), False, env)
-    assert (s.eps_max, s.pgd_steps, s.num_epochs) == (15.0, 3, 4)
-    assert s.ima_config().make_margin_store(s.num_epochs).initial == pytest.approx(15.0 / 4)
+    assert (s.ima.eps_max, s.attack.steps, s.num_epochs) == (15.0, 3, 4)
+    assert s.ima.make_margin_store(s.num_epochs).initial == pytest.approx(15.0 / 4)
 
 
 @pytest.mark.parametrize("values, message", [

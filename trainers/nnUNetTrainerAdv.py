@@ -125,8 +125,10 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
         """PGD at ``adv_eps`` on every sample of the batch."""
         s = self.ima_settings
         clean_dice = self.is_correct.dice(clean_output, target)
-        x_adv = pgd(self.attack_network, data, target, s.adv_eps, norm=s.norm, steps=s.pgd_steps,
-                    alpha=s.pgd_alpha, loss=self.attack_loss, random_start=s.random_start)
+        attack = s.attack
+        x_adv = pgd(self.attack_network, data, target, s.adv_eps, norm=attack.norm,
+                    steps=attack.steps, alpha=attack.alpha, loss=self.attack_loss,
+                    random_start=attack.random_start)
         return AdversarialBatch(x_adv, target, 1.0 - self.clean_weight, clean_dice,
                                 clean_dice >= s.dice_threshold)
 

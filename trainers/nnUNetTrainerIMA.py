@@ -53,7 +53,7 @@ class nnUNetTrainerIMA(nnUNetTrainerAdv):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.ima = self.ima_settings.ima_config()
+        self.ima = self.ima_settings.ima
         self.clean_weight = 1.0 - self.ima.beta
         self.margins = self.ima.make_margin_store(self.num_epochs)
 
@@ -89,10 +89,11 @@ class nnUNetTrainerIMA(nnUNetTrainerAdv):
             if s.start_point == "inner_sphere":
                 delta = self.margins.delta
                 start_radius = (eps - delta).clamp_min(delta)
+            attack = s.attack
             result = bpgd(self.attack_network, data[idx], select(target, idx), eps, self.is_correct,
-                          norm=s.norm, steps=s.pgd_steps, alpha=s.pgd_alpha,
-                          binary_steps=s.binary_steps, loss=self.attack_loss,
-                          random_start=s.random_start, boundary=s.boundary,
+                          norm=attack.norm, steps=attack.steps, alpha=attack.alpha,
+                          binary_steps=self.ima.binary_steps, loss=self.attack_loss,
+                          random_start=attack.random_start, boundary=self.ima.boundary,
                           start_radius=start_radius)
             found = result.found.cpu()
             crossed[idx.cpu()] = found

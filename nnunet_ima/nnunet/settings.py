@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Optional
 
-from nnunet_ima.attacks import BOUNDARY_POINTS
-from nnunet_ima.config import AttackConfig, IMAConfig, _choice, _count, _positive
+from nnunet_ima.config import AttackConfig, IMAConfig
+from nnunet_ima.declared import (Choice, Count, FlatKeys, OpenUnitInterval, Positive,
+                                 declaration, setting, validate_declared)
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.io import write_json
-from nnunet_ima.losses import check_threshold
-from nnunet_ima.margins import REPEAT_DRAW_RULES
 from nnunet_ima.metrics import ABSENT_CLASS_RULES, SLICE_REDUCTIONS
-from nnunet_ima.norms import NORMS
 
 CONFIG_ENV = "NNUNET_IMA_CONFIG"
 CONFIG_FILENAME = "ima_config.json"
@@ -74,6 +72,19 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 DEFAULT_RECIPE = "printed"
 _DEFAULT = RECIPES[DEFAULT_RECIPE]
 
+# The flat keys of ima_config.json that are fields of the attack and IMA parts. The names are
+# those of the files written before the parts existed (pgd_steps, margin_growth_epochs).
+FLAT_KEYS = FlatKeys(
+    parts={"attack": AttackConfig, "ima": IMAConfig},
+    keys={"norm": ("attack", "norm"), "pgd_steps": ("attack", "steps"),
+          "pgd_alpha": ("attack", "alpha"), "random_start": ("attack", "random_start"),
+          "eps_max": ("ima", "eps_max"), "delta": ("ima", "delta"), "beta": ("ima", "beta"),
+          "binary_steps": ("ima", "binary_steps"), "margin_update": ("ima", "margin_update"),
+          "on_clean_wrong": ("ima", "on_clean_wrong"), "clip_min": ("ima", "clip_min"),
+          "boundary": ("ima", "boundary"), "margin_growth_epochs": ("ima", "growth_epochs"),
+          "repeat_draws": ("ima", "repeat_draws")})
+"""The attack's ``loss`` is no key: the trainers set it (nnU-Net's per-slice Dice + CE)."""
+
 
 @dataclass(frozen=True)
 class TrainerSettings:
@@ -83,14 +94,15 @@ class TrainerSettings:
     ``num_val_iterations_per_epoch`` validation iterations, a checkpoint every ``save_every``
     epochs (1: ``--c`` after a crash loses at most one epoch).
 
-    Attack (both trainers): ``norm``, ``pgd_steps`` steps of ``pgd_alpha * eps / pgd_steps``,
-    ``random_start``; ``attack_outputs`` chooses the objective: nnU-Net's Dice + CE on all
-    deep-supervision outputs with nnU-Net's weights, or on the full-resolution output only.
+    ``attack`` (both trainers): PGD's norm, steps of ``alpha * eps / steps`` and random start
+    (:class:`nnunet_ima.config.AttackConfig`); ``attack_outputs`` chooses the objective:
+    nnU-Net's Dice + CE on all deep-supervision outputs with nnU-Net's weights, or on the
+    full-resolution output only.
 
-    IMA: ``eps_max``, ``delta`` (``None`` = ``eps_max / num_epochs``), ``beta``,
-    ``binary_steps``, ``dice_threshold`` and ``dice_reduce`` (a slice is correct when its Dice,
-    the mean or max over foreground classes, is >= the threshold), ``margin_update``,
-    ``on_clean_wrong``, ``clip_min``, ``boundary`` (see :class:`nnunet_ima.config.IMAConfig`).
+    ``ima``: eps_max, delta, beta, binary steps, the margin update, clean-wrong and clip rules,
+    the boundary point, the margin growth and the repeat-draw rule
+    (:class:`nnunet_ima.config.IMAConfig`); ``dice_threshold`` and ``dice_reduce`` (a slice is
+    correct when its Dice, the mean or max over foreground classes, is >= the threshold).
 
     Adv: ``adv_eps``, the fixed budget of vanilla adversarial training.
 
@@ -100,87 +112,71 @@ class TrainerSettings:
     ``beta * crossed / B``, or every attacked slice's point with weight ``beta``),
     ``adversarial_dice`` (nnU-Net's batch Dice or a per-sample Dice in the adversarial loss),
     ``dice_absent_class`` (a class absent from prediction and ground truth scores 1 and is left
-    out, or scores 0), ``repeat_draws`` (see :mod:`nnunet_ima.margins`), ``lr_schedule``,
-    ``margin_growth_epochs`` (``delta = eps_max / margin_growth_epochs``; ``None``: the number of
-    epochs), ``start_point`` (random start in the ball, or on the sphere of radius
-    ``max(E - delta, delta)``).
+    out, or scores 0), ``lr_schedule``, ``start_point`` (random start in the ball, or on the
+    sphere of radius ``max(E - delta, delta)``), and of the IMA part ``repeat_draws``,
+    ``growth_epochs`` and ``boundary``.
+
+    As JSON (:meth:`to_dict`, :func:`settings_from_dict`) the settings are one flat object whose
+    keys are the fields of this class and the :data:`FLAT_KEYS` of its parts.
     """
 
-    num_epochs: int = 50
-    num_iterations_per_epoch: int = 50
-    num_val_iterations_per_epoch: int = 50
-    save_every: int = 1
-    initial_lr: float = 1e-2
-    seed: Optional[int] = None
-    norm: str = "l2"
-    pgd_steps: int = 20
-    pgd_alpha: float = 4.0
-    random_start: bool = True
-    attack_outputs: str = "deep_supervision"
-    eps_max: float = 25.0
-    delta: Optional[float] = None
-    beta: float = 0.5
-    binary_steps: int = 10
-    dice_threshold: float = 0.6
-    dice_reduce: str = _DEFAULT["dice_reduce"]
-    margin_update: str = "average"
-    on_clean_wrong: str = "shrink"
-    clip_min: str = "zero"
-    boundary: str = _DEFAULT["boundary"]
-    adv_eps: float = 15.0
-    recipe: str = DEFAULT_RECIPE
-    attack_slices: str = _DEFAULT["attack_slices"]
-    adversarial_term: str = _DEFAULT["adversarial_term"]
-    adversarial_dice: str = _DEFAULT["adversarial_dice"]
-    dice_absent_class: str = _DEFAULT["dice_absent_class"]
-    repeat_draws: str = _DEFAULT["repeat_draws"]
-    lr_schedule: str = _DEFAULT["lr_schedule"]
-    margin_growth_epochs: Optional[int] = _DEFAULT["margin_growth_epochs"]
-    start_point: str = _DEFAULT["start_point"]
+    num_epochs: int = setting(50, help="training epochs", rule=Count(1))
+    num_iterations_per_epoch: int = setting(50, help="training iterations per epoch",
+                                            rule=Count(1))
+    num_val_iterations_per_epoch: int = setting(50, help="validation iterations per epoch",
+                                                rule=Count(0))
+    save_every: int = setting(1, help="a checkpoint every this many epochs", rule=Count(1))
+    initial_lr: float = setting(1e-2, help="nnU-Net's initial learning rate", rule=Positive())
+    seed: Optional[int] = setting(None, help="seed of the RNGs (default: unseeded)",
+                                  rule=Count(0), optional=True)
+    attack: AttackConfig = AttackConfig()
+    attack_outputs: str = setting("deep_supervision", help="the outputs the attack's loss reads",
+                                  rule=Choice(ATTACK_OUTPUTS))
+    ima: IMAConfig = IMAConfig(eps_max=25.0)
+    dice_threshold: float = setting(0.6, help="a slice is correct when its Dice is >= this",
+                                    rule=OpenUnitInterval())
+    dice_reduce: str = setting(_DEFAULT["dice_reduce"], help="slice Dice over the classes",
+                               rule=Choice(SLICE_REDUCTIONS))
+    adv_eps: float = setting(15.0, help="the fixed budget of nnUNetTrainerAdv", rule=Positive())
+    recipe: str = setting(DEFAULT_RECIPE, help="the reading of IMA", rule=Choice(tuple(RECIPES)))
+    attack_slices: str = setting(_DEFAULT["attack_slices"], help="the slices BPGD attacks",
+                                 rule=Choice(ATTACK_SLICES))
+    adversarial_term: str = setting(_DEFAULT["adversarial_term"],
+                                    help="the slices of the adversarial term",
+                                    rule=Choice(ADVERSARIAL_TERMS))
+    adversarial_dice: str = setting(_DEFAULT["adversarial_dice"],
+                                    help="the Dice of the adversarial term",
+                                    rule=Choice(ADVERSARIAL_DICE))
+    dice_absent_class: str = setting(_DEFAULT["dice_absent_class"],
+                                     help="the score of a class absent from both",
+                                     rule=Choice(ABSENT_CLASS_RULES))
+    lr_schedule: str = setting(_DEFAULT["lr_schedule"], help="the learning-rate schedule",
+                               rule=Choice(LR_SCHEDULES))
+    start_point: str = setting(_DEFAULT["start_point"], help="the random start of BPGD",
+                               rule=Choice(START_POINTS))
 
     def __post_init__(self):
-        for name in ("num_epochs", "num_iterations_per_epoch", "save_every", "pgd_steps"):
-            _count(name, getattr(self, name), 1)
-        _count("num_val_iterations_per_epoch", self.num_val_iterations_per_epoch, 0)
-        _count("binary_steps", self.binary_steps, 0)
-        if self.seed is not None:
-            _count("seed", self.seed, 0)
-        for name in ("initial_lr", "pgd_alpha", "adv_eps"):
-            _positive(name, getattr(self, name))
-        if not isinstance(self.random_start, bool):
-            raise ValueError(f"random_start must be true or false, got {self.random_start!r}")
-        for name, options in (("norm", NORMS), ("attack_outputs", ATTACK_OUTPUTS),
-                              ("dice_reduce", SLICE_REDUCTIONS), ("boundary", BOUNDARY_POINTS),
-                              ("recipe", RECIPES), ("attack_slices", ATTACK_SLICES),
-                              ("adversarial_term", ADVERSARIAL_TERMS),
-                              ("adversarial_dice", ADVERSARIAL_DICE),
-                              ("dice_absent_class", ABSENT_CLASS_RULES),
-                              ("repeat_draws", REPEAT_DRAW_RULES), ("lr_schedule", LR_SCHEDULES),
-                              ("start_point", START_POINTS)):
-            _choice(name, getattr(self, name), options)
-        check_threshold(self.dice_threshold)
-        self.ima_config()  # validates eps_max, delta, beta and the margin-update options
-
-    def ima_config(self) -> IMAConfig:
-        """The IMA part as the core's :class:`IMAConfig` (validated there)."""
-        return IMAConfig(eps_max=self.eps_max, delta=self.delta, beta=self.beta,
-                         binary_steps=self.binary_steps, margin_update=self.margin_update,
-                         on_clean_wrong=self.on_clean_wrong, clip_min=self.clip_min,
-                         boundary=self.boundary, growth_epochs=self.margin_growth_epochs,
-                         repeat_draws=self.repeat_draws)
-
-    def attack_config(self) -> AttackConfig:
-        """The PGD part as the core's :class:`AttackConfig` (the loss is set by the trainer)."""
-        return AttackConfig(norm=self.norm, steps=self.pgd_steps, alpha=self.pgd_alpha,
-                            random_start=self.random_start)
+        FLAT_KEYS.check_parts(self)
+        validate_declared(self)
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """The flat JSON object of ``ima_config.json``."""
+        return FLAT_KEYS.flatten(self)
+
+
+def _apply(base: TrainerSettings, values: Dict[str, Any]) -> TrainerSettings:
+    """``base`` with flat ``values`` applied; an out-of-range value is an
+    :class:`InvalidSetting` named by its flat key."""
+    own, parts = FLAT_KEYS.split(values)
+    for part, updates in parts.items():
+        if updates:
+            own[part] = FLAT_KEYS.build_part(part, updates, base=getattr(base, part))
+    return replace(base, **own)
 
 
 def settings_from_dict(values: Dict[str, Any], base: Optional[TrainerSettings] = None,
                        source: str = "settings") -> TrainerSettings:
-    """``base`` (default: the paper's protocol) with ``values`` applied.
+    """``base`` (default: the paper's protocol) with the flat ``values`` applied.
 
     A ``recipe`` in ``values`` sets that recipe's settings first; the other keys of ``values``
     override them.
@@ -188,18 +184,16 @@ def settings_from_dict(values: Dict[str, Any], base: Optional[TrainerSettings] =
     Raises:
         UserInputError: unknown keys, an unknown recipe or out-of-range values, naming ``source``.
     """
-    known = {f.name for f in fields(TrainerSettings)}
-    unknown = sorted(set(values) - known)
+    known = FLAT_KEYS.known(TrainerSettings)
+    unknown = sorted(set(values) - set(known))
     if unknown:
         raise UserInputError(f"{source}: unknown trainer option(s) {unknown}. "
                              f"Known options: {sorted(known)}")
-    if "recipe" in values:
-        if not isinstance(values["recipe"], str) or values["recipe"] not in RECIPES:
-            raise UserInputError(f"{source}: recipe must be one of {tuple(RECIPES)}, got "
-                                 f"{values['recipe']!r}")
-        values = {**RECIPES[values["recipe"]], **values}
     try:
-        return replace(base or TrainerSettings(), **values)
+        if "recipe" in values:  # checked before it names the recipe's settings
+            declaration(TrainerSettings, "recipe").check("recipe", values["recipe"])
+            values = {**RECIPES[values["recipe"]], **values}
+        return _apply(base or TrainerSettings(), values)
     except (TypeError, ValueError) as e:
         raise UserInputError(f"{source}: {e}") from None
 
