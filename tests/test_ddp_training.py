@@ -37,7 +37,7 @@ class RecordingMixin:
     def after_step(self, batch, adversarial, adversarial_dice):
         super().after_step(batch, adversarial, adversarial_dice)
         self.cases += [str(k) for k in batch["keys"]]
-        self.recorded_keys += [list(k) for k in adversarial.extra.get("keys", [])]
+        self.recorded_keys += [list(k) for k in (adversarial.keys or [])]
         self.adversarial_counts.append(0 if adversarial.x is None else int(adversarial.x.shape[0]))
 
 

@@ -204,10 +204,10 @@ def test_adversarial_term_two_of_four_cross(recipe, rows, weight):
     result = trainer.adversarial_batch(x, y, clean, batch)
     assert result.x.shape[0] == rows
     assert result.weight == pytest.approx(weight)
-    assert result.extra["crossed_mask"].tolist() == [True, True, False, False]
-    assert result.extra["attacked"] == 4
+    assert result.crossed_mask.tolist() == [True, True, False, False]
+    assert result.attacked == 4
     # The crossed slices' points lie at their boundary: sqrt(3) c <= distance <= 2 c.
-    for c, d in zip((0.25, 0.4), result.extra["distance"][:2].tolist()):
+    for c, d in zip((0.25, 0.4), result.distance[:2].tolist()):
         assert 3 ** 0.5 * c - 0.01 <= d <= 2 * c + 0.01
     if recipe == "authors":
         # A slice that did not cross is trained on at its last PGD iterate, on its budget.
@@ -223,9 +223,9 @@ def test_attack_slices_all_attacks_clean_wrong_slices_too():
     for attack_slices, attacked in (("correct", 3), ("all", 4)):
         trainer = _ima_trainer("printed", attack_slices=attack_slices)
         result = trainer.adversarial_batch(x, y, trainer.network(x), batch)
-        assert result.extra["attacked"] == attacked
+        assert result.attacked == attacked
         assert result.clean_correct.tolist() == [False, True, True, True]
-        assert result.extra["crossed"] == 1  # only a clean-correct slice's crossing counts
+        assert result.crossed == 1  # only a clean-correct slice's crossing counts
 
 
 def test_start_on_the_sphere_of_the_given_radius_inside_the_ball():

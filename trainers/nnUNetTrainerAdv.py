@@ -21,7 +21,7 @@ This file is imported by nnU-Net's trainer lookup as a top-level module: absolut
 """
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, List, Optional
 
@@ -49,6 +49,14 @@ class AdversarialBatch:
         weight: the weight of their batch-mean nnU-Net loss in the step's total loss.
         clean_dice: ``(B,)`` slice Dice of the clean output.
         clean_correct: ``(B,)`` bool, clean Dice >= threshold.
+
+    What IMA's BPGD adds (``None`` for the fixed-budget attack of Adv):
+        keys: the ``B`` slice keys ``(case identifier, slice index)`` of the batch.
+        crossed_mask: ``(B,)`` bool on the CPU, BPGD found a boundary point within the margin.
+        distance: ``(B,)`` float on the CPU, the boundary point's distance (0 where none).
+        attacked: how many slices were attacked (``None``: all ``B``).
+        crossed: how many clean-correct slices crossed (``None``: the adversarial slices whose
+            Dice fell below the threshold).
     """
 
     x: Optional[torch.Tensor]
@@ -56,7 +64,11 @@ class AdversarialBatch:
     weight: float
     clean_dice: torch.Tensor
     clean_correct: torch.Tensor
-    extra: dict = field(default_factory=dict)
+    keys: Optional[List[Any]] = None
+    crossed_mask: Optional[torch.Tensor] = None
+    distance: Optional[torch.Tensor] = None
+    attacked: Optional[int] = None
+    crossed: Optional[int] = None
 
 
 # The adversarial term counts as too weak below this weight for this many epochs in a row.
@@ -198,13 +210,13 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
         self._optimizer_step()
         self.after_step(batch, adversarial, adversarial_dice)
 
-        attacked = adversarial.extra.get("attacked", data.shape[0])
+        attacked = data.shape[0] if adversarial.attacked is None else adversarial.attacked
+        crossed = int((adversarial_dice < self.ima_settings.dice_threshold).sum()) \
+            if adversarial.crossed is None else adversarial.crossed
         self._epoch_stats.add(
             clean_dice=adversarial.clean_dice.cpu().numpy(),
             clean_correct=int(adversarial.clean_correct.sum()),
-            adv_dice=adversarial_dice.cpu().numpy(), attacked=attacked,
-            crossed=adversarial.extra.get(
-                "crossed", int((adversarial_dice < self.ima_settings.dice_threshold).sum())),
+            adv_dice=adversarial_dice.cpu().numpy(), attacked=attacked, crossed=crossed,
             attack_seconds=attack_seconds, step_seconds=perf_counter() - start,
             adv_weight=adversarial.weight if adversarial_dice.numel() > 0 else 0.0)
         return {"loss": total.cpu().numpy()}

@@ -108,14 +108,13 @@ class nnUNetTrainerIMA(nnUNetTrainerAdv):
         # clean-wrong (shrink or reset), so only the crossings of clean-correct slices count here.
         n_crossed = int((crossed & correct.cpu()).sum())
         return AdversarialBatch(
-            x_adv, target_adv, weight, clean_dice, correct,
-            extra={"keys": keys, "crossed_mask": crossed, "distance": distance,
-                   "attacked": int(idx.numel()), "crossed": n_crossed})
+            x_adv, target_adv, weight, clean_dice, correct, keys=keys, crossed_mask=crossed,
+            distance=distance, attacked=int(idx.numel()), crossed=n_crossed)
 
     def after_step(self, batch: dict, adversarial: AdversarialBatch,
                    adversarial_dice: torch.Tensor) -> None:
-        self.margins.record(adversarial.extra["keys"], adversarial.extra["crossed_mask"],
-                            adversarial.extra["distance"], adversarial.clean_correct.cpu())
+        self.margins.record(adversarial.keys, adversarial.crossed_mask, adversarial.distance,
+                            adversarial.clean_correct.cpu())
 
     def epoch_statistics(self) -> dict:
         # Under DDP every rank recorded different slices: all take the union, in rank order,
