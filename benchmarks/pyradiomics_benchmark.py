@@ -56,6 +56,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_ima.nnunet.experiment import TRAINERS, CommandFailed, Experiment
+from nnunet_ima.nnunet.pipeline import Command, console_script
+
 PACKAGE = "pyradiomics-bhklab"
 VERSION = "3.1.4"
 SDIST_NAME = "pyradiomics_bhklab-3.1.4.tar.gz"
@@ -63,14 +66,14 @@ SDIST_SHA256 = "a44a087efc4ede91b5dfa5cf0de58ea3596bfaec1ef2484f278504b0a8fd5ffb
 CASES = ("brain1", "brain2", "breast1", "lung1", "lung2")
 DATASET_ID = 991
 DATASET_NAME = "PyRadiomicsLesions"
-TRAINERS = ("nnUNetTrainerClean", "nnUNetTrainerAdv", "nnUNetTrainerIMA")
 STAGES = ("download", "dataset", "preprocess", "train", "eval")
 SPLITS = ("halves", "patients")
 BENCHMARK_KEY = "nnunet_ima_benchmark"
 
 
 class BenchmarkError(RuntimeError):
-    """A step failed; the message says which and where its log is."""
+    """A step of the benchmark's own failed (the download, the archive, the dataset); the
+    message says which. A failed command raises :class:`CommandFailed`, naming its log."""
 
 
 def sha256_of(path: str) -> str:
@@ -278,72 +281,6 @@ def trainer_settings(args: argparse.Namespace) -> Dict[str, dict]:
             "nnUNetTrainerIMA": dict(schedule, **attack, eps_max=args.eps_max)}
 
 
-def data_augmentation_workers(device: str, jobs: int) -> str:
-    """``nnUNet_n_proc_DA`` of each training: 0 (augment in the main process) on a CPU, where the
-    cores are busy with the network; on a GPU the CPU cores shared by the concurrent trainings."""
-    if device == "cpu":
-        return "0"
-    return str(max(1, (os.cpu_count() or 2) // max(1, jobs) - 1))
-
-
-def _bin(name: str) -> str:
-    candidate = os.path.join(os.path.dirname(sys.executable), name)
-    return candidate if os.path.exists(candidate) else name
-
-
-class Runner:
-    """Runs commands with the workdir's nnU-Net folders set; output goes to ``logs/``."""
-
-    def __init__(self, workdir: str):
-        from nnunet_ima.commands.trainer_dir import trainer_dir
-
-        self.workdir = os.path.abspath(workdir)
-        self.folders = {name: os.path.join(self.workdir, name)
-                        for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-        for folder in self.folders.values():
-            os.makedirs(folder, exist_ok=True)
-        self.env = dict(os.environ, **self.folders, nnUNet_def_n_proc="1",
-                        nnUNet_extTrainer=trainer_dir())
-        self.env.pop("NNUNET_IMA_CONFIG", None)
-        self.env.pop("nnUNet_n_proc_DA", None)  # nnunetv2 2.8.1's planning fails with it
-
-    def run(self, args: List[str], log_name: str, extra_env: Dict[str, str] = None,
-            show_output: bool = False) -> None:
-        self.run_together([(args, log_name, extra_env)], show_output)
-
-    def run_together(self, commands: List[Tuple[List[str], str, Optional[Dict[str, str]]]],
-                     show_output: bool = False) -> None:
-        """Run ``(args, log name, extra env)`` commands as concurrent processes; wait for all."""
-        started = []
-        for args, log_name, extra_env in commands:
-            shown = " ".join(f"{k}={v}" for k, v in (extra_env or {}).items())
-            print(f"\n$ {shown + ' ' if shown else ''}{' '.join(shlex.quote(a) for a in args)}",
-                  flush=True)
-            log_path = os.path.join(self.workdir, "logs", log_name + ".log")
-            os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            log = None if show_output else open(log_path, "w")
-            process = subprocess.Popen(args, env=dict(self.env, **(extra_env or {})), stdout=log,
-                                       stderr=None if show_output else subprocess.STDOUT)
-            started.append((args, log_path, log, process, time.time()))
-        failures = []
-        while started:  # report each process when it ends, whatever the order
-            for entry in [e for e in started if e[3].poll() is not None]:
-                args, log_path, log, process, start = entry
-                started.remove(entry)
-                if log is not None:
-                    log.close()
-                if process.returncode != 0:
-                    failures.append(f"{' '.join(args[:2])} ... failed (exit {process.returncode}); "
-                                    f"see {log_path}")
-                else:
-                    print(f"  {os.path.basename(log_path)}: done in {time.time() - start:.0f} s",
-                          flush=True)
-            if started:
-                time.sleep(0.5)
-        if failures:
-            raise BenchmarkError("; ".join(failures))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -383,7 +320,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     start = time.time()
     stop = STAGES.index(args.stop_after)
-    runner = Runner(args.workdir)
+    runner = Experiment(args.workdir)
     dataset = f"Dataset{args.dataset_id:03d}_{DATASET_NAME}"
     try:
         raw_folder = os.path.join(runner.folders["nnUNet_raw"], dataset)
@@ -403,15 +340,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if stop < STAGES.index("preprocess"):
             return 0
         preprocessed = os.path.join(runner.folders["nnUNet_preprocessed"], dataset)
-        if not os.path.isfile(os.path.join(preprocessed, "nnUNetPlans.json")) or \
-                not os.path.isdir(os.path.join(preprocessed, "nnUNetPlans_2d")):
-            runner.run([_bin("nnUNetv2_plan_and_preprocess"), "-d", str(args.dataset_id), "-c", "2d",
-                        "-npfp", "1", "-np", "1", "--verify_dataset_integrity"], "plan_and_preprocess")
+        if not runner.preprocessed(dataset):
+            runner.run_together([runner.plan_and_preprocess_command(args.dataset_id)])
         if not os.path.isfile(os.path.join(preprocessed, "test_cases.json")):
             if args.split == "patients":
                 # Four folds of the four non-test volumes: fold 0 trains on three, as before.
-                runner.run([_bin("nnunet-ima"), "split", "-d", str(args.dataset_id), "--test", "1",
-                            "--folds", "4", "--seed", str(args.seed)], "split", show_output=True)
+                runner.run_together([Command(
+                    [console_script("nnunet-ima"), "split", "-d", str(args.dataset_id), "--test",
+                     "1", "--folds", "4", "--seed", str(args.seed)], "split")], show_output=True)
             else:
                 from nnunet_ima.commands.split import case_identifiers, save_split
 
@@ -423,25 +359,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                       f"{' '.join(split['test'])}", flush=True)
         if stop < STAGES.index("train"):
             return 0
-        trainings = []
-        for trainer, settings in trainer_settings(args).items():
-            model = os.path.join(runner.folders["nnUNet_results"], dataset,
-                                 f"{trainer}__nnUNetPlans__2d", "fold_0", "checkpoint_final.pth")
-            if os.path.isfile(model):
-                print(f"\n{trainer}: already trained, skipped", flush=True)
-                continue
-            config = os.path.join(runner.workdir, f"{trainer}.json")
-            with open(config, "w") as f:
-                json.dump(settings, f, indent=2)
-            extra = {"NNUNET_IMA_CONFIG": config,
-                     "nnUNet_n_proc_DA": data_augmentation_workers(args.device, args.jobs)}
-            trainings.append(([_bin("nnUNetv2_train"), str(args.dataset_id), "2d", "0", "-tr",
-                               trainer, "-device", args.device], f"train_{trainer}", extra))
-        for first in range(0, len(trainings), args.jobs):
-            runner.run_together(trainings[first:first + args.jobs])
+        trainings = runner.training_commands(args.dataset_id, dataset, trainer_settings(args),
+                                             args.device, args.jobs)
+        runner.run_together(trainings, args.jobs)
         if stop < STAGES.index("eval"):
             return 0
-        from nnunet_ima.commands.demo import run_evaluation
         eval_args = ["-d", str(args.dataset_id), "-c", "2d", "-f", "0", "-tr", *TRAINERS,
                      "--noise", *[f"{n:g}" for n in args.noise], "--steps", str(args.eval_steps),
                      "--cases", *(args.eval_cases or (["test"] if args.split == "halves"
@@ -450,10 +372,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "-o", os.path.join(runner.workdir, "robustness")]
         if args.max_slices:
             eval_args += ["--max-slices", str(args.max_slices)]
-        code = run_evaluation(runner.folders, eval_args)
+        code = runner.evaluate(eval_args)
         if code:
             return code
-    except BenchmarkError as e:
+    except (BenchmarkError, CommandFailed) as e:
         print(f"pyradiomics_benchmark: error: {e}", file=sys.stderr)
         return 1
     print(f"\nfinished in {(time.time() - start) / 60:.1f} min; results in "

@@ -120,19 +120,24 @@ def test_halves_cut_each_volume_across_its_lesion_and_keep_geometry(bench_module
         bench_module.check_dataset_options(folder, 0, "patients", 0)
 
 
-def test_runner_runs_commands_side_by_side_and_names_the_failures(bench_module, tmp_path, capsys):
+def test_runner_runs_commands_side_by_side_and_names_the_failures(tmp_path, capsys):
+    """The benchmark's runner (the demo's too) runs its trainings side by side."""
     import sys
     import time
 
-    runner = bench_module.Runner(str(tmp_path / "work"))
+    from nnunet_ima.nnunet.experiment import CommandFailed, Experiment
+    from nnunet_ima.nnunet.pipeline import Command
+
+    runner = Experiment(str(tmp_path / "work"))
     sleep = [sys.executable, "-c", "import time; time.sleep(1.5)"]
     start = time.time()
-    runner.run_together([(sleep, "first", None), (sleep, "second", None)])
+    runner.run_together([Command(sleep, "first"), Command(sleep, "second")])
     assert time.time() - start < 2.9  # concurrently, not 2 x 1.5 s one after the other
     out = capsys.readouterr().out
     assert "first.log: done in" in out and "second.log: done in" in out
     fail = [sys.executable, "-c", "import sys; print('broken'); sys.exit(3)"]
-    with pytest.raises(bench_module.BenchmarkError, match="exit 3") as error:
-        runner.run_together([(fail, "bad", {"EXTRA": "1"}), (sleep[:2] + ["pass"], "good", None)])
+    with pytest.raises(CommandFailed, match="exit 3") as error:
+        runner.run_together([Command(fail, "bad", {"EXTRA": "1"}),
+                             Command(sleep[:2] + ["pass"], "good")])
     assert "bad.log" in str(error.value) and "good" not in str(error.value)
     assert (tmp_path / "work" / "logs" / "bad.log").read_text().strip() == "broken"

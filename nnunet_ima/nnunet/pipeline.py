@@ -1,7 +1,8 @@
 """Run nnU-Net's commands as subprocesses, one at a time or side by side, with logs per command.
 
-Used by the ablation experiment: every training is a real ``nnUNetv2_train`` process with its own
-environment (its ``nnUNet_results`` folder and ``NNUNET_IMA_CONFIG`` file).
+Used by the ablation experiment and by :mod:`.experiment` (the demo and the real-lesion
+benchmark): every training is a real ``nnUNetv2_train`` process with its own environment (its
+``NNUNET_IMA_CONFIG`` file, for the ablation its ``nnUNet_results`` folder).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 from nnunet_ima.errors import UserInputError
 
@@ -35,6 +36,58 @@ class Command:
         return (prefix + " " if prefix else "") + " ".join(shlex.quote(a) for a in self.args)
 
 
+@dataclass
+class Finished:
+    """A command that ended: its exit code, its log file and how long it ran (seconds)."""
+
+    command: Command
+    log_path: str
+    returncode: int
+    seconds: float
+
+
+def run_commands(commands: Sequence[Command], log_folder: str, base_env: Dict[str, str],
+                 jobs: int = 1, show_output: bool = False, poll_seconds: float = 0.5
+                 ) -> Iterator[Finished]:
+    """Run ``commands``, at most ``jobs`` at a time; yield each as it ends, whatever the order.
+
+    A command is shown (``$ ...``) when it starts, as soon as a slot is free. Its output goes to
+    ``log_folder/<log_name>.log``, or with ``show_output`` to this process's own output. All
+    commands run even when one fails; the caller reports the outcomes. Commands still running
+    when the caller stops (an error, Ctrl-C) are killed, as :func:`subprocess.run` does.
+    """
+    if jobs < 1:
+        raise UserInputError(f"jobs must be >= 1, got {jobs}")
+    os.makedirs(log_folder, exist_ok=True)
+    pending = list(commands)
+    running = []
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                command = pending.pop(0)
+                print(f"\n$ {command.shown()}", flush=True)
+                log_path = os.path.join(log_folder, command.log_name + ".log")
+                log = None if show_output else open(log_path, "w")
+                process = subprocess.Popen(command.args, env=dict(base_env, **command.env),
+                                           stdout=log,
+                                           stderr=None if show_output else subprocess.STDOUT)
+                running.append((command, log_path, log, process, time.time()))
+            for entry in [e for e in running if e[3].poll() is not None]:
+                command, log_path, log, process, start = entry
+                running.remove(entry)
+                if log is not None:
+                    log.close()
+                yield Finished(command, log_path, process.returncode, time.time() - start)
+            if running:
+                time.sleep(poll_seconds)
+    finally:
+        for _, _, log, process, _ in running:
+            process.kill()
+            process.wait()
+            if log is not None:
+                log.close()
+
+
 def run_side_by_side(commands: List[Command], log_folder: str, base_env: Dict[str, str],
                      jobs: int = 1, poll_seconds: float = 0.5) -> None:
     """Run ``commands``, at most ``jobs`` at a time, each writing ``log_folder/<log_name>.log``.
@@ -42,33 +95,15 @@ def run_side_by_side(commands: List[Command], log_folder: str, base_env: Dict[st
     A command is started as soon as a slot is free; each is reported when it ends, whatever the
     order. All commands run even when one fails; then one error names every failure and its log.
     """
-    if jobs < 1:
-        raise UserInputError(f"jobs must be >= 1, got {jobs}")
-    os.makedirs(log_folder, exist_ok=True)
-    pending = list(commands)
-    running = []
     failures = []
-    while pending or running:
-        while pending and len(running) < jobs:
-            command = pending.pop(0)
-            print(f"\n$ {command.shown()}", flush=True)
-            log_path = os.path.join(log_folder, command.log_name + ".log")
-            log = open(log_path, "w")
-            process = subprocess.Popen(command.args, env=dict(base_env, **command.env),
-                                       stdout=log, stderr=subprocess.STDOUT)
-            running.append((command, log_path, log, process, time.time()))
-        for entry in [e for e in running if e[3].poll() is not None]:
-            command, log_path, log, process, start = entry
-            running.remove(entry)
-            log.close()
-            if process.returncode != 0:
-                failures.append(f"{command.log_name} failed (exit {process.returncode}); see "
-                                f"{log_path}")
-                print(f"  {command.log_name}: FAILED (exit {process.returncode})", flush=True)
-            else:
-                print(f"  {command.log_name}: done in {time.time() - start:.0f} s", flush=True)
-        if running:
-            time.sleep(poll_seconds)
+    for finished in run_commands(commands, log_folder, base_env, jobs, poll_seconds=poll_seconds):
+        name = finished.command.log_name
+        if finished.returncode != 0:
+            failures.append(f"{name} failed (exit {finished.returncode}); see "
+                            f"{finished.log_path}")
+            print(f"  {name}: FAILED (exit {finished.returncode})", flush=True)
+        else:
+            print(f"  {name}: done in {finished.seconds:.0f} s", flush=True)
     if failures:
         raise UserInputError("; ".join(failures))
 
@@ -77,3 +112,12 @@ def threads_per_job(jobs: int, cores: Optional[int] = None) -> int:
     """CPU threads each of ``jobs`` concurrent trainings gets (at least 1)."""
     cores = cores or os.cpu_count() or 1
     return max(1, cores // max(1, jobs))
+
+
+def data_augmentation_workers(device: str, jobs: int) -> str:
+    """``nnUNet_n_proc_DA`` of each of ``jobs`` concurrent trainings: 0 (augment in the main
+    process) on a CPU, where the cores are busy with the network; on a GPU the CPU cores shared
+    by the trainings, less one for the training process itself."""
+    if device == "cpu":
+        return "0"
+    return str(max(1, (os.cpu_count() or 2) // max(1, jobs) - 1))

@@ -1,0 +1,146 @@
+"""An nnU-Net experiment in one folder: plan and preprocess a dataset, train the Clean, Adv and
+IMA trainers, evaluate the three models.
+
+``nnunet-ima demo`` (a synthetic dataset) and ``benchmarks/pyradiomics_benchmark.py`` (real CT /
+MR lesions) are two such experiments. An :class:`Experiment` gives its workdir its own
+``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results``, runs the same commands a user
+types, each shown and logged to ``WORKDIR/logs``, and skips a training whose final checkpoint
+exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+from nnunet_ima.commands.trainer_dir import trainer_dir
+from nnunet_ima.errors import UserInputError
+from nnunet_ima.nnunet.pipeline import (Command, console_script, data_augmentation_workers,
+                                        run_commands)
+
+TRAINERS = ("nnUNetTrainerClean", "nnUNetTrainerAdv", "nnUNetTrainerIMA")
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+class CommandFailed(UserInputError):
+    """A command of the experiment failed; the message names it and where its output is."""
+
+
+class Experiment:
+    """Runs an experiment's commands in ``workdir`` with nnU-Net's environment set.
+
+    ``show_output``: commands write to this process's output instead of ``WORKDIR/logs``.
+    """
+
+    def __init__(self, workdir: str, show_output: bool = False):
+        self.workdir = os.path.abspath(workdir)
+        self.show_output = show_output
+        self.log_folder = os.path.join(self.workdir, "logs")
+        self.folders = {name: os.path.join(self.workdir, name) for name in NNUNET_FOLDERS}
+        for folder in self.folders.values():
+            os.makedirs(folder, exist_ok=True)
+        self.env = dict(os.environ, **self.folders, nnUNet_def_n_proc="1",
+                        nnUNet_extTrainer=trainer_dir())
+        self.env.pop("NNUNET_IMA_CONFIG", None)
+        self.env.pop("nnUNet_n_proc_DA", None)  # planning fails with it in nnunetv2 2.8.1
+
+    # ------------------------------------------------------------------------------ commands
+    def _shows_output(self, show_output: Optional[bool]) -> bool:
+        return self.show_output if show_output is None else show_output
+
+    def run(self, command: Command, show_output: Optional[bool] = None) -> None:
+        """Run one command and wait for it; one line says how long it took (and where its log
+        is).
+
+        Raises:
+            CommandFailed: it exited non-zero.
+        """
+        shown = self._shows_output(show_output)
+        (finished,) = run_commands([command], self.log_folder, self.env, show_output=shown)
+        log = None if shown else finished.log_path
+        if finished.returncode != 0:
+            raise CommandFailed(f"{' '.join(command.args[:2])} failed (exit "
+                                f"{finished.returncode}); see {log or 'the output above'}")
+        print(f"  done in {finished.seconds:.0f} s" + (f" (log: {log})" if log else ""),
+              flush=True)
+
+    def run_together(self, commands: Sequence[Command], jobs: Optional[int] = None,
+                     show_output: Optional[bool] = None) -> None:
+        """Run ``commands`` side by side, at most ``jobs`` at a time (default: all at once); each
+        is named by its log file when it ends, whatever the order.
+
+        Raises:
+            CommandFailed: one or more exited non-zero (all ran); it names each and its log.
+        """
+        failures = []
+        for finished in run_commands(commands, self.log_folder, self.env,
+                                     jobs or max(1, len(commands)),
+                                     self._shows_output(show_output)):
+            if finished.returncode != 0:
+                failures.append(f"{' '.join(finished.command.args[:2])} ... failed (exit "
+                                f"{finished.returncode}); see {finished.log_path}")
+            else:
+                print(f"  {os.path.basename(finished.log_path)}: done in "
+                      f"{finished.seconds:.0f} s", flush=True)
+        if failures:
+            raise CommandFailed("; ".join(failures))
+
+    # ------------------------------------------------------------------------------- steps
+    def preprocessed(self, dataset_name: str) -> bool:
+        """Whether ``dataset_name`` has its plans and its preprocessed 2D data."""
+        folder = os.path.join(self.folders["nnUNet_preprocessed"], dataset_name)
+        return (os.path.isfile(os.path.join(folder, "nnUNetPlans.json"))
+                and os.path.isdir(os.path.join(folder, "nnUNetPlans_2d")))
+
+    @staticmethod
+    def plan_and_preprocess_command(dataset_id: int, log_name: str = "plan_and_preprocess"
+                                    ) -> Command:
+        """``nnUNetv2_plan_and_preprocess`` of the 2D configuration, one process, checked."""
+        return Command([console_script("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id),
+                        "-c", "2d", "-npfp", "1", "-np", "1", "--verify_dataset_integrity"],
+                       log_name)
+
+    def trained(self, dataset_name: str, trainer: str) -> bool:
+        """Whether ``trainer``'s fold 0 of ``dataset_name`` has its final checkpoint."""
+        return os.path.isfile(os.path.join(self.folders["nnUNet_results"], dataset_name,
+                                           f"{trainer}__nnUNetPlans__2d", "fold_0",
+                                           "checkpoint_final.pth"))
+
+    def training_commands(self, dataset_id: int, dataset_name: str,
+                          settings: Dict[str, dict], device: str, jobs: int = 1
+                          ) -> List[Command]:
+        """``nnUNetv2_train DATASET 2d 0 -tr TRAINER`` for every trainer of ``settings`` not
+        trained yet, each with its settings written to ``WORKDIR/<trainer>.json`` and given as
+        ``NNUNET_IMA_CONFIG``; ``jobs`` (trainings at once) sets their data-augmentation
+        workers."""
+        commands = []
+        for trainer, trainer_settings in settings.items():
+            if self.trained(dataset_name, trainer):
+                print(f"\n{trainer}: already trained, skipped", flush=True)
+                continue
+            config = os.path.join(self.workdir, f"{trainer}.json")
+            with open(config, "w") as f:
+                json.dump(trainer_settings, f, indent=2)
+            commands.append(Command(
+                [console_script("nnUNetv2_train"), str(dataset_id), "2d", "0", "-tr", trainer,
+                 "-device", device], f"train_{trainer}",
+                {"NNUNET_IMA_CONFIG": config,
+                 "nnUNet_n_proc_DA": data_augmentation_workers(device, jobs)}))
+        return commands
+
+    def evaluate(self, eval_args: List[str]) -> int:
+        """Show and run ``nnunet-ima-eval eval_args`` in this process with the workdir's
+        ``nnUNet_*`` folders set; the environment is restored afterwards. Returns the exit
+        code."""
+        from nnunet_ima.evaluation.cli import main as evaluate
+        print(f"\n$ nnunet-ima-eval {' '.join(eval_args)}", flush=True)
+        saved = {k: os.environ.get(k) for k in self.folders}
+        os.environ.update(self.folders)
+        try:
+            return evaluate(eval_args)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
