@@ -25,11 +25,15 @@ depend on the other slices of the batch.
   ``rho = 0.75`` of the steps since the previous checkpoint increased its loss, or when its step
   size was not halved at the previous checkpoint and its best loss has not changed since. It
   returns each slice's best (highest-loss) iterate.
+* ``apgd_sea``: APGD as SEA runs it for segmentation (Croce, Singh and Hein, ECCV 2024): three
+  stages at radii ``2 eps``, ``1.5 eps``, ``eps`` (30 / 30 / 40 % of the steps), each started
+  from the previous stage's lowest-Dice iterate, returning the last stage's lowest-Dice iterate
+  (:func:`apgd_shrinking_radius`); meant for SEA's losses (:mod:`.segmentation_losses`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +42,7 @@ from torch import nn
 from nnunet_ima.model_mode import attack_mode
 from nnunet_ima.norms import as_eps_tensor, check_norm, project, steepest_ascent_direction
 
-ATTACKS = ("pgd", "segpgd", "apgd")
+ATTACKS = ("pgd", "segpgd", "apgd", "apgd_sea")
 
 APGD_MOMENTUM = 0.75  # the paper's alpha: weight of the new step, 1 - 0.75 on the previous one
 APGD_RHO = 0.75
@@ -46,6 +50,8 @@ APGD_FIRST_STEP = 2.0  # eta_0 = 2 eps (Algorithm 1, both norms)
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 """``loss(logits (B, K, H, W), target (B, 1, H, W)) -> (B,)``, maximised by the attack."""
+ScoreFn = Callable[[torch.Tensor, Any], torch.Tensor]
+"""``score(logits (B, K, H, W), target) -> (B,)``, what the attack wants low (the slice Dice)."""
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -167,17 +173,23 @@ class APGDRun:
         x_best: ``(B, C, H, W)`` each slice's highest-loss iterate (the start included).
         loss_best, loss_start: ``(B,)`` the loss at ``x_best`` and at the start point.
         step_size: ``(B,)`` each slice's final step size (``2 eps / 2**halvings``).
+        x_lowest_score, score_lowest: with a ``score``, each slice's iterate of the lowest
+            score (the start included) and that score, ``(B, C, H, W)`` and ``(B,)``; else
+            ``None``.
     """
 
     x_best: torch.Tensor
     loss_best: torch.Tensor
     loss_start: torch.Tensor
     step_size: torch.Tensor
+    x_lowest_score: Optional[torch.Tensor] = None
+    score_lowest: Optional[torch.Tensor] = None
 
 
 def apgd(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
          start: Optional[torch.Tensor], *, norm: str, steps: int, loss: LossFn,
-         rho: float = APGD_RHO, momentum: float = APGD_MOMENTUM) -> APGDRun:
+         rho: float = APGD_RHO, momentum: float = APGD_MOMENTUM,
+         score: Optional[ScoreFn] = None) -> APGDRun:
     """Auto-PGD maximising ``loss`` per slice (see the module docstring for the schedule).
 
     ``steps`` gradient steps: the loss is evaluated at the start and at each of the ``steps``
@@ -188,6 +200,10 @@ def apgd(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
         x: ``(B, ...)`` clean input; y: labels with a batch dimension; eps: ``(B,)`` budgets.
         start: ``(B, ...)`` offset inside the ball, or ``None``.
         loss: ``(output, y) -> (B,)``.
+        score: ``(output, y) -> (B,)``, lower is a better attack (e.g. the slice Dice); when
+            given, each slice's lowest-score iterate is kept too. SEA's masked losses need it:
+            their value falls as pixels flip, so the highest-loss iterate is not the one that
+            broke the most.
 
     Returns:
         :class:`APGDRun`.
@@ -200,14 +216,30 @@ def apgd(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
     def ball(v: torch.Tensor) -> torch.Tensor:
         return x + project(v - x, eps, norm)
 
+    x_low = s_low = None
+
     def evaluate(point: torch.Tensor, with_grad: bool):
+        nonlocal x_low, s_low
         if not with_grad:
             with torch.no_grad():
-                return loss(model(point), y).detach(), None
-        point = point.clone().requires_grad_(True)
-        value = loss(model(point), y)
-        (grad,) = torch.autograd.grad(value.sum(), point)
-        return value.detach(), grad
+                output = model(point)
+                value, grad = loss(output, y).detach(), None
+        else:
+            point = point.clone().requires_grad_(True)
+            output = model(point)
+            value = loss(output, y)
+            (grad,) = torch.autograd.grad(value.sum(), point)
+            value, point = value.detach(), point.detach()
+        if score is not None:
+            with torch.no_grad():
+                s_point = score(output.detach(), y)
+            if x_low is None:
+                x_low, s_low = point.clone(), s_point
+            else:
+                lower = s_point < s_low
+                x_low[lower] = point[lower]
+                s_low = torch.where(lower, s_point, s_low)
+        return value, grad
 
     with attack_mode(model):
         x_k = _start(x, start)
@@ -250,19 +282,54 @@ def apgd(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
                 last_checkpoint = k + 1
                 f_best_at_checkpoint = f_best.clone()
                 halved_at_checkpoint = halve
-    return APGDRun(x_best.detach(), f_best, f_start, eta)
+    return APGDRun(x_best.detach(), f_best, f_start, eta, x_low, s_low)
+
+
+SEA_RADIUS_STAGES = ((0.3, 2.0), (0.3, 1.5), (0.4, 1.0))
+"""SEA's shrinking budget: (share of the steps, radius / eps) of each APGD stage."""
+
+
+def apgd_shrinking_radius(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
+                          start: Optional[torch.Tensor], *, norm: str, steps: int, loss: LossFn,
+                          score: ScoreFn,
+                          stages: Sequence[Tuple[float, float]] = SEA_RADIUS_STAGES
+                          ) -> torch.Tensor:
+    """APGD at a shrinking radius, as SEA runs it (Croce, Singh and Hein, ECCV 2024): 30 % of
+    the steps at ``2 eps``, 30 % at ``1.5 eps``, the rest at ``eps``. Each stage starts from the
+    previous stage's lowest-``score`` iterate projected into its own ball; a larger ball first
+    lets the iterate leave the flat region around ``x`` that masked losses start in.
+
+    Shapes as in :func:`apgd`; returns ``(B, C, H, W)``, the final stage's lowest-score iterate,
+    inside the ``eps``-ball.
+    """
+    norm = check_norm(norm)
+    x = x.detach()
+    eps = as_eps_tensor(eps, x)
+    counts = [int(share * steps) for share, _ in stages[:-1]]
+    counts.append(steps - sum(counts))
+    offset = start
+    point = None
+    for count, (_, factor) in zip(counts, stages):
+        radius = eps * factor
+        if point is not None:
+            offset = project(point - x, radius, norm)
+        run = apgd(model, x, y, radius, offset, norm=norm, steps=count, loss=loss, score=score)
+        point = run.x_lowest_score
+    return point
 
 
 # ----------------------------------------------------------------------------- dispatch
 
 def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
                start: Optional[torch.Tensor], *, norm: str, steps: int, alpha: float,
-               loss: LossFn, ignore_label: Optional[int] = None) -> torch.Tensor:
+               loss: LossFn, ignore_label: Optional[int] = None,
+               score: Optional[ScoreFn] = None) -> torch.Tensor:
     """The adversarial slices ``(B, C, H, W)`` of attack ``name`` (one of :data:`ATTACKS`).
 
-    ``alpha`` does not apply to ``apgd`` (its step size adapts, starting at ``2 eps``); ``loss``
-    does not apply to ``segpgd`` (it maximises its own weighted CE); ``ignore_label`` is
-    SegPGD's (``loss`` carries its own).
+    ``alpha`` does not apply to ``apgd`` and ``apgd_sea`` (their step size adapts, starting at
+    ``2 eps``); ``loss`` does not apply to ``segpgd`` (it maximises its own weighted CE);
+    ``ignore_label`` is SegPGD's (``loss`` carries its own). ``apgd_sea`` is
+    :func:`apgd_shrinking_radius` and needs ``score``.
     """
     if name == "pgd":
         return projected_ascent(model, x, y, eps, start, norm=norm, steps=steps, alpha=alpha,
@@ -272,4 +339,9 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
                       ignore_label=ignore_label)
     if name == "apgd":
         return apgd(model, x, y, eps, start, norm=norm, steps=steps, loss=loss).x_best
+    if name == "apgd_sea":
+        if score is None:
+            raise ValueError("apgd_sea needs a score (the slice Dice) to pick its iterates")
+        return apgd_shrinking_radius(model, x, y, eps, start, norm=norm, steps=steps, loss=loss,
+                                     score=score)
     raise ValueError(f"attack must be one of {ATTACKS}, got {name!r}")

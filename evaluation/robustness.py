@@ -41,11 +41,12 @@ from nnunet_ima.nnunet.loss import PerSampleDiceCE
 from nnunet_ima.norms import random_in_ball
 
 from nnunet_ima.evaluation.attacks import ATTACKS, run_attack
+from nnunet_ima.evaluation.segmentation_losses import SEA_LOSSES, sea_loss
 
 from nnunet_ima.evaluation.models import LoadedModel
 from nnunet_ima.evaluation.samples import SliceSample
 
-ATTACK_LOSSES = ("dc_ce", "ce")
+ATTACK_LOSSES = ("dc_ce", "ce") + tuple(SEA_LOSSES)
 LEVEL_BATCHING = ("auto", "on", "off")
 
 
@@ -114,7 +115,22 @@ def attack_loss(name: str, ignore_label) -> Callable:
                 return (pixel * valid).sum((1, 2)) / valid.sum((1, 2)).clamp_min(1)
             return F.cross_entropy(logits, target, reduction="none").mean(dim=(1, 2))
         return ce
+    if name in SEA_LOSSES:
+        return sea_loss(name, ignore_label)
     raise ValueError(f"attack loss must be one of {ATTACK_LOSSES}, got {name!r}")
+
+
+def slice_dice_score(num_classes: int, ignore_label: Optional[int]) -> Callable:
+    """``(logits (B, K, H, W), target (B, 1, H, W)) -> (B,)`` slice Dice of the argmax, the
+    tables' convention (ignore-label pixels unscored): what ``apgd_sea`` drives down."""
+    def score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        pred, labels = logits.argmax(dim=1), target[:, 0].long()
+        if ignore_label is not None:
+            valid = labels != ignore_label
+            pred, labels = torch.where(valid, pred, 0), torch.where(valid, labels, 0)
+        counts = confusion_counts(pred, labels.clamp_min(0), num_classes)
+        return slice_dice_from_counts(*counts).to(logits.device)
+    return score
 
 
 def example_index(samples: List[SliceSample]) -> int:
@@ -178,9 +194,12 @@ def _attack_levels(model: LoadedModel, x: torch.Tensor, y: torch.Tensor, levels:
     """Attack the slices ``x`` at ``levels`` in one batch: ``(L * B, C, H, W)`` adversarial
     inputs and their ``(L * B, K, H, W)`` logits, level-major."""
     xs, eps, start = _stack_levels(x, levels, settings, batch_index)
+    score = (slice_dice_score(model.num_classes, model.ignore_label)
+             if settings.attack == "apgd_sea" else None)
     adv = run_attack(settings.attack, model.network, xs, y.repeat(len(levels), 1, 1, 1), eps, start,
                      norm=settings.norm, steps=settings.steps if steps is None else steps,
-                     alpha=settings.alpha, loss=loss_fn, ignore_label=model.ignore_label)
+                     alpha=settings.alpha, loss=loss_fn, ignore_label=model.ignore_label,
+                     score=score)
     with torch.no_grad():
         return adv, model.network(adv)
 

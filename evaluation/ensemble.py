@@ -1,0 +1,239 @@
+"""The worst case over an ensemble of attacks: every slice is attacked by each member in turn,
+and the worst outcome per slice becomes the headline.
+
+A member is an attack with its loss (:data:`MEMBERS`). At each noise level the members run in
+order; a member after the first attacks only the slices that are not fully broken yet (slice
+Dice above 0 under the worst case so far): a broken slice cannot get worse, so the ensemble
+costs less than the sum of its parts. A member's own column holds its counts on the slices it
+attacked and the worst case so far on the slices it skipped (AutoAttack's convention), so it is
+"the ensemble up to this member" on skipped slices.
+
+Two worst cases, one per metric, because TVDI pools TP / FP / FN over slices:
+
+* ADI and per-slice values: per slice, the member with the lowest slice Dice (ties: the one
+  with more FP + FN). That minimises ADI exactly.
+* TVDI: the per-slice choice of member that minimises the pooled TVDI. Lowest slice Dice does
+  not: a member may leave a slice's Dice a little higher while adding many false positives,
+  which pooled over the slices costs more. It starts from the better of the lowest-Dice choice
+  and every member alone, and then changes one slice's member at a time while TVDI falls, so it
+  is never above any member's TVDI (nor above the lowest-Dice choice's).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from time import perf_counter
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnunet_ima.metrics import dice_from_counts, slice_dice_from_counts
+
+from nnunet_ima.evaluation.models import LoadedModel
+from nnunet_ima.evaluation.robustness import AttackSettings, NoiseResult, iter_levels
+from nnunet_ima.evaluation.samples import SliceSample
+
+MEMBERS: Dict[str, Tuple[str, str]] = {
+    "pgd": ("pgd", "dc_ce"),
+    "pgd-ce": ("pgd", "ce"),
+    "segpgd": ("segpgd", "ce"),
+    "apgd": ("apgd", "dc_ce"),
+    "apgd-mask-ce": ("apgd_sea", "mask_ce"),
+    "apgd-bal-mask-ce": ("apgd_sea", "bal_mask_ce"),
+    "apgd-js": ("apgd_sea", "js"),
+}
+"""Ensemble member -> (attack of :mod:`.attacks`, its loss). ``segpgd`` has its own loss."""
+
+DEFAULT_ENSEMBLE = ("pgd", "segpgd", "apgd-mask-ce", "apgd-bal-mask-ce", "apgd-js")
+"""PGD on Dice + CE, SegPGD, and APGD with SEA's three losses at SEA's shrinking radius."""
+
+
+def check_members(members: Sequence[str]) -> None:
+    """``ValueError`` naming the unknown or repeated members."""
+    unknown = [m for m in members if m not in MEMBERS]
+    if unknown:
+        raise ValueError(f"unknown ensemble member(s) {unknown}; choose from {list(MEMBERS)}")
+    if len(set(members)) != len(members) or not members:
+        raise ValueError(f"ensemble members must be distinct and at least one, got {list(members)}")
+
+
+def member_settings(base: AttackSettings, member: str) -> AttackSettings:
+    """``base`` (norm, steps, alpha, random start, batch size, seed) with ``member``'s attack."""
+    attack, loss = MEMBERS[member]
+    return replace(base, attack=attack, loss=loss)
+
+
+# ------------------------------------------------------------------------- worst-case choice
+
+def select(results: Sequence[NoiseResult], choice: np.ndarray) -> NoiseResult:
+    """The result whose slice ``i`` comes from ``results[choice[i]]`` (counts and example)."""
+    rows = np.arange(len(choice))
+    tp, fp, fn = (np.stack([getattr(r, name) for r in results])[choice, rows]
+                  for name in ("tp", "fp", "fn"))
+    first = results[0]
+    # The example slice shows the member that did worst on it.
+    example = results[int(choice[example_row(first)])].example if len(choice) else first.example
+    return NoiseResult(list(first.cases), list(first.slices), tp, fp, fn, example)
+
+
+def example_row(result: NoiseResult) -> int:
+    """The row of the example slice: the most foreground, first on ties (the evaluator's
+    :func:`~.robustness.example_index`; a slice's TP + FN over the classes is its foreground)."""
+    return int(np.argmax((result.tp + result.fn).sum(axis=1))) if len(result.cases) else 0
+
+
+def lowest_dice_choice(results: Sequence[NoiseResult]) -> np.ndarray:
+    """``(N,)`` per slice the member with the lowest slice Dice; ties go to more FP + FN, then
+    to the earlier member."""
+    dice = np.stack([r.slice_dice for r in results])                       # (M, N)
+    errors = np.stack([(r.fp + r.fn).sum(axis=1) for r in results])        # (M, N)
+    # lexsort sorts by the last key first: lowest Dice, then most errors, then member order.
+    order = np.lexsort((np.arange(len(results))[:, None].repeat(dice.shape[1], 1), -errors,
+                        dice), axis=0)
+    return order[0]
+
+
+def _mean_tvdi(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> float:
+    """Mean over classes of the pooled Dice of ``(K,)`` summed counts (1 where all are 0)."""
+    return float(dice_from_counts(torch.as_tensor(tp), torch.as_tensor(fp),
+                                  torch.as_tensor(fn)).mean())
+
+
+def lowest_tvdi_choice(results: Sequence[NoiseResult], max_passes: int = 20) -> np.ndarray:
+    """``(N,)`` a per-slice choice of member whose pooled TVDI is no higher than any member's
+    alone nor than :func:`lowest_dice_choice`'s (see the module docstring)."""
+    m, n = len(results), len(results[0].cases)
+    counts = [np.stack([getattr(r, name) for r in results]).astype(np.int64)
+              for name in ("tp", "fp", "fn")]                               # 3 x (M, N, K)
+    rows = np.arange(n)
+
+    def totals(choice):
+        return [c[choice, rows].sum(axis=0) for c in counts]
+
+    starts = [lowest_dice_choice(results)] + [np.full(n, k) for k in range(m)]
+    choice = min(starts, key=lambda c: _mean_tvdi(*totals(c))).copy()
+    tp, fp, fn = totals(choice)
+    best = _mean_tvdi(tp, fp, fn)
+    for _ in range(max_passes):
+        improved = False
+        for i in range(n):
+            current = choice[i]
+            for k in range(m):
+                if k == current:
+                    continue
+                trial = [t - c[current, i] + c[k, i] for t, c in zip((tp, fp, fn), counts)]
+                value = _mean_tvdi(*trial)
+                if value < best - 1e-12:
+                    best, current = value, k
+                    tp, fp, fn = trial
+                    improved = True
+            choice[i] = current
+        if not improved:
+            break
+    return choice
+
+
+@dataclass
+class EnsembleLevel:
+    """The ensemble at one noise level.
+
+    Attributes:
+        members: each member's result (see the module docstring for skipped slices).
+        attacked: per member, how many slices it attacked.
+        seconds: per member, the wall time of its attacks.
+        worst: the per-slice worst case by slice Dice (ADI, per-slice values, examples).
+        worst_tvdi: the per-slice choice that minimises TVDI.
+    """
+
+    members: Dict[str, NoiseResult]
+    attacked: Dict[str, int]
+    seconds: Dict[str, float]
+    worst: NoiseResult
+    worst_tvdi: NoiseResult
+
+
+def combine(members: Dict[str, NoiseResult], attacked: Dict[str, int],
+            seconds: Dict[str, float]) -> EnsembleLevel:
+    """The :class:`EnsembleLevel` of finished member results (in ensemble order)."""
+    results = list(members.values())
+    return EnsembleLevel(dict(members), dict(attacked), dict(seconds),
+                         select(results, lowest_dice_choice(results)),
+                         select(results, lowest_tvdi_choice(results)))
+
+
+def _subset(result: NoiseResult, idx: Sequence[int], part: NoiseResult) -> NoiseResult:
+    """``result`` with the rows ``idx`` replaced by ``part``'s rows (in order)."""
+    tp, fp, fn = result.tp.copy(), result.fp.copy(), result.fn.copy()
+    tp[list(idx)], fp[list(idx)], fn[list(idx)] = part.tp, part.fp, part.fn
+    # The example slice has the most foreground of all, so of any subset holding it too.
+    example = part.example if example_row(result) in idx else result.example
+    return NoiseResult(list(result.cases), list(result.slices), tp, fp, fn, example)
+
+
+MemberDone = Callable[[float, str, NoiseResult, int, float], None]
+"""``(noise, member, result, slices attacked, seconds)``: called as each member finishes."""
+
+
+def iter_ensemble(model: LoadedModel, samples: List[SliceSample], noise_levels: Sequence[float],
+                  base: AttackSettings, members: Sequence[str], device: torch.device,
+                  finished: Optional[Dict[Tuple[float, str], Tuple[NoiseResult, int, float]]] = None,
+                  on_member_done: Optional[MemberDone] = None,
+                  progress: Optional[tqdm] = None) -> Iterator[Tuple[float, EnsembleLevel]]:
+    """Run the ensemble on ``samples`` at each noise level (ascending); yields
+    ``(noise, EnsembleLevel)``.
+
+    ``finished``: member results of an interrupted run, ``(noise, member) -> (result, attacked,
+    seconds)``, reused instead of recomputed. Noise 0 is the clean prediction, shared by all
+    members (attacked 0, seconds of one clean pass).
+    """
+    check_members(members)
+    finished = finished or {}
+    for noise in sorted(set(float(n) for n in noise_levels)):
+        done: Dict[str, NoiseResult] = {}
+        attacked: Dict[str, int] = {}
+        seconds: Dict[str, float] = {}
+        if noise == 0:
+            key = (0.0, members[0])
+            if key in finished:
+                clean, _, took = finished[key]
+            else:
+                began = perf_counter()
+                clean = next(iter_levels(model, samples, [0.0], base, device, progress))[1]
+                took = perf_counter() - began
+                if on_member_done is not None:
+                    on_member_done(0.0, members[0], clean, 0, took)
+            for member in members:
+                done[member], attacked[member], seconds[member] = clean, 0, 0.0
+            seconds[members[0]] = took
+            yield noise, combine(done, attacked, seconds)
+            continue
+        worst: Optional[NoiseResult] = None
+        for member in members:
+            if (noise, member) in finished:
+                result, attacked[member], seconds[member] = finished[(noise, member)]
+            else:
+                idx = (list(range(len(samples))) if worst is None
+                       else [int(i) for i in np.flatnonzero(worst.slice_dice > 0)])
+                began = perf_counter()
+                if worst is None:
+                    result = next(iter_levels(model, samples, [noise],
+                                              member_settings(base, member), device, progress))[1]
+                elif idx:
+                    part = next(iter_levels(model, [samples[i] for i in idx], [noise],
+                                            member_settings(base, member), device, progress))[1]
+                    result = _subset(worst, idx, part)
+                else:
+                    result = worst
+                attacked[member], seconds[member] = len(idx), perf_counter() - began
+                if on_member_done is not None:
+                    on_member_done(noise, member, result, attacked[member], seconds[member])
+            done[member] = result
+            worst = select(list(done.values()), lowest_dice_choice(list(done.values())))
+        yield noise, combine(done, attacked, seconds)
+
+
+def slice_dice_of(result: NoiseResult) -> np.ndarray:
+    """``(N,)`` slice Dice (the tables' convention)."""
+    return slice_dice_from_counts(torch.as_tensor(result.tp), torch.as_tensor(result.fp),
+                                  torch.as_tensor(result.fn)).numpy()
