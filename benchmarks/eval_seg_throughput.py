@@ -3,8 +3,8 @@
 ``nnunet-ima-eval --level-batching on`` (the default on GPUs) attacks a batch of slices smaller
 than ``--batch-size`` at several noise levels at once (4 slices x 4 levels = 16) when a 1-step
 probe shows that the packed batch gives the same bits. This script attacks the same slices of
-an nnU-Net 2D network (the tiny 48 x 48 plan of ``train_step.py``, or the Heart plan; random
-weights) both ways, side by side in one run, checks that the TP / FP / FN counts agree, and
+an nnU-Net 2D network (the tiny 48 x 48 plan or the Heart plan of
+``nnunet_ima.benchmarking``; random weights) both ways, side by side in one run, checks that the TP / FP / FN counts agree, and
 prints attacked slices per second (slices x levels / s).
 
     python benchmarks/eval_seg_throughput.py --steps 10 --threads 2
@@ -12,46 +12,15 @@ prints attacked slices per second (slices x levels / s).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import time
 from collections import Counter
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import PLANS, build_network  # noqa: E402
-
-from nnunet_ima.evaluation.attacks import ATTACKS  # noqa: E402
-from nnunet_ima.evaluation.models import LoadedModel, PaddedNetwork  # noqa: E402
-from nnunet_ima.evaluation.robustness import AttackSettings, evaluate_levels  # noqa: E402
-from nnunet_ima.evaluation.samples import SliceSample  # noqa: E402
-
-
-def tiny_model(plan: str, device: torch.device) -> LoadedModel:
-    network = build_network(PLANS[plan]["features"], 3)
-    network.decoder.deep_supervision = False
-    divisor = 2 ** (len(PLANS[plan]["features"]) - 1)
-    padded = PaddedNetwork(network, (divisor, divisor)).to(device).eval()
-    return LoadedModel(plan, "", padded, 3, "2d", "", "", None, {}, {})
-
-
-def random_slices(plan: str, n: int, seed: int):
-    rng = np.random.default_rng(seed)
-    shape = PLANS[plan]["patch"]
-    return [SliceSample("c", i, rng.normal(size=(1, *shape)).astype(np.float32),
-                        rng.integers(0, 3, shape).astype(np.int16)) for i in range(n)]
-
-
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    value = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return value, time.perf_counter() - start
+from nnunet_ima.benchmarking import PLANS, evaluation_model, print_ratios, random_slices, timed
+from nnunet_ima.devices import add_device_argument
+from nnunet_ima.evaluation.attacks import ATTACKS
+from nnunet_ima.evaluation.robustness import AttackSettings, evaluate_levels
 
 
 def main() -> None:
@@ -64,14 +33,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--attack", default="pgd", choices=ATTACKS)
     p.add_argument("--repeats", type=int, default=2, help="timings per way; the fastest counts")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(p)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    model = tiny_model(args.plan, device)
+    model = evaluation_model(args.plan, device)
     samples = random_slices(args.plan, args.slices, args.seed)
     levels = sorted(set(args.noise))
     settings = {mode: AttackSettings(attack=args.attack, steps=args.steps,
@@ -92,7 +61,7 @@ def main() -> None:
         # Alternate the order so that neither way always runs on a warmer cache.
         order = [("one level per batch", one_at_a_time), ("levels batched", batched)]
         for name, fn in (order if r % 2 == 0 else order[::-1]):
-            result, seconds = timed(fn)
+            result, seconds = timed(fn, device)
             times[name].append(seconds)
             if name == "one level per batch":
                 single = result
@@ -110,7 +79,7 @@ def main() -> None:
         rates[name] = work / min(seconds)
         print(f"{name:<22}{min(seconds):>8.2f} s {rates[name]:>8.2f} slices/s")
     speedup = rates["levels batched"] / rates["one level per batch"]
-    print(f"seg_level_batching_speedup={speedup:.3f}")
+    print_ratios({"seg_level_batching_speedup": speedup})
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ ratio. Segmentation: slices per second of ``nnunet-ima-eval``'s attack on the ti
 from __future__ import annotations
 
 import argparse
-import time
+from functools import partial
 
 import numpy as np
 import torch
 
 from nnunet_ima.attacks import pgd
+from nnunet_ima.benchmarking import evaluation_model, print_ratios, random_slices, timed
 from nnunet_ima.classification.datasets import as_float, load_digits
 from nnunet_ima.classification.models import digits_cnn
 
@@ -54,12 +55,6 @@ def reference(model, x, y, eps, norm, steps, seed):
         return float((model(x_adv).argmax(1) == y).float().mean())
 
 
-def timed(fn, *args):
-    start = time.perf_counter()
-    value = fn(*args)
-    return value, time.perf_counter() - start
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=100)
@@ -76,11 +71,13 @@ def main() -> None:
     ratios = []
     for norm, eps_list in (("l2", (0.5, 1.0, 2.0)), ("linf", (0.05, 0.1))):
         for eps in eps_list:
+            run_ours = partial(ours, model, x, y, eps, norm, args.steps, args.seed)
+            run_reference = partial(reference, model, x, y, eps, norm, args.steps, args.seed)
             # Alternate the order so that neither tool always runs on a warmer cache.
-            (a, t_a) = timed(ours, model, x, y, eps, norm, args.steps, args.seed)
-            (b, t_b) = timed(reference, model, x, y, eps, norm, args.steps, args.seed)
-            (b2, t_b2) = timed(reference, model, x, y, eps, norm, args.steps, args.seed)
-            (a2, t_a2) = timed(ours, model, x, y, eps, norm, args.steps, args.seed)
+            (a, t_a) = timed(run_ours)
+            (b, t_b) = timed(run_reference)
+            (b2, t_b2) = timed(run_reference)
+            (a2, t_a2) = timed(run_ours)
             t_ours, t_ref = min(t_a, t_a2), min(t_b, t_b2)
             ratios.append(t_ref / t_ours)
             print(f"{norm:<6}{eps:>6g}{100 * a:>9.2f}{100 * b:>16.2f}{t_ours:>9.2f}{t_ref:>8.2f}"
@@ -89,28 +86,19 @@ def main() -> None:
                 print(f"  note: robust accuracies differ by {100 * abs(a - b):.2f} points")
     seg = segmentation_slices_per_second(args.steps)
     print(f"segmentation: {seg:.2f} slices/s ({args.steps}-step PGD, tiny 48x48 nnU-Net plan, batch 16)")
-    print(f"eval_speedup_over_torchattacks={np.exp(np.mean(np.log(ratios))):.3f}")
+    print_ratios({"eval_speedup_over_torchattacks": float(np.exp(np.mean(np.log(ratios))))})
 
 
 def segmentation_slices_per_second(steps: int) -> float:
-    import os
-    import sys
-    sys.path.insert(0, os.path.dirname(__file__))
-    from train_step import PLANS, build_network
-
-    from nnunet_ima.evaluation.models import LoadedModel, PaddedNetwork
+    """Slices per second of ``nnunet-ima-eval``'s PGD on 16 random slices of the tiny plan."""
     from nnunet_ima.evaluation.robustness import AttackSettings, evaluate_noise
-    from nnunet_ima.evaluation.samples import SliceSample
 
-    network = build_network(PLANS["tiny"]["features"], 3)
-    network.decoder.deep_supervision = False
-    model = LoadedModel("tiny", "", PaddedNetwork(network, (8, 8)).eval(), 3, "2d", "", "", None, {}, {})
-    rng = np.random.default_rng(0)
-    samples = [SliceSample("c", i, rng.normal(size=(1, 48, 48)).astype(np.float32),
-                           rng.integers(0, 3, (48, 48)).astype(np.int16)) for i in range(16)]
-    start = time.perf_counter()
-    evaluate_noise(model, samples, 5.0, AttackSettings(steps=steps), torch.device("cpu"))
-    return len(samples) / (time.perf_counter() - start)
+    device = torch.device("cpu")
+    model = evaluation_model("tiny", device)
+    samples = random_slices("tiny", 16, seed=0)
+    _, seconds = timed(lambda: evaluate_noise(model, samples, 5.0, AttackSettings(steps=steps),
+                                              device))
+    return len(samples) / seconds
 
 
 if __name__ == "__main__":

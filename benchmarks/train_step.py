@@ -25,9 +25,8 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from collections import Counter
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import torch
@@ -36,9 +35,10 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_ima.attacks import select
+from nnunet_ima.benchmarking import PLANS, build_network, print_ratios, synchronize, timed
+from nnunet_ima.devices import add_device_argument
 from nnunet_ima.losses import DiceThresholdCorrect
 from nnunet_ima.model_mode import attack_mode
 from nnunet_ima.nnunet.loss import PerSampleDiceCE, deep_supervision_weights
@@ -47,28 +47,6 @@ from nnunet_ima.nnunet.settings import settings_from_dict
 from nnunet_ima.trainers.nnUNetTrainerAdv import nnUNetTrainerAdv
 from nnunet_ima.trainers.nnUNetTrainerIMA import nnUNetTrainerIMA
 from nnunet_ima.nnunet.training_stats import EpochAccumulator
-
-# PlainConvUNet settings of nnU-Net 2D plans: the synthetic 48x48 plan of the tests, and the
-# plan nnU-Net makes for MSD Heart (Dataset002) 2D: patch 320x256, batch 40, 7 stages.
-PLANS = {
-    "tiny": {"patch": (48, 48), "batch": 6, "features": [32, 64, 128, 256]},
-    "heart": {"patch": (320, 256), "batch": 40, "features": [32, 64, 128, 256, 512, 512, 512]},
-}
-
-
-def build_network(features: List[int], num_classes: int) -> torch.nn.Module:
-    n = len(features)
-    kwargs = {"n_stages": n, "features_per_stage": features, "conv_op": "torch.nn.modules.conv.Conv2d",
-              "kernel_sizes": [[3, 3]] * n, "strides": [[1, 1]] + [[2, 2]] * (n - 1),
-              "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1),
-              "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
-              "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
-              "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-              "nonlin_kwargs": {"inplace": True}}
-    return get_network_from_plans("dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                                  kwargs, ["conv_op", "norm_op", "dropout_op", "nonlin"], 1,
-                                  num_classes, deep_supervision=True)
-
 
 def make_batch(patch, batch: int, num_scales: int, seed: int, device) -> dict:
     """Synthetic z-scored slices with organ / lesion labels, deep-supervision targets."""
@@ -180,7 +158,7 @@ def pass_prices(make, shapes, device, repeats: int) -> Dict[tuple, float]:
     for kind, n in sorted(shapes):
         run = make(kind, n)
         run()  # warm-up (allocator, cuDNN algorithm choice for this shape)
-        prices[(kind, n)] = statistics.median(timed(run, device) for _ in range(repeats))
+        prices[(kind, n)] = statistics.median(timed(run, device)[1] for _ in range(repeats))
     return prices
 
 
@@ -191,23 +169,10 @@ def print_profile(name: str, step, device) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         step()
-        _sync(device)
+        synchronize(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\nprofile of one {name} step, by {key}:")
     print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=40))
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def measure(steps: Dict[str, object], counters: Dict[str, PassCounter], device, repeats: int):
@@ -222,7 +187,7 @@ def measure(steps: Dict[str, object], counters: Dict[str, PassCounter], device, 
             counters[name].reset()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            elapsed = timed(step, device)
+            _, elapsed = timed(step, device)
             if r:
                 times[name].append(elapsed)
                 passes[name] += counters[name].passes
@@ -261,10 +226,10 @@ def measure_and_report(steps, counters, make_pass, device, repeats: int):
     return report(times, passes, prices, memory, repeats), prices
 
 
-def print_ratios(medians: Dict[str, float], plain: str, adv: str) -> None:
-    print(f"ima_over_adv20={medians['ima'] / medians[adv]:.3f} "
-          f"ima_over_plain={medians['ima'] / medians[plain]:.3f} "
-          f"floor_efficiency={medians['ima floor']:.3f}")
+def print_step_ratios(medians: Dict[str, float], plain: str, adv: str) -> None:
+    print_ratios({"ima_over_adv20": medians["ima"] / medians[adv],
+                  "ima_over_plain": medians["ima"] / medians[plain],
+                  "floor_efficiency": medians["ima floor"]})
 
 
 def segmentation_benchmark(args, device) -> None:
@@ -317,12 +282,12 @@ def segmentation_benchmark(args, device) -> None:
         # no data loading, so this is the GPU/CPU cost of the steps alone).
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        elapsed = timed(lambda: [steps["ima"]() for _ in range(args.epoch_iterations)], device)
+        _, elapsed = timed(lambda: [steps["ima"]() for _ in range(args.epoch_iterations)], device)
         peak = (f", peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB"
                 if device.type == "cuda" else "")
         print(f"IMA epoch of {args.epoch_iterations} train steps (batch {batch_size} x "
               f"{tuple(plan['patch'])}): {elapsed:.1f} s{peak}")
-    print_ratios(medians, "plain", adv)
+    print_step_ratios(medians, "plain", adv)
 
 
 CLASSIFICATION_MODELS = {"digits": "digits-cnn", "fashion-mnist": "fashion-cnn"}
@@ -385,7 +350,7 @@ def classification_benchmark(args, device) -> None:
     if args.profile:
         for name in (adv, "ima"):
             print_profile(name, steps[name], device)
-    print_ratios(medians, "ce", adv)
+    print_step_ratios(medians, "ce", adv)
 
 
 def main() -> None:
@@ -395,7 +360,7 @@ def main() -> None:
                    help="benchmark nnunet-ima-classify's steps on this dataset instead of nnU-Net's")
     p.add_argument("--data-root", help="folder of the classification dataset (fashion-mnist)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(p)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=60)
     p.add_argument("--eps", type=float,
