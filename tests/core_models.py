@@ -1,4 +1,5 @@
 """Small networks with known behaviour for the core attack tests."""
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,3 +36,44 @@ class LinearBinary(nn.Module):
     def forward(self, x):
         f = self.f(x)
         return torch.stack([-f / 2, f / 2], dim=1)
+
+
+class TinySegmenter(nn.Module):
+    """Two 3x3 convolutions: ``(B, 1, H, W)`` -> ``(B, 2, H, W)`` logits (background, object)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(8, 2, 3, padding=1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def tiny_segmentation_problem(network: nn.Module = None):
+    """A :class:`TinySegmenter` fitted to 6 noisy 16 x 16 slices of a bright rectangle, as the
+    evaluator's ``LoadedModel``, and those slices as ``SliceSample``s (clean TVDI > 0.9)."""
+    from nnunet_ima.evaluation.models import LoadedModel, PaddedNetwork
+    from nnunet_ima.evaluation.samples import SliceSample
+    torch.manual_seed(0)
+    network = TinySegmenter() if network is None else network
+    images, labels = [], []
+    for i in range(6):
+        label = np.zeros((16, 16), dtype=np.int16)
+        label[3 + i:9 + i, 4:11] = 1
+        image = label * 2.0 - 1.0 + 0.3 * np.random.default_rng(i).standard_normal((16, 16))
+        images.append(image[None].astype(np.float32))
+        labels.append(label)
+    x = torch.from_numpy(np.stack(images))
+    y = torch.from_numpy(np.stack(labels)).long()
+    optimiser = torch.optim.Adam(network.parameters(), lr=0.02)
+    for _ in range(150):
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(network(x), y).backward()
+        optimiser.step()
+    model = LoadedModel(name="tiny", folder="", network=PaddedNetwork(network.eval(), (1, 1)),
+                        num_classes=2, configuration="2d", data_identifier="", dataset_name="",
+                        ignore_label=None, plans={}, dataset_json={})
+    samples = [SliceSample(f"case{i}", 0, images[i], labels[i]) for i in range(6)]
+    return model, samples

@@ -2,14 +2,13 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from nnunet_ima.evaluation.ensemble import (DEFAULT_ENSEMBLE, check_members, iter_ensemble,
                                             lowest_dice_choice, lowest_tvdi_choice, select)
-from nnunet_ima.evaluation.models import LoadedModel, PaddedNetwork
 from nnunet_ima.evaluation.robustness import AttackSettings, NoiseResult
-from nnunet_ima.evaluation.samples import SliceSample
 from nnunet_ima.metrics import tvdi
+
+from core_models import tiny_segmentation_problem
 
 
 def _result(counts):
@@ -64,44 +63,8 @@ def test_check_members():
         check_members(["pgd", "pgd"])
 
 
-class _TinySegmenter(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-                                 nn.Conv2d(8, 2, 3, padding=1))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def _tiny_model_and_slices():
-    torch.manual_seed(0)
-    network = _TinySegmenter()
-    images, labels = [], []
-    for i in range(6):
-        label = np.zeros((16, 16), dtype=np.int16)
-        label[3 + i:9 + i, 4:11] = 1
-        image = (label * 2.0 - 1.0 + 0.3 * np.random.default_rng(i).standard_normal((16, 16)))
-        images.append(image[None].astype(np.float32))
-        labels.append(label)
-    # Fit the tiny network so that the clean slices are segmented well.
-    x = torch.from_numpy(np.stack(images))
-    y = torch.from_numpy(np.stack(labels)).long()
-    optimiser = torch.optim.Adam(network.parameters(), lr=0.02)
-    for _ in range(150):
-        optimiser.zero_grad()
-        nn.functional.cross_entropy(network(x), y).backward()
-        optimiser.step()
-    model = LoadedModel(name="tiny", folder="", network=PaddedNetwork(network.eval(), (1, 1)),
-                        num_classes=2, configuration="2d", data_identifier="", dataset_name="",
-                        ignore_label=None, plans={}, dataset_json={})
-    samples = [SliceSample(f"case{i}", 0, images[i], labels[i]) for i in range(6)]
-    return model, samples
-
-
 def test_ensemble_on_a_real_network_worst_case_and_skipping():
-    model, samples = _tiny_model_and_slices()
+    model, samples = tiny_segmentation_problem()
     base = AttackSettings(steps=10, batch_size=4, seed=0)
     calls = []
     levels = dict(iter_ensemble(model, samples, [0.0, 1.0, 8.0], base, DEFAULT_ENSEMBLE,
@@ -124,7 +87,7 @@ def test_ensemble_on_a_real_network_worst_case_and_skipping():
 
 
 def test_ensemble_resumes_from_finished_members():
-    model, samples = _tiny_model_and_slices()
+    model, samples = tiny_segmentation_problem()
     base = AttackSettings(steps=5, batch_size=6, seed=0)
     saved = {}
     first = dict(iter_ensemble(model, samples, [2.0], base, ("pgd", "apgd-js"),
