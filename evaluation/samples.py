@@ -141,16 +141,24 @@ def _slices_of(case: str, data: np.ndarray, seg: np.ndarray, include_empty: bool
     return samples
 
 
+def data_folder(preprocessed_dataset: str, data_identifier: str, remedy: str) -> str:
+    """``$nnUNet_preprocessed/Dataset/<data_identifier>``, the preprocessed cases of one
+    configuration; missing, a :class:`UserInputError` ends with ``remedy``."""
+    folder = os.path.join(preprocessed_dataset, data_identifier)
+    if not os.path.isdir(folder):
+        raise UserInputError(f"{folder} does not exist: {remedy}")
+    return folder
+
+
 def load_preprocessed_slices(preprocessed_dataset: str, data_identifier: str, cases: Sequence[str],
                              include_empty: bool, ignore_label: Optional[int] = None
                              ) -> List[SliceSample]:
     """Slices of ``cases`` from ``$nnUNet_preprocessed/Dataset/<data_identifier>``."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    folder = os.path.join(preprocessed_dataset, data_identifier)
-    if not os.path.isdir(folder):
-        raise UserInputError(f"{folder} does not exist: run nnUNetv2_plan_and_preprocess for this "
-                             f"configuration, or give --images/--labels")
+    folder = data_folder(preprocessed_dataset, data_identifier,
+                         "run nnUNetv2_plan_and_preprocess for this configuration, or give "
+                         "--images/--labels")
     dataset_class = infer_dataset_class(folder)
     available = set(dataset_class.get_identifiers(folder))
     missing = [c for c in cases if c not in available]

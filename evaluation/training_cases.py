@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence, Union
 
 import numpy as np
 
-from nnunet_ima.errors import UserInputError
+from nnunet_ima.evaluation.samples import data_folder
 
 Fold = Union[int, str]
 NNUNET_SPLIT_SEED = 12345  # nnUNetTrainer.do_split's seed
@@ -64,10 +64,9 @@ def preprocessed_identifiers(preprocessed_dataset: str, data_identifier: str) ->
     """The cases of ``$nnUNet_preprocessed/Dataset/<data_identifier>``: what nnU-Net trains on."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    folder = os.path.join(preprocessed_dataset, data_identifier)
-    if not os.path.isdir(folder):
-        raise UserInputError(f"{folder} does not exist: cannot tell which cases the model trained "
-                             f"on (run nnUNetv2_plan_and_preprocess for this configuration)")
+    folder = data_folder(preprocessed_dataset, data_identifier,
+                         "cannot tell which cases the model trained on (run "
+                         "nnUNetv2_plan_and_preprocess for this configuration)")
     return list(infer_dataset_class(folder).get_identifiers(folder))
 
 

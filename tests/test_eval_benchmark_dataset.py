@@ -33,6 +33,11 @@ def _write_pair(folder, case, shape, box, direction, seed):
     return image, mask
 
 
+def _pairs(folder, cases):
+    """``{case: (image path, label path)}`` of pairs written by :func:`_write_pair`."""
+    return {c: (str(folder / f"{c}_image.nrrd"), str(folder / f"{c}_label.nrrd")) for c in cases}
+
+
 def test_crop_window_holds_the_lesion(bench_module):
     rng = np.random.default_rng(0)
     starts = {bench_module.crop_start(512, 300, 340, 128, rng) for _ in range(200)}
@@ -52,8 +57,7 @@ def test_raw_dataset_keeps_geometry_and_binarises_and_passes_nnunet_checks(bench
                               np.s_[2:4, 150:170, 20:40], flipped, 0)
     _write_pair(str(src), "lung1", (5, 60, 50), np.s_[1:3, 10:20, 30:45],
                 (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), 1)
-    pairs = {c: (str(src / f"{c}_image.nrrd"), str(src / f"{c}_label.nrrd"))
-             for c in ("brain1", "lung1")}
+    pairs = _pairs(src, ("brain1", "lung1"))
     folder = bench_module.build_raw_dataset(pairs, str(tmp_path / "raw"), 991, crop_size=64, seed=0,
                                             split="patients")
 
@@ -84,8 +88,7 @@ def test_halves_cut_each_volume_across_its_lesion_and_keep_geometry(bench_module
     # brain1: lesion on slices 2..5 -> cut at (2 + 5 + 1) // 2 = 4; lung1: one lesion slice (1).
     image, mask = _write_pair(str(src), "brain1", (8, 40, 40), np.s_[2:6, 10:20, 10:20], identity, 0)
     _write_pair(str(src), "lung1", (5, 30, 30), np.s_[1:2, 5:10, 5:10], identity, 1)
-    pairs = {c: (str(src / f"{c}_image.nrrd"), str(src / f"{c}_label.nrrd"))
-             for c in ("brain1", "lung1")}
+    pairs = _pairs(src, ("brain1", "lung1"))
     folder = bench_module.build_raw_dataset(pairs, str(tmp_path / "raw"), 991, crop_size=0, seed=0,
                                             split="halves")
 

@@ -23,6 +23,21 @@ def _test_case(ws):
         return json.load(f)["test"][0]
 
 
+def _raw_test_folders(ws, tmp_path, image=True, label=True):
+    """Empty ``imagesTs`` / ``labelsTs`` folders under ``tmp_path`` and the held-out case's raw
+    image and label copied into them (where asked); returns ``(images, labels, case)``."""
+    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
+    images.mkdir()
+    labels.mkdir()
+    raw = os.path.join(ws.raw, ws.dataset_name)
+    case = _test_case(ws)
+    if image:
+        shutil.copy(os.path.join(raw, "imagesTr", f"{case}_0000.nii.gz"), images)
+    if label:
+        shutil.copy(os.path.join(raw, "labelsTr", f"{case}.nii.gz"), labels)
+    return images, labels, case
+
+
 def _fold_split(ws, fold=0):
     with open(os.path.join(ws.preprocessed, ws.dataset_name, "splits_final.json")) as f:
         return json.load(f)[fold]
@@ -174,11 +189,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(nnunet_workspace, trained_cle
         assert main(argv) == 2
         assert message in capsys.readouterr().err
     # A test image without its label.
-    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
-    images.mkdir()
-    labels.mkdir()
-    raw = os.path.join(ws.raw, ws.dataset_name)
-    shutil.copy(os.path.join(raw, "imagesTr", f"{_test_case(ws)}_0000.nii.gz"), images)
+    images, labels, _ = _raw_test_folders(ws, tmp_path, label=False)
     assert main(_args(ws, tmp_path / "o6", "--images", str(images), "--labels", str(labels))) == 2
     assert "has no label" in capsys.readouterr().err
     for i in range(1, 7):
@@ -189,13 +200,7 @@ def test_raw_test_folders_are_preprocessed_with_the_models_plans(nnunet_workspac
                                                                  tmp_path):
     """imagesTs/labelsTs give the same clean Dice as the preprocessed copy of the same case."""
     ws = nnunet_workspace
-    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
-    images.mkdir()
-    labels.mkdir()
-    raw = os.path.join(ws.raw, ws.dataset_name)
-    case = _test_case(ws)
-    shutil.copy(os.path.join(raw, "imagesTr", f"{case}_0000.nii.gz"), images)
-    shutil.copy(os.path.join(raw, "labelsTr", f"{case}.nii.gz"), labels)
+    images, labels, case = _raw_test_folders(ws, tmp_path)
     assert main(_args(ws, tmp_path / "raw", "--noise", "0", "--images", str(images),
                       "--labels", str(labels))) == 0
     assert main(_args(ws, tmp_path / "pre", "--noise", "0", "--cases", case)) == 0
@@ -215,18 +220,14 @@ def test_labels_outside_the_nonzero_region_count_as_background(nnunet_workspace,
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     ws = nnunet_workspace
-    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
-    images.mkdir()
-    labels.mkdir()
+    images, labels, case = _raw_test_folders(ws, tmp_path, image=False)
     raw = os.path.join(ws.raw, ws.dataset_name)
-    case = _test_case(ws)
     source = sitk.ReadImage(os.path.join(raw, "imagesTr", f"{case}_0000.nii.gz"))
     array = sitk.GetArrayFromImage(source)
     array[:, :14, :14] = 0  # an image corner without signal, away from the organ
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(source)
     sitk.WriteImage(image, str(images / f"{case}_0000.nii.gz"))
-    shutil.copy(os.path.join(raw, "labelsTr", f"{case}.nii.gz"), labels)
     out = tmp_path / "out"
     assert main(_args(ws, out, "--noise", "0", "--images", str(images), "--labels", str(labels))) == 0
 
