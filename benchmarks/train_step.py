@@ -330,10 +330,10 @@ def classification_benchmark(args, device) -> None:
     trainers, counters, steps = {}, {}, {}
     for name, method in methods.items():
         # lr 0: every repetition sees the same network (Adam then leaves the weights alone).
-        config = TrainConfig(dataset=args.classification, model=CLASSIFICATION_MODELS[
-            args.classification], method=method, epochs=1, batch_size=batch_size, lr=0.0,
-            pgd_steps=args.pgd_steps, eps=eps if method == "adv" else None,
-            eps_max=2 * eps if method == "ima" else None)
+        config = TrainConfig.from_flat(dict(
+            dataset=args.classification, model=CLASSIFICATION_MODELS[args.classification],
+            method=method, epochs=1, batch_size=batch_size, lr=0.0, pgd_steps=args.pgd_steps,
+            eps=eps if method == "adv" else None, eps_max=2 * eps if method == "ima" else None))
         net = copy.deepcopy(model).train()
         trainer = Trainer(config, data, net, out="", device=device, progress=False)
         if trainer.margins is not None:

@@ -24,7 +24,7 @@ import dataclasses
 import math
 import re
 from dataclasses import MISSING, dataclass, fields
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, Type
 
 METADATA_KEY = "nnunet_ima.declared"
 
@@ -56,6 +56,15 @@ class InvalidSetting(ValueError):
 
 
 # ----------------------------------------------------------------------------- rules
+class Rule(Protocol):
+    """What a field's value must be. ``check`` raises :class:`InvalidSetting` naming ``name``;
+    ``value_type`` is what a command line parses the option as."""
+
+    value_type: type
+
+    def check(self, name: str, value: Any) -> None: ...
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -138,7 +147,7 @@ class Declaration:
     then says what ``None`` means)."""
 
     help: str
-    rule: Any
+    rule: Rule
     optional: bool = False
 
     def check(self, name: str, value: Any) -> None:
@@ -151,7 +160,7 @@ class Declaration:
         return getattr(self.rule, "options", None)
 
 
-def setting(default: Any = MISSING, *, help: str, rule: Any, optional: bool = False):
+def setting(default: Any = MISSING, *, help: str, rule: Rule, optional: bool = False):
     """A dataclass field whose help text and rule travel with it (see the module docstring)."""
     return dataclasses.field(default=default,
                              metadata={METADATA_KEY: Declaration(help, rule, optional)})
@@ -266,13 +275,12 @@ def flag_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def option_arguments(cls: Type, name: str, default: Any = MISSING,
-                     help_prefix: str = "") -> Dict[str, Any]:
+def option_arguments(cls: Type, name: str, help_prefix: str = "") -> Dict[str, Any]:
     """``argparse.add_argument`` keywords of field ``name`` of ``cls`` from its declaration:
-    ``type`` and ``choices`` from its rule, ``default`` (the field's unless given), ``help``."""
+    ``type`` and ``choices`` from its rule, the field's ``default``, ``help``."""
     declared = declaration(cls, name)
     kwargs: Dict[str, Any] = {"help": help_prefix + declared.help,
-                              "default": field_default(cls, name) if default is MISSING else default}
+                              "default": field_default(cls, name)}
     if declared.choices is not None:
         kwargs["choices"] = declared.choices
     elif declared.rule.value_type is bool:
@@ -280,4 +288,3 @@ def option_arguments(cls: Type, name: str, default: Any = MISSING,
     else:
         kwargs["type"] = declared.rule.value_type
     return kwargs
-

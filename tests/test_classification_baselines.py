@@ -27,8 +27,8 @@ DIGITS = ["--dataset", "digits", "--max-train", "800", "--epochs", "5", "--no-pr
 
 
 def _context(model, method="fat", epoch=0, epochs=10, **config):
-    c = TrainConfig(dataset="moons", model="mlp", method=method, epochs=epochs, batch_size=8,
-                    eps=config.pop("eps", 1.0), **config)
+    c = TrainConfig.from_flat(dict(dataset="moons", model="mlp", method=method, epochs=epochs,
+                                   batch_size=8, eps=config.pop("eps", 1.0), **config))
     return BatchContext(model, c, epoch, None, torch.Generator().manual_seed(0))
 
 

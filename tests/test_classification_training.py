@@ -13,6 +13,7 @@ from nnunet_ima.classification.datasets import load_moons
 from nnunet_ima.classification.models import moons_mlp
 from nnunet_ima.classification.settings import TrainConfig
 from nnunet_ima.classification.training import Trainer
+from nnunet_ima.config import AttackConfig, IMAConfig
 
 # 2000 training points, 10 epochs: about 10 s on a CPU for ce and IMA together. IMA's robust
 # accuracy at L2 0.3 beat ce's by 10 to 20 points for training seeds 0, 1, 2 and 3.
@@ -116,7 +117,8 @@ def test_trainer_step_records_clean_wrong_and_crossed_samples():
     """One IMA step by hand: the records say which samples were wrong, crossed or not."""
     data = load_moons(0, sizes=(64, 8, 8))
     config = TrainConfig(dataset="moons", model="mlp", method="ima", epochs=1, batch_size=64,
-                         eps_max=0.3, delta=0.3, pgd_steps=10, binary_steps=6).validate()
+                         attack=AttackConfig(steps=10),
+                         ima=IMAConfig(eps_max=0.3, delta=0.3, binary_steps=6)).validate()
     torch.manual_seed(0)
     trainer = Trainer(config, data, moons_mlp(), "unused", torch.device("cpu"), progress=False)
     x, y = data.x_train, data.y_train

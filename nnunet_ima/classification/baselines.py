@@ -3,8 +3,9 @@
 Each function computes one batch's training loss, following the method's own paper, at the
 budget the comparison gives every method (``config.eps``: the IMA paper's ``eps_max`` of the
 dataset unless set). All inner attacks are the core PGD (``nnunet_ima.attacks``, the training
-norm, ``config.pgd_steps`` steps of ``config.pgd_alpha * eps / steps``, random start) unless the
-method prescribes another one (DDN). Where a paper is vague, the choice is in the docstring.
+norm, ``config.attack.steps`` steps of ``config.attack.alpha * eps / steps``, random start)
+unless the method prescribes another one (DDN). Where a paper is vague, the choice is in the
+docstring.
 
 Shapes: ``x (B, ...)`` inputs, ``y (B,)`` labels; every function returns ``(loss, stats)`` with
 a scalar loss and per-batch counts for the epoch's history row.
@@ -36,9 +37,9 @@ class BatchContext:
     generator: torch.Generator      # random starts of this epoch's attacks
 
     def pgd_kwargs(self) -> dict:
-        c = self.config
-        return {"norm": c.norm, "steps": c.pgd_steps, "alpha": c.pgd_alpha, "clamp": self.clamp,
-                "generator": self.generator}
+        attack = self.config.attack
+        return {"norm": attack.norm, "steps": attack.steps, "alpha": attack.alpha,
+                "clamp": self.clamp, "generator": self.generator}
 
 
 def _wrong(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -99,7 +100,7 @@ def mma(ctx: BatchContext, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tens
     crossed, margin_sum = 0, 0.0
     if idx.numel():
         result = bpgd(model, x[idx], y[idx], c.eps, argmax_correct, loss="margin",
-                      binary_steps=c.binary_steps, random_start=False, **ctx.pgd_kwargs())
+                      binary_steps=c.mma_binary_steps, random_start=False, **ctx.pgd_kwargs())
         found = result.found
         crossed = int(found.sum())
         if crossed:
@@ -200,7 +201,7 @@ def gairat(ctx: BatchContext, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.T
     per_sample = F.cross_entropy(logits_adv, y, reduction="none")
     begin = c.gairat_begin_epoch if c.gairat_begin_epoch is not None else c.epochs // 2
     if ctx.epoch >= begin:
-        loss = (per_sample * gairat_weights(kappa, c.pgd_steps, c.gairat_lambda)).mean()
+        loss = (per_sample * gairat_weights(kappa, c.attack.steps, c.gairat_lambda)).mean()
     else:
         loss = per_sample.mean()
     return loss, {"adv_wrong": float((logits_adv.argmax(1) != y).sum()),

@@ -35,6 +35,9 @@ from nnunet_ima.classification.spsa import SPSASettings
 from nnunet_ima.classification.strong_attacks import ATTACKS, StrongAttackSettings
 from nnunet_ima.classification.tables import markdown_table
 from nnunet_ima.classification.training import FINAL
+from nnunet_ima.classification.training_options import (add_attack_and_ima_options,
+                                                        attack_and_ima_values, in_option_names)
+from nnunet_ima.declared import InvalidSetting
 from nnunet_ima.devices import add_device_argument, resolve_device
 from nnunet_ima.errors import UserInputError, run_command
 from nnunet_ima.help_format import DefaultsHelpFormatter
@@ -84,25 +87,11 @@ def add_training_options(p: argparse.ArgumentParser, batch_option: str = "--batc
     p.add_argument("--seed", type=int, default=0, help="initialisation, sample order, attack starts")
     p.add_argument("--data-seed", type=int, default=0,
                    help="validation hold-out, COVID-19 split and Moons points")
-    p.add_argument("--norm", default="l2", choices=("l2", "linf"), help="attack norm in training")
     p.add_argument("--eps", type=float,
                    help="adv: the fixed PGD budget (required); trades, mma (its d_max), ddn (its "
                         "max norm), fat, gairat: the training budget (default: the dataset's "
                         "eps_max, as in the paper's comparison)")
-    p.add_argument("--pgd-steps", type=int, default=20, help="PGD iterations in training")
-    p.add_argument("--pgd-alpha", type=float, default=4.0,
-                   help="PGD step = alpha * eps / steps (4: the ball is swept 4 times; "
-                        "default %(default)s)")
-    p.add_argument("--eps-max", type=float, help="ima: the largest margin (default: the paper's)")
-    p.add_argument("--delta", type=float, help="ima: margin expansion step (default eps_max / epochs)")
-    p.add_argument("--beta", type=float, default=0.5, help="ima: weight of the boundary-point loss")
-    p.add_argument("--binary-steps", type=int, default=10, help="ima: bisection steps of BPGD")
-    p.add_argument("--margin-update", default="average", choices=("average", "replace"),
-                   help="ima: a crossed sample's margin becomes (d + E) / 2 or d")
-    p.add_argument("--on-clean-wrong", default="shrink", choices=("shrink", "reset"),
-                   help="ima: a misclassified sample's margin is halved, or reset to delta")
-    p.add_argument("--clip-min", default="zero", choices=("zero", "delta"),
-                   help="ima: clip margins to [0, eps_max] or [delta, eps_max]")
+    add_attack_and_ima_options(p)
     p.add_argument("--trades-beta", type=float, default=6.0,
                    help="trades: weight of the KL term")
     p.add_argument("--mma-clean-weight", type=float, default=1 / 3,
@@ -135,25 +124,30 @@ def _data_root(dataset: str, given: Optional[str]) -> Optional[str]:
 
 
 def config_from_args(args) -> TrainConfig:
-    """The run's :class:`TrainConfig`: the options given, the paper's settings for the rest."""
+    """The run's :class:`TrainConfig`: the options given, the paper's settings for the rest.
+
+    Raises:
+        UserInputError: a value out of range, named by its option.
+    """
     paper = PAPER_SETTINGS[args.dataset]
-    return TrainConfig(
+    values = dict(
+        attack_and_ima_values(args),
         dataset=args.dataset, model=args.model or DEFAULT_MODEL[args.dataset], method=args.method,
         epochs=args.epochs if args.epochs is not None else paper.epochs,
         batch_size=args.batch_size if args.batch_size is not None else paper.batch_size,
-        lr=args.lr, seed=args.seed, data_seed=args.data_seed, norm=args.norm,
-        pgd_steps=args.pgd_steps, pgd_alpha=args.pgd_alpha,
+        lr=args.lr, seed=args.seed, data_seed=args.data_seed,
         eps=_training_eps(args, paper.eps_max),
         eps_max=(args.eps_max if args.eps_max is not None else paper.eps_max)
         if args.method == "ima" else None,
-        delta=args.delta, beta=args.beta, binary_steps=args.binary_steps,
-        margin_update=args.margin_update, on_clean_wrong=args.on_clean_wrong,
-        clip_min=args.clip_min, max_train=args.max_train,
-        data_root=_data_root(args.dataset, args.data_root),
+        max_train=args.max_train, data_root=_data_root(args.dataset, args.data_root),
         moons_noise=args.moons_noise if args.dataset == "moons" else MOONS_NOISE,
         trades_beta=args.trades_beta, mma_clean_weight=args.mma_clean_weight,
         ddn_steps=args.ddn_steps, ddn_gamma=args.ddn_gamma, gairat_lambda=args.gairat_lambda,
-        gairat_begin_epoch=args.gairat_begin_epoch).validate()
+        gairat_begin_epoch=args.gairat_begin_epoch)
+    try:
+        return TrainConfig.from_flat(values).validate()
+    except InvalidSetting as e:
+        raise UserInputError(in_option_names(e)) from None
 
 
 def _training_eps(args, paper_eps_max: float) -> Optional[float]:

@@ -119,7 +119,7 @@ class Trainer:
         self.model = model.to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.save_every, self.progress = save_every, progress
-        self.margins: Optional[MarginStore] = (config.ima_config().make_margin_store(config.epochs)
+        self.margins: Optional[MarginStore] = (config.ima.make_margin_store(config.epochs)
                                                if config.method == "ima" else None)
         self.history: List[dict] = []
         self.epoch = 0
@@ -158,8 +158,9 @@ class Trainer:
 
     # -------------------------------------------------------------- training
     def _attack_kwargs(self) -> dict:
-        c = self.config
-        return {"norm": c.norm, "steps": c.pgd_steps, "alpha": c.pgd_alpha, "clamp": self.data.clamp}
+        attack = self.config.attack
+        return {"norm": attack.norm, "steps": attack.steps, "alpha": attack.alpha,
+                "clamp": self.data.clamp}
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, keys: List[int],
                    generator: torch.Generator) -> Dict[str, float]:
@@ -190,7 +191,7 @@ class Trainer:
 
     def _ima_step(self, x, y, keys, generator):
         """METHOD section 3: BPGD at each correct sample's margin, ``ima_loss``, margin records."""
-        c = self.config
+        ima = self.config.ima
         logits = self.model(x)
         clean_loss = F.cross_entropy(logits, y, reduction="none")
         correct = argmax_correct(logits.detach(), y)
@@ -201,14 +202,15 @@ class Trainer:
         if idx.numel():
             eps = self.margins.get([keys[i] for i in idx.tolist()], device=x.device)
             result = bpgd(self.model, x[idx], y[idx], eps, argmax_correct,
-                          binary_steps=c.binary_steps, generator=generator, **self._attack_kwargs())
+                          binary_steps=ima.binary_steps, boundary=ima.boundary,
+                          generator=generator, **self._attack_kwargs())
             crossed[idx.cpu()] = result.found.cpu()
             distance[idx.cpu()] = result.distance.detach().cpu().float()
             if result.found.any():
                 adv_loss = F.cross_entropy(self.model(result.x_boundary[result.found]),
                                            y[idx[result.found]], reduction="none")
         self.margins.record(keys, crossed, distance, correct.cpu())
-        return ima_loss(clean_loss, adv_loss, c.beta), {"crossed": float(crossed.sum())}
+        return ima_loss(clean_loss, adv_loss, ima.beta), {"crossed": float(crossed.sum())}
 
     def train_epoch(self) -> dict:
         """One pass over the training samples; returns the epoch's history row."""
