@@ -1,4 +1,5 @@
-"""``nnunet-ima-eval``: TVDI and ADI of trained nnU-Net models under 100-step PGD (or SegPGD, APGD).
+"""``nnunet-ima-eval``: TVDI and ADI of trained nnU-Net models under 100-step PGD (or SegPGD,
+APGD, or the worst case of an attack ensemble), on the network or on nnU-Net's predictor.
 
 Examples::
 
@@ -7,6 +8,8 @@ Examples::
     nnunet-ima-eval -m $nnUNet_results/Dataset002_Heart/nnUNetTrainerIMA__nnUNetPlans__2d \\
         --images imagesTs --labels labelsTs -o robustness_heart_ts
     nnunet-ima-eval -d 2 -tr nnUNetTrainerIMA --attack apgd -o robustness_heart_apgd
+    nnunet-ima-eval -d 2 -tr nnUNetTrainerAdv nnUNetTrainerIMA --attack ensemble \\
+        --inference predictor -o robustness_heart_worst_case
     nnunet-ima-eval -d 2 -tr nnUNetTrainerIMA -f 0 1 2 3 4 -chk checkpoint_best.pth -device cuda \\
         -o robustness_heart_folds
 
@@ -34,9 +37,13 @@ from nnunet_ima.devices import add_device_argument, resolve_device
 from nnunet_ima.errors import UserInputError, run_command
 from nnunet_ima.help_format import DefaultsHelpFormatter
 
+from nnunet_ima.norms import NORMS
+
 from nnunet_ima.evaluation.attacks import ATTACKS
+from nnunet_ima.evaluation.ensemble import DEFAULT_ENSEMBLE, MEMBERS
+from nnunet_ima.evaluation.masking import DEFAULT_QUERIES, DEFAULT_SLICES, MaskingSettings
 from nnunet_ima.evaluation.models import checkpoint_choice
-from nnunet_ima.evaluation.options import DEFAULT_NOISE, EvalOptions
+from nnunet_ima.evaluation.options import DEFAULT_NOISE, INFERENCE_PATHS, EvalOptions
 from nnunet_ima.evaluation.robustness import ATTACK_LOSSES, LEVEL_BATCHING, AttackSettings
 from nnunet_ima.evaluation.run import evaluate
 from nnunet_ima.evaluation.training_cases import parse_fold
@@ -95,13 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     attack = p.add_argument_group("attack")
     attack.add_argument("--noise", type=float, nargs="+", default=list(DEFAULT_NOISE),
                         help="noise levels (0 = clean), in z-score units")
-    attack.add_argument("--attack", default="pgd", choices=ATTACKS,
+    attack.add_argument("--attack", default="pgd", choices=ATTACKS + ("ensemble",),
                         help="pgd: projected gradient ascent with a fixed step; segpgd: SegPGD "
                              "(Gu et al. 2022), PGD on a CE that shifts weight from correctly to "
                              "wrongly classified pixels over the steps; apgd: Auto-PGD (Croce & "
                              "Hein 2020), momentum and a per-slice step size halved when the loss "
-                             "stalls, keeping each slice's highest-loss iterate")
-    attack.add_argument("--norm", default="l2", choices=("l2", "linf"), help="all attacks")
+                             "stalls, keeping each slice's highest-loss iterate; apgd_sea: APGD "
+                             "at radii 2, 1.5, 1 x noise keeping the lowest-Dice iterate (SEA, "
+                             "Croce et al. 2024); ensemble: every --ensemble member in turn, "
+                             "the headline being the per-slice worst case")
+    attack.add_argument("--ensemble", nargs="+", default=list(DEFAULT_ENSEMBLE),
+                        choices=list(MEMBERS), metavar="MEMBER",
+                        help=f"members of --attack ensemble, in order ({', '.join(MEMBERS)}); "
+                             f"apgd-* use SEA's losses and shrinking radius")
+    attack.add_argument("--norm", default="l2", choices=NORMS, help="all attacks")
     attack.add_argument("--steps", type=int, default=100,
                         help="iterations (gradient steps) of every attack")
     attack.add_argument("--alpha", type=float, default=5.0,
@@ -111,8 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="all attacks: start at the input instead of a seeded random point "
                              "of the ball")
     attack.add_argument("--attack-loss", default="dc_ce", choices=ATTACK_LOSSES,
-                        help="pgd, apgd: loss maximised, nnU-Net's Dice + CE or CE (segpgd "
-                             "maximises its own weighted CE)")
+                        help="pgd, apgd, apgd_sea: loss maximised, nnU-Net's Dice + CE, CE, or "
+                             "SEA's masked CE, class-balanced masked CE, Jensen-Shannon (segpgd "
+                             "maximises its own weighted CE; ensemble members bring their own)")
+    checks = p.add_argument_group("gradient-masking checks (after the attacks, on a few slices)")
+    checks.add_argument("--masking-checks", default="auto", choices=("auto", "on", "off"),
+                        help="a score-based black-box attack, TVDI monotone in noise, and an "
+                             "unbounded attack; a check that fires is printed and footnoted in "
+                             "the tables. auto: on with --attack ensemble")
+    checks.add_argument("--masking-slices", type=int, default=DEFAULT_SLICES,
+                        help="slices of the black-box and unbounded checks (seeded draw)")
+    checks.add_argument("--masking-queries", type=int, default=DEFAULT_QUERIES,
+                        help="forward passes of the black-box random search per slice")
+    inference = p.add_argument_group("inference path")
+    inference.add_argument("--inference", default="network", choices=INFERENCE_PATHS,
+                           help="network: the 2D network on whole slices (padded to its "
+                                "stride); predictor: what nnUNetv2_predict computes, nnU-Net's "
+                                "sliding-window tiles with Gaussian weights and mirroring, "
+                                "differentiated end to end (needs nnUNet_extTrainer for this "
+                                "package's trainers)")
+    inference.add_argument("--tile-step-size", type=float, default=0.5,
+                           help="predictor: nnUNetv2_predict's -step_size")
+    inference.add_argument("--disable-tta", action="store_true",
+                           help="predictor: no mirroring, as nnUNetv2_predict --disable_tta")
     p.add_argument("--batch-size", type=int, default=16, help="slices per attack batch")
     p.add_argument("--level-batching", default="auto", choices=LEVEL_BATCHING,
                    help="attack a batch with fewer slices than --batch-size at several noise "
@@ -142,6 +177,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_slices is not None and args.max_slices < 1:
         raise UserInputError(f"--max-slices must be >= 1, got {args.max_slices}")
+    for flag, value in (("--masking-slices", args.masking_slices),
+                        ("--masking-queries", args.masking_queries)):
+        if value < 1:
+            raise UserInputError(f"{flag} must be >= 1, got {value}")
+    if len(set(args.ensemble)) != len(args.ensemble):
+        raise UserInputError(f"--ensemble names a member more than once: {args.ensemble}")
+    if not 0 < args.tile_step_size <= 1:
+        raise UserInputError(f"--tile-step-size must lie in (0, 1], got {args.tile_step_size}")
     if bool(args.images) != bool(args.labels):
         raise UserInputError("--images and --labels go together (labels are needed for Dice)")
     resolve_device(args.device)
@@ -159,7 +202,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
     """The :class:`EvalOptions` of a parsed (and checked) command line."""
-    attack = AttackSettings(attack=args.attack, norm=args.norm, steps=args.steps,
+    ensemble = args.attack == "ensemble"
+    attack = AttackSettings(attack="pgd" if ensemble else args.attack, norm=args.norm,
+                            steps=args.steps,
                             alpha=args.alpha, random_start=not args.no_random_start,
                             loss=args.attack_loss, batch_size=args.batch_size, seed=args.seed,
                             level_batching=args.level_batching)
@@ -170,7 +215,11 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         checkpoint=args.checkpoint, cases=tuple(args.cases or ()),
         allow_train_cases=args.allow_train_cases, images=args.images, labels=args.labels,
         include_empty=args.include_empty, max_slices=args.max_slices, noise=tuple(args.noise),
-        attack=attack, device=args.device, overwrite=args.overwrite,
+        attack=attack, ensemble=tuple(args.ensemble) if ensemble else (),
+        masking_checks=args.masking_checks == "on" or (args.masking_checks == "auto" and ensemble),
+        masking=MaskingSettings(slices=args.masking_slices, queries=args.masking_queries),
+        inference=args.inference, tile_step_size=args.tile_step_size,
+        disable_tta=args.disable_tta, device=args.device, overwrite=args.overwrite,
         progress=not args.no_progress)
 
 

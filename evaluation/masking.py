@@ -34,6 +34,7 @@ from nnunet_ima.norms import per_sample_norm, per_sample_view, random_on_sphere
 
 from nnunet_ima.evaluation.attacks import projected_ascent
 from nnunet_ima.evaluation.models import LoadedModel
+from nnunet_ima.evaluation.predictor_path import segmentation
 from nnunet_ima.evaluation.robustness import AttackSettings, NoiseResult, attack_loss
 from nnunet_ima.evaluation.samples import SliceSample
 
@@ -137,7 +138,7 @@ def _tvdi_of(result: NoiseResult, rows: Optional[Sequence[int]] = None) -> float
 def _count(model: LoadedModel, samples: Sequence[SliceSample], x_adv: torch.Tensor) -> NoiseResult:
     labels = torch.from_numpy(np.stack([s.label for s in samples]).astype(np.int64))
     with torch.no_grad():
-        pred = model.network(x_adv).argmax(dim=1).cpu()
+        pred = segmentation(model, x_adv).cpu()
     if model.ignore_label is not None:
         valid = labels != model.ignore_label
         pred, labels = torch.where(valid, pred, 0), torch.where(valid, labels, 0)

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -236,12 +236,17 @@ def load_model(folder: str, fold, checkpoint: str, device: torch.device,
 
 
 def load_models(folders: Sequence[str], folds: Sequence, checkpoint: str,
-                device: torch.device) -> List[LoadedModel]:
+                device: torch.device, loader: Optional[Callable[..., LoadedModel]] = None
+                ) -> List[LoadedModel]:
     """One model per (folder, fold), named by its trainer (``Trainer_foldK`` with several folds),
-    or by its folder where trainers repeat (same trainer, other plans or datasets)."""
+    or by its folder where trainers repeat (same trainer, other plans or datasets).
+
+    ``loader``: ``(folder, fold, checkpoint, device, name=...) -> LoadedModel``, default
+    :func:`load_model` (the predictor path passes its own)."""
+    loader = loader or load_model
     suffix = (lambda fold: f"_fold{fold}") if len(folds) > 1 else (lambda fold: "")
-    models = [load_model(f, fold, checkpoint, device,
-                         name=os.path.basename(os.path.normpath(f)).split("__")[0] + suffix(fold))
+    models = [loader(f, fold, checkpoint, device,
+                     name=os.path.basename(os.path.normpath(f)).split("__")[0] + suffix(fold))
               for f in folders for fold in folds]
     if len({m.name for m in models}) != len(models):
         for m in models:

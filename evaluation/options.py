@@ -10,8 +10,11 @@ from typing import List, Optional, Tuple
 
 from nnunet_ima.devices import default_device
 
+from nnunet_ima.evaluation.masking import MaskingSettings
 from nnunet_ima.evaluation.robustness import AttackSettings
 from nnunet_ima.evaluation.training_cases import Fold
+
+INFERENCE_PATHS = ("network", "predictor")
 
 DEFAULT_NOISE = (0.0, 5.0, 15.0, 25.0)  # the paper's Heart levels (METHOD section 6)
 
@@ -37,6 +40,14 @@ class EvalOptions:
         max_slices: score at most this many slices per model, drawn with ``attack.seed``.
         noise: noise levels (0 = clean), in z-score units; any order, repeats ignored.
         attack: the attack and its options; its seed also draws the ``max_slices`` slices.
+        ensemble: members of :data:`.ensemble.MEMBERS` to run in turn, the headline being their
+            per-slice worst case (``attack`` then gives only the shared norm, steps, alpha,
+            random start, batch size and seed); empty: ``attack`` alone.
+        masking_checks: run the gradient-masking checks of :mod:`.masking` after the attacks,
+            with ``masking`` (slices, queries).
+        inference: ``network`` (the 2D network on whole slices, padded to its stride) or
+            ``predictor`` (nnU-Net's sliding-window predictor, :mod:`.predictor_path`, with
+            ``tile_step_size`` and mirroring unless ``disable_tta``).
         device: torch device name (``cpu``, ``cuda``, ``cuda:1``, ...).
         overwrite: discard results in ``output`` made with other options instead of refusing.
         progress: show a progress bar.
@@ -58,6 +69,12 @@ class EvalOptions:
     max_slices: Optional[int] = None
     noise: Tuple[float, ...] = DEFAULT_NOISE
     attack: AttackSettings = AttackSettings()
+    ensemble: Tuple[str, ...] = ()
+    masking_checks: bool = False
+    masking: MaskingSettings = MaskingSettings()
+    inference: str = "network"
+    tile_step_size: float = 0.5
+    disable_tta: bool = False
     device: str = field(default_factory=default_device)
     overwrite: bool = False
     progress: bool = True

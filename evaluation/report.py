@@ -56,13 +56,27 @@ def part_path(out: str, model: str, noise: float) -> str:
     return os.path.join(out, "parts", f"{safe}__noise{noise_key(noise)}.npz")
 
 
-def save_part(path: str, result: NoiseResult) -> None:
+def member_part_path(out: str, model: str, noise: float, member: str) -> str:
+    """The part of one ensemble member at one (model, noise level)."""
+    return part_path(out, model, noise)[:-len(".npz")] + f"__{member}.npz"
+
+
+def save_part(path: str, result: NoiseResult, meta: Optional[dict] = None) -> None:
+    """Write a part; ``meta`` (JSON-serialisable, e.g. an ensemble member's attacked slices and
+    seconds) is stored beside the counts and read by :func:`load_part_meta`."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     buffer = io.BytesIO()
+    extra = {} if meta is None else {"meta_json": np.array(json.dumps(meta))}
     np.savez_compressed(buffer, cases=np.array(result.cases), slices=np.array(result.slices),
                         tp=result.tp, fp=result.fp, fn=result.fn,
-                        **{f"example_{k}": v for k, v in result.example.items()})
+                        **{f"example_{k}": v for k, v in result.example.items()}, **extra)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_part_meta(path: str) -> dict:
+    """The ``meta`` saved with a part (``{}`` for none)."""
+    with np.load(path) as z:
+        return json.loads(str(z["meta_json"])) if "meta_json" in z.files else {}
 
 
 def load_part(path: str, expected_keys: Optional[Sequence[Tuple[str, int]]] = None) -> NoiseResult:
@@ -103,6 +117,22 @@ def summarise(results: Dict[float, NoiseResult], class_names: Sequence[str]) -> 
     return entry
 
 
+def summarise_ensemble(worst: Dict[float, NoiseResult], worst_tvdi: Dict[float, NoiseResult],
+                       class_names: Sequence[str]) -> dict:
+    """The ``summary.json`` entry of a model under an ensemble: ADI (and per-class ADI, AUC)
+    of the per-slice worst case, TVDI (and per-class TVDI, AUC) of the TVDI worst case (see
+    :mod:`.ensemble`: each metric is the worst the members' per-slice results allow)."""
+    entry = summarise(worst, class_names)
+    by_tvdi = summarise(worst_tvdi, class_names)
+    for key, level in entry["noise"].items():
+        level["tvdi"] = by_tvdi["noise"][key]["tvdi"]
+        for name in class_names:
+            level["per_class"][name]["tvdi"] = by_tvdi["noise"][key]["per_class"][name]["tvdi"]
+    if "auc_tvdi" in by_tvdi:
+        entry["auc_tvdi"] = by_tvdi["auc_tvdi"]
+    return entry
+
+
 LOSS_NAMES = {"dc_ce": "Dice + CE", "ce": "CE"}
 NORM_NAMES = {"l2": "L2", "linf": "Linf"}
 
@@ -113,6 +143,12 @@ def attack_caption(config: Optional[dict]) -> str:
     if not config or "steps" not in config:
         return ""
     attack = config.get("attack", "pgd")
+    if attack == "ensemble":
+        parts = [NORM_NAMES.get(config.get("norm"), config.get("norm")),
+                 f"{config['steps']} steps each", f"pgd / segpgd alpha {config['alpha']:g}",
+                 "random start" if config.get("random_start") else "no random start"]
+        return (f"the per-slice worst case of {', '.join(config['ensemble'])} "
+                f"({', '.join(p for p in parts if p)})")
     parts = [NORM_NAMES.get(config.get("norm"), config.get("norm")), f"{config['steps']} steps"]
     if config.get("alpha") is not None:
         parts.append(f"alpha {config['alpha']:g}")
@@ -141,15 +177,56 @@ def markdown_table(summary: dict, metric: str, noise_levels: Sequence[float]) ->
     caption = attack_caption(summary.get("config"))
     lines = [f"{metric.upper()} (%)" + (f" under {caption}" if caption else ""), "", header,
              "|" + "---|" * (header.count("|") - 1)]
+    masking = summary.get("masking_checks", {})
+    notes: List[str] = []
     for name, entry in summary["models"].items():
         cells = [f"{100 * entry['noise'][noise_key(n)][metric]:.2f}" for n in noise_levels]
         if f"auc_{metric}" in entry:
             cells.append(f"{100 * entry[f'auc_{metric}']:.2f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        marks = ""
+        for warning in masking.get(name, {}).get("warnings", []):
+            notes.append(warning)
+            marks += f" [^{len(notes)}]"
+        lines.append(f"| {name}{marks} | " + " | ".join(cells) + " |")
     note = footnote(train_cases_scored(summary.get("config")))
     if note:
         lines += ["", note]
+    if notes:
+        lines += ["", "Gradient-masking checks that fired (the numbers above may overstate "
+                      "robustness):"]
+        lines += [f"[^{k}]: {text}" for k, text in enumerate(notes, start=1)]
+    if "ensemble" in summary:
+        lines += ["", per_attack_table(summary, metric, noise_levels)]
     return "\n".join(lines) + "\n"
+
+
+def per_attack_table(summary: dict, metric: str, noise_levels: Sequence[float]) -> str:
+    """Each ensemble member's own column beside the worst case, per model, and what each
+    member cost (slices attacked, seconds) relative to the first member."""
+    ensemble = summary["ensemble"]
+    header = "| model | attack | " + " | ".join(f"noise {noise_key(n)}" for n in noise_levels) \
+             + " | slices attacked | seconds |"
+    lines = [f"{metric.upper()} (%) per attack (a member skips the slices already at Dice 0 and "
+             f"keeps the worst case so far there)", "", header,
+             "|" + "---|" * (header.count("|") - 1)]
+    for name, entry in summary["models"].items():
+        members = ensemble["per_attack"][name]
+        attacked, seconds = ensemble["attacked"][name], ensemble["seconds"][name]
+        for member, result in members.items():
+            cells = [f"{100 * result['noise'][noise_key(n)][metric]:.2f}" for n in noise_levels]
+            n_attacked = sum(level[member] for level in attacked.values())
+            took = sum(level[member] for level in seconds.values())
+            lines.append(f"| {name} | {member} | " + " | ".join(cells)
+                         + f" | {n_attacked} | {took:.1f} |")
+        cells = [f"**{100 * entry['noise'][noise_key(n)][metric]:.2f}**" for n in noise_levels]
+        first = ensemble["members"][0]
+        total = sum(sum(level.values()) for level in seconds.values())
+        alone = sum(level[first] for level in seconds.values())
+        cost = f"{total / alone:.2f} x {first}" if alone > 0 else ""
+        lines.append(f"| {name} | worst case | " + " | ".join(cells)
+                     + f" | {sum(sum(level.values()) for level in attacked.values())} | "
+                     + f"{total:.1f} ({cost}) |")
+    return "\n".join(lines)
 
 
 def per_slice_rows(model: str, results: Dict[float, NoiseResult], class_names: Sequence[str]

@@ -44,6 +44,7 @@ from nnunet_ima.evaluation.attacks import ATTACKS, run_attack
 from nnunet_ima.evaluation.segmentation_losses import SEA_LOSSES, sea_loss
 
 from nnunet_ima.evaluation.models import LoadedModel
+from nnunet_ima.evaluation.predictor_path import segmentation
 from nnunet_ima.evaluation.samples import SliceSample
 
 ATTACK_LOSSES = ("dc_ce", "ce") + tuple(SEA_LOSSES)
@@ -265,7 +266,7 @@ def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Se
             j = idx.index(show)
             if not clean_example:
                 with torch.no_grad():
-                    clean = model.network(x[j:j + 1]).argmax(dim=1)[0]
+                    clean = segmentation(model, x[j:j + 1])[0]
                 clean_example.update(image=x[j].cpu().numpy(),
                                      clean_prediction=clean.cpu().numpy().astype(np.int16))
             examples[noise] = {"image": clean_example["image"],
@@ -283,7 +284,7 @@ def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Se
                              ).to(device)
         if noise == 0:
             with torch.no_grad():
-                record(b, x, y, noise, x, model.network(x).argmax(dim=1))
+                record(b, x, y, noise, x, segmentation(model, x))
             if progress is not None:
                 progress.update(len(idx))
             return
@@ -301,7 +302,8 @@ def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Se
             packing["single"] += 1
         for run in runs:
             adv, logits = _attack_levels(model, x, y, run, settings, b, loss_fn)
-            labels = logits.argmax(dim=1)
+            # The predictor path scores with nnU-Net's own arithmetic (predictor_path).
+            labels = logits.argmax(dim=1) if not hasattr(model, "segment") else segmentation(model, adv)
             for l, m in enumerate(run):
                 part = slice(l * len(idx), (l + 1) * len(idx))
                 record(b, x, y, m, adv[part], labels[part])

@@ -7,7 +7,9 @@ soon as it is done, so that an interrupted run resumes from the parts (:mod:`.re
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
+from functools import partial
 from typing import Dict, List, Sequence
 
 import torch
@@ -15,9 +17,13 @@ from tqdm import tqdm
 
 from nnunet_ima.io import check_output_folder
 
+from nnunet_ima.evaluation.ensemble import member_settings
+from nnunet_ima.evaluation.ensemble_run import attack_with_ensemble
+from nnunet_ima.evaluation.masking import run_masking_checks
 from nnunet_ima.evaluation.models import LoadedModel, load_models
 from nnunet_ima.evaluation.options import EvalOptions
 from nnunet_ima.evaluation.plots import plot_curves, plot_examples
+from nnunet_ima.evaluation.predictor_path import load_predictor_model
 from nnunet_ima.evaluation.preflight import preflight_models
 from nnunet_ima.evaluation.report import part_path, per_slice_rows, save_part, summarise, write_outputs
 from nnunet_ima.evaluation.resume import can_resume, finished_parts, prepare_output, report_reused
@@ -46,7 +52,12 @@ def _evaluate(options: EvalOptions) -> dict:
     check_output_folder(options.output, "-o/--output")  # before loading models and data
     noise = options.noise_levels
     device = torch.device(options.device)
-    models = load_models(model_folders(options), options.folds, options.checkpoint, device)
+    loader = None
+    if options.inference == "predictor":
+        loader = partial(load_predictor_model, use_mirroring=not options.disable_tta,
+                         tile_step_size=options.tile_step_size)
+    models = load_models(model_folders(options), options.folds, options.checkpoint, device,
+                         loader)
     cases = {m.name: cases_to_score(m, options) for m in models}
     train_cases_scored = check_training_cases(models, cases, options)
     samples = samples_by_model(models, cases, options)
@@ -54,18 +65,25 @@ def _evaluate(options: EvalOptions) -> dict:
     config = run_config(options, models, samples, train_cases_scored)
     resume = can_resume(options.output, config, options.overwrite)
     results = (finished_parts(options.output, models, samples, noise, options.overwrite)
-               if resume else {m.name: {} for m in models})
+               if resume and not options.ensemble else {m.name: {} for m in models})
     # Only now, with every input checked, does anything get written.
     prepare_output(options.output, config, resume)
     for m in models:
         n_cases = len(config["models"][m.name]["cases"])
         print(f"{m.name}: {len(samples[m.name])} slices of {n_cases} case{'s' * (n_cases != 1)} "
               f"({' '.join(config['models'][m.name]['case_source'])})", flush=True)
-    report_reused(options.output, results, len(models) * len(noise))
-    _attack_missing(models, samples, noise, results, options, device)
-
-    summary = {"config": config,
-               "models": {m.name: summarise(results[m.name], m.class_names) for m in models}}
+    if options.ensemble:
+        ensemble = attack_with_ensemble(models, samples, noise, options, device, resume)
+        results = ensemble.worst
+        summary = {"config": config, "models": ensemble.summaries(models),
+                   "ensemble": ensemble.summary(models)}
+    else:
+        report_reused(options.output, results, len(models) * len(noise))
+        _attack_missing(models, samples, noise, results, options, device)
+        summary = {"config": config,
+                   "models": {m.name: summarise(results[m.name], m.class_names) for m in models}}
+    if options.masking_checks:
+        summary["masking_checks"] = _masking_checks(models, samples, results, options, device)
     rows = [r for m in models for r in per_slice_rows(m.name, results[m.name], m.class_names)]
     write_outputs(options.output, summary, rows, noise)
     plot_curves(summary, noise, os.path.join(options.output, "curves.png"))
@@ -92,6 +110,24 @@ def _attack_missing(models: Sequence[LoadedModel], samples: Dict[str, List[Slice
                 save_part(part_path(options.output, m.name, n), result)
                 results[m.name][n] = result
     _report_packing(packing)
+
+
+def _masking_checks(models: Sequence[LoadedModel], samples: Dict[str, List[SliceSample]],
+                    results: Results, options: EvalOptions, device: torch.device) -> dict:
+    """The gradient-masking checks of every model; prints what fired on stderr."""
+    attack = (member_settings(options.attack, options.ensemble[0]) if options.ensemble
+              else options.attack)
+    checks = {}
+    for m in models:
+        report = run_masking_checks(m, samples[m.name], results[m.name], attack, options.masking,
+                                    device)
+        checks[m.name] = report.to_dict()
+        for warning in report.warnings:
+            print(f"nnunet-ima-eval: warning: {warning}", file=sys.stderr, flush=True)
+        if not report.warnings:
+            print(f"{m.name}: gradient-masking checks passed (black box, monotonicity, "
+                  f"unbounded)", flush=True)
+    return checks
 
 
 def _report_packing(packing: Dict[str, Counter]) -> None:

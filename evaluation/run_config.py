@@ -37,9 +37,11 @@ def run_config(options: EvalOptions, models: Sequence[LoadedModel],
     batch size is part of it because each batch draws its own random start. An option that
     does not apply to the attack (``alpha`` for apgd, ``attack_loss`` for segpgd) is ``None``.
     One fold is recorded as itself (``0``, as before ``-f`` took several), several as a list.
+    An ensemble records its members (each brings its own loss), the predictor path its tile
+    step and mirroring.
     """
     settings = options.attack
-    return {"models": {m.name: model_config(m, options, samples[m.name],
+    config = {"models": {m.name: model_config(m, options, samples[m.name],
                                             train_cases_scored.get(m.name, []))
                        for m in models},
             "fold": options.folds[0] if len(options.folds) == 1 else list(options.folds),
@@ -54,3 +56,12 @@ def run_config(options: EvalOptions, models: Sequence[LoadedModel],
             "attack_loss": None if settings.attack == "segpgd" else settings.loss,
             "seed": settings.seed,
             "batch_size": settings.batch_size}
+    # Only when used, so that folders written before ensembles and the predictor path resume.
+    if options.ensemble:
+        config.update(attack="ensemble", ensemble=list(options.ensemble), alpha=settings.alpha,
+                      attack_loss=None)
+    if options.inference != "network":
+        config["inference"] = {"path": options.inference,
+                               "tile_step_size": options.tile_step_size,
+                               "mirroring": not options.disable_tta}
+    return config
