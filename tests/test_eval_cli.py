@@ -48,15 +48,21 @@ def _per_slice(out):
         return list(csv.DictReader(f))
 
 
-def _independent_dice(ws, model_folder, case, index):
-    """Per-class Dice of the network's argmax, with nnU-Net's own predictor loading the model."""
+def _nnunet_network(model_folder):
+    """Fold 0's final network in eval mode, loaded by nnU-Net's own predictor (not the
+    evaluator's loader)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
     predictor.initialize_from_trained_model_folder(model_folder, (0,), "checkpoint_final.pth")
     net = predictor.network
     net.load_state_dict(predictor.list_of_parameters[0])
-    net.eval()
+    return net.eval()
+
+
+def _independent_dice(ws, model_folder, case, index):
+    """Per-class Dice of the network's argmax, with nnU-Net's own predictor loading the model."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    net = _nnunet_network(model_folder)
     folder = os.path.join(ws.preprocessed, ws.dataset_name, "nnUNetPlans_2d")
     data, seg, _, _ = infer_dataset_class(folder)(folder).load_case(case)
     with torch.no_grad():
@@ -238,12 +244,7 @@ def test_labels_outside_the_nonzero_region_count_as_background(nnunet_workspace,
         [str(images / f"{case}_0000.nii.gz")], str(labels / f"{case}.nii.gz"),
         manager, manager.get_configuration("2d"), dataset_json)
     assert (seg == -1).any()  # the case really exercises the outside-nonzero label
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
-    predictor.initialize_from_trained_model_folder(trained_clean_model, (0,), "checkpoint_final.pth")
-    net = predictor.network
-    net.load_state_dict(predictor.list_of_parameters[0])
-    net.eval()
+    net = _nnunet_network(trained_clean_model)
     rows = _per_slice(out)
     assert len(rows) == int(((seg[0] > 0).sum(axis=(1, 2)) > 0).sum())
     for row in rows:
