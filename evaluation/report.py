@@ -175,6 +175,10 @@ def markdown_table(summary: dict, metric: str, noise_levels: Sequence[float]) ->
     if any(f"auc_{metric}" in m for m in summary["models"].values()):
         header += " AUC |"
     caption = attack_caption(summary.get("config"))
+    inference = (summary.get("config") or {}).get("inference")
+    if inference:
+        caption += (f", through nnU-Net's predictor (tile step {inference['tile_step_size']:g}, "
+                    f"{'mirroring' if inference['mirroring'] else 'no mirroring'})")
     lines = [f"{metric.upper()} (%)" + (f" under {caption}" if caption else ""), "", header,
              "|" + "---|" * (header.count("|") - 1)]
     masking = summary.get("masking_checks", {})
