@@ -12,13 +12,13 @@ import io
 import json
 import os
 import re
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import replace_atomically
 from nnunet_ima.metrics import adi, robustness_auc, tvdi
 
 from nnunet_ima.evaluation.robustness import NoiseResult
@@ -28,18 +28,11 @@ CONFIG_FILENAME = "config.json"
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to a unique temporary file beside ``path``, then rename it over ``path``."""
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from other users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    replace_atomically(path, write)
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -17,7 +17,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from nnunet_ima.commands.trainer_dir import trainer_dir
+from nnunet_ima.nnunet.paths import trainer_dir
 from nnunet_ima.nnunet.synthetic import write_synthetic_dataset
 
 DATASET_ID = 990

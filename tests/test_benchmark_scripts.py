@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 

@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 
 def test_demo_runs_all_steps_and_prints_the_tables(tmp_path):
     workdir = tmp_path / "demo"

@@ -152,7 +152,6 @@ def test_interrupted_run_resumes_to_the_same_summary(nnunet_workspace, trained_c
 
 def test_changed_weights_are_not_mixed_with_old_results(nnunet_workspace, trained_clean_model, tmp_path,
                                                        capsys):
-    ws = nnunet_workspace
     model = tmp_path / "models" / "nnUNetTrainerClean__nnUNetPlans__2d"
     shutil.copytree(trained_clean_model, model)
     argv = ["-m", str(model), "--noise", "0", "--max-slices", "2", "--no-progress", "-o", str(tmp_path / "o")]
@@ -318,7 +317,6 @@ def test_training_cases_are_refused_by_name_unless_allowed(nnunet_workspace, tra
 
 def test_several_folds_are_one_model_each_and_fold_all_trained_on_the_test_cases(
         nnunet_workspace, trained_clean_model, tmp_path, capsys):
-    ws = nnunet_workspace
     model = tmp_path / "models" / "nnUNetTrainerClean__nnUNetPlans__2d"
     shutil.copytree(trained_clean_model, model)
     # The same weights stand in for a fold-all training: nnU-Net would have trained it on

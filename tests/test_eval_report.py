@@ -1,5 +1,4 @@
 """TVDI / ADI of hand-made predictions, tables and pre-flight checks (no nnU-Net run needed)."""
-import json
 
 import numpy as np
 import pytest

@@ -10,7 +10,7 @@ from nnunet_ima.evaluation.masking import (MaskingSettings, monotonicity_check, 
 from nnunet_ima.evaluation.robustness import AttackSettings, attack_loss, evaluate_levels
 from nnunet_ima.norms import per_sample_norm
 
-from core_models import TinySegmenter, tiny_segmentation_problem
+from core_models import tiny_segmentation_problem
 
 NOISE = [0.0, 2.0, 6.0]
 

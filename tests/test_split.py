@@ -1,6 +1,5 @@
 """``nnunet-ima split``: test cases stay out of every fold nnU-Net can train (no nnU-Net run needed)."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -26,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _trainer_names() -> List[str]:
     """The trainers of this package (``trainers/`` and ``trainers/variants/``), by file name."""
-    from nnunet_ima.commands.trainer_dir import trainer_dir
+    from nnunet_ima.nnunet.paths import trainer_dir
     root = trainer_dir()
     names = []
     for folder in (root, os.path.join(root, "variants")):

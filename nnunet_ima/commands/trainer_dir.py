@@ -3,13 +3,8 @@
 Usage: ``export nnUNet_extTrainer=$(nnunet-ima trainer-dir)``
 """
 import argparse
-import os
 
-
-def trainer_dir() -> str:
-    """The installed folder of ``nnunet_ima.trainers`` (the repository's ``trainers/``)."""
-    import nnunet_ima.trainers
-    return os.path.dirname(os.path.abspath(nnunet_ima.trainers.__file__))
+from nnunet_ima.nnunet.paths import trainer_dir
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

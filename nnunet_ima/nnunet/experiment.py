@@ -13,7 +13,7 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence
 
-from nnunet_ima.commands.trainer_dir import trainer_dir
+from nnunet_ima.nnunet.paths import trainer_dir
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.nnunet.pipeline import (Command, console_script, data_augmentation_workers,
                                         run_commands)

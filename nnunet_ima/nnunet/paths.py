@@ -53,3 +53,10 @@ def preprocessed_dataset_folder(dataset: Union[int, str]) -> str:
         raise UserInputError(f"{folder} does not exist: run nnUNetv2_plan_and_preprocess -d "
                              f"{dataset} first")
     return folder
+
+
+def trainer_dir() -> str:
+    """The installed folder of ``nnunet_ima.trainers`` (the repository's ``trainers/``): the
+    value of ``nnUNet_extTrainer`` that lets nnU-Net find this package's trainers."""
+    import nnunet_ima.trainers
+    return os.path.dirname(os.path.abspath(nnunet_ima.trainers.__file__))
