@@ -42,6 +42,8 @@ from torch import nn
 from nnunet_ima.model_mode import attack_mode
 from nnunet_ima.norms import as_eps_tensor, check_norm, project, steepest_ascent_direction
 
+from nnunet_ima.evaluation.segmentation_losses import scored_labels, slice_mean
+
 ATTACKS = ("pgd", "segpgd", "apgd", "apgd_sea")
 
 APGD_MOMENTUM = 0.75  # the paper's alpha: weight of the new step, 1 - 0.75 on the previous one
@@ -122,19 +124,12 @@ def segpgd_loss(logits: torch.Tensor, target: torch.Tensor, lam: float,
     Returns:
         ``(B,)``.
     """
-    if target.dim() == logits.dim():
-        target = target[:, 0]
-    target = target.long()
-    valid = target >= 0
-    if ignore_label is not None:
-        valid &= target != ignore_label
-    safe = torch.where(valid, target, torch.zeros_like(target))
+    safe, valid = scored_labels(logits, target, ignore_label)
     pixel_ce = F.cross_entropy(logits, safe, reduction="none")
     with torch.no_grad():
         correct = logits.argmax(dim=1) == safe
-        weight = torch.where(correct, 1.0 - lam, lam).to(pixel_ce.dtype) * valid
-    axes = tuple(range(1, target.dim()))
-    return (pixel_ce * weight).sum(axes) / valid.sum(axes).clamp_min(1).to(pixel_ce.dtype)
+        weight = torch.where(correct, 1.0 - lam, lam).to(pixel_ce.dtype)
+    return slice_mean(pixel_ce * weight, valid)
 
 
 def segpgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,

@@ -184,6 +184,18 @@ def missing_checkpoint_message(folder: str, fold, checkpoint: str) -> str:
             f"{' or '.join(f'--checkpoint {n}' for n in present)}")
 
 
+def check_model_folder(folder: str) -> None:
+    """A :class:`UserInputError` unless ``folder`` is a trained nnU-Net model folder (it holds
+    ``plans.json`` and ``dataset.json``)."""
+    if not os.path.isdir(folder):
+        raise UserInputError(f"model folder {folder} does not exist: train the model first "
+                             f"(nnUNetv2_train) or check -d/-tr/-p/-c")
+    for required in ("plans.json", "dataset.json"):
+        if not os.path.isfile(os.path.join(folder, required)):
+            raise UserInputError(f"{os.path.join(folder, required)} is missing: not a trained "
+                                 f"nnU-Net model folder")
+
+
 def load_model(folder: str, fold, checkpoint: str, device: torch.device,
                name: str = None) -> LoadedModel:
     """Load ``folder/fold_{fold}/checkpoint_{checkpoint}.pth`` with the architecture of its plans;
@@ -192,13 +204,7 @@ def load_model(folder: str, fold, checkpoint: str, device: torch.device,
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    if not os.path.isdir(folder):
-        raise UserInputError(f"model folder {folder} does not exist: train the model first "
-                             f"(nnUNetv2_train) or check -d/-tr/-p/-c")
-    for required in ("plans.json", "dataset.json"):
-        if not os.path.isfile(os.path.join(folder, required)):
-            raise UserInputError(f"{os.path.join(folder, required)} is missing: not a trained "
-                                 f"nnU-Net model folder")
+    check_model_folder(folder)
     if checkpoint not in CHECKPOINTS:
         raise UserInputError(f"--checkpoint must be one of {sorted(CHECKPOINTS)}, got {checkpoint!r}")
     path = os.path.join(folder, f"fold_{fold}", CHECKPOINTS[checkpoint])

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.evaluation.models import (CHECKPOINTS, LoadedModel, checkpoint_choice,
+from nnunet_ima.evaluation.models import (CHECKPOINTS, LoadedModel, check_model_folder,
+                                          checkpoint_choice,
                                           configuration_of, file_sha256,
                                           missing_checkpoint_message)
 
@@ -299,13 +300,7 @@ def _check_model_folder(model_folder: str, fold, checkpoint: str) -> str:
     path. A 3D configuration is refused here, from plans.json, without reading the weights."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    if not os.path.isdir(model_folder):
-        raise UserInputError(f"model folder {model_folder} does not exist: train the model first "
-                             f"(nnUNetv2_train) or check -d/-tr/-p/-c")
-    for required in ("plans.json", "dataset.json"):
-        if not os.path.isfile(os.path.join(model_folder, required)):
-            raise UserInputError(f"{os.path.join(model_folder, required)} is missing: not a "
-                                 f"trained nnU-Net model folder")
+    check_model_folder(model_folder)
     path = os.path.join(model_folder, f"fold_{fold}", CHECKPOINTS[checkpoint])
     if not os.path.isfile(path):
         raise UserInputError(missing_checkpoint_message(model_folder, fold, checkpoint))

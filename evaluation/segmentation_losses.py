@@ -27,9 +27,10 @@ import torch.nn.functional as F
 SegmentationLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _labels(logits: torch.Tensor, target: torch.Tensor, ignore_label: Optional[int]
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(B, H, W)`` labels with unscored pixels set to 0, and the ``(B, H, W)`` scored mask."""
+def scored_labels(logits: torch.Tensor, target: torch.Tensor, ignore_label: Optional[int]
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(B, H, W)`` labels with unscored pixels set to 0, and the ``(B, H, W)`` scored mask
+    (ignore-label pixels and nnU-Net's ``-1`` outside the cropped region are not scored)."""
     if target.dim() == logits.dim():
         target = target[:, 0]
     target = target.long()
@@ -39,7 +40,7 @@ def _labels(logits: torch.Tensor, target: torch.Tensor, ignore_label: Optional[i
     return torch.where(scored, target, torch.zeros_like(target)), scored
 
 
-def _slice_mean(pixel_loss: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+def slice_mean(pixel_loss: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     """``(B, H, W)`` -> ``(B,)``: the mean over each slice's scored pixels (0 with none)."""
     axes = tuple(range(1, pixel_loss.dim()))
     return (pixel_loss * scored).sum(axes) / scored.sum(axes).clamp_min(1).to(pixel_loss.dtype)
@@ -48,11 +49,18 @@ def _slice_mean(pixel_loss: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
 def masked_ce(logits: torch.Tensor, target: torch.Tensor,
               ignore_label: Optional[int] = None) -> torch.Tensor:
     """``(B,)`` mean CE over the scored pixels, counting only the correctly classified ones."""
-    labels, scored = _labels(logits, target, ignore_label)
+    return _masked_ce(logits, target, ignore_label, balanced=False)
+
+
+def _masked_ce(logits: torch.Tensor, target: torch.Tensor, ignore_label: Optional[int],
+               balanced: bool) -> torch.Tensor:
+    labels, scored = scored_labels(logits, target, ignore_label)
     pixel_ce = F.cross_entropy(logits, labels, reduction="none")
     with torch.no_grad():
-        correct = (logits.argmax(dim=1) == labels) & scored
-    return _slice_mean(pixel_ce * correct, scored)
+        weight = ((logits.argmax(dim=1) == labels) & scored).to(pixel_ce.dtype)
+        if balanced:
+            weight = weight * class_balance_weights(labels, scored, logits.shape[1]).to(weight)
+    return slice_mean(pixel_ce * weight, scored)
 
 
 def class_balance_weights(labels: torch.Tensor, scored: torch.Tensor,
@@ -69,19 +77,14 @@ def class_balance_weights(labels: torch.Tensor, scored: torch.Tensor,
 def balanced_masked_ce(logits: torch.Tensor, target: torch.Tensor,
                        ignore_label: Optional[int] = None) -> torch.Tensor:
     """``(B,)`` :func:`masked_ce` with the class-balance weights of :func:`class_balance_weights`."""
-    labels, scored = _labels(logits, target, ignore_label)
-    pixel_ce = F.cross_entropy(logits, labels, reduction="none")
-    with torch.no_grad():
-        correct = (logits.argmax(dim=1) == labels) & scored
-        weight = class_balance_weights(labels, scored, logits.shape[1]).to(pixel_ce.dtype)
-    return _slice_mean(pixel_ce * correct * weight, scored)
+    return _masked_ce(logits, target, ignore_label, balanced=True)
 
 
 def js_divergence(logits: torch.Tensor, target: torch.Tensor,
                   ignore_label: Optional[int] = None) -> torch.Tensor:
     """``(B,)`` mean over scored pixels of ``JS(softmax(logits), onehot(target))``, summed over
     classes: ``(KL(p || m) + KL(q || m)) / 2`` with ``m = (p + q) / 2``, in ``[0, log 2]``."""
-    labels, scored = _labels(logits, target, ignore_label)
+    labels, scored = scored_labels(logits, target, ignore_label)
     p = logits.softmax(dim=1)                                                     # (B, K, H, W)
     q = F.one_hot(labels, logits.shape[1]).movedim(-1, 1).to(p.dtype)
     m = (p + q) / 2
@@ -91,7 +94,7 @@ def js_divergence(logits: torch.Tensor, target: torch.Tensor,
                        torch.zeros_like(p))
     kl_q = torch.where(q > 0, q * (-log_m), torch.zeros_like(q))   # q is 0 or 1: q log q = 0
     pixel_js = (kl_p + kl_q).sum(dim=1) / 2
-    return _slice_mean(pixel_js, scored)
+    return slice_mean(pixel_js, scored)
 
 
 JS_MAXIMUM = math.log(2)
