@@ -36,9 +36,16 @@ def write_text(path: str, text: str) -> None:
     replace_atomically(path, write)
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_json(path: str, obj: Any, sort_keys: bool = True) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically; ``sort_keys=False`` keeps the
+    order of the dicts (a report whose keys follow the attacks run, say)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def save_torch(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (checkpoints, final models)."""
+    import torch  # here, so that the other writers load without torch
+    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def check_output_folder(path: str, option: str) -> None:

@@ -172,13 +172,13 @@ def test_check_output_folder(tmp_path, monkeypatch):
 
 
 def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
-    from nnunet_ima.classification import files
+    from nnunet_ima.io import save_torch, write_json
     (tmp_path / "table.md").mkdir()  # a folder where the file should go
-    for write in (write_text, files.write_text):
+    for write in (write_text, write_json):
         with pytest.raises(OSError):
             write(str(tmp_path / "table.md"), "x")
     with pytest.raises(OSError):
-        files.save_torch({"a": 1}, str(tmp_path / "table.md"))
+        save_torch({"a": 1}, str(tmp_path / "table.md"))
     assert _listing(tmp_path) == ["table.md"]
 
 

@@ -24,7 +24,6 @@ from nnunet_ima.classification.compare import compare, run_name
 from nnunet_ima.classification.datasets import DATASETS, FASHION_MNIST_DEFAULT_ROOT, MOONS_NOISE
 from nnunet_ima.classification.evaluate import (DEFAULT_BATCH_SIZE, DEFAULT_STEPS, EvalOptions,
                                                 evaluate_runs)
-from nnunet_ima.classification.files import write_text
 from nnunet_ima.classification.margins_report import DEFAULT_QUANTILE, margin_report
 from nnunet_ima.classification.models import DEFAULT_MODEL, MODELS
 from nnunet_ima.classification.robust_eval import ATTACK_LOSSES
@@ -41,7 +40,7 @@ from nnunet_ima.declared import InvalidSetting
 from nnunet_ima.devices import add_device_argument, resolve_device
 from nnunet_ima.errors import UserInputError, run_command
 from nnunet_ima.help_format import DefaultsHelpFormatter
-from nnunet_ima.io import check_output_folder
+from nnunet_ima.io import check_output_folder, write_text
 from nnunet_ima.margins import MarginStore
 from nnunet_ima.norms import NORMS
 

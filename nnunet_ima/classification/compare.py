@@ -17,12 +17,12 @@ import torch
 
 from nnunet_ima.classification.evaluate import (EvalOptions, evaluate_runs, load_report,
                                                 report_is_current)
-from nnunet_ima.classification.files import write_text
 from nnunet_ima.classification.runs import ExecutionOptions, load_run, train_run
 from nnunet_ima.classification.settings import TrainConfig
 from nnunet_ima.classification.tables import markdown_table, plot_robustness_curves
 from nnunet_ima.classification.training import FINAL
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import write_text
 
 
 def run_name(method: str, eps: float) -> str:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunet_ima.classification.datasets import DatasetSplits
-from nnunet_ima.classification.files import write_json
 from nnunet_ima.classification.models import build_model
 from nnunet_ima.classification.robust_eval import (ATTACK_LOSSES, MASKING_THRESHOLD_POINTS,
                                                    PGD_WORST, WORST, auc_of, masking_warnings,
@@ -19,6 +18,7 @@ from nnunet_ima.classification.settings import PAPER_SETTINGS
 from nnunet_ima.classification.strong_attacks import (ATTACKS, StrongAttackSettings, caption,
                                                       check_attacks, settings_record)
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import write_json
 from nnunet_ima.norms import NORMS
 
 DEFAULT_STEPS = 100
@@ -134,7 +134,7 @@ def evaluate_runs(folders: Sequence[str], options: EvalOptions,
                   "warnings": warnings}
         if PGD_WORST in result:
             report["pgd_worst"] = {f"{n:g}": result[PGD_WORST][n] for n in noise}
-        write_json(options.report_path(folder), report)
+        write_json(options.report_path(folder), report, sort_keys=False)
         rows.append((name, report))
     return rows
 

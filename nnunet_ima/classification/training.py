@@ -24,9 +24,9 @@ from tqdm import tqdm
 from nnunet_ima.attacks import argmax_correct, bpgd, pgd
 from nnunet_ima.classification.baselines import BASELINES, BatchContext
 from nnunet_ima.classification.datasets import DatasetSplits, as_float
-from nnunet_ima.classification.files import save_torch, write_json, write_text
 from nnunet_ima.classification.settings import TrainConfig
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import save_torch, write_json, write_text
 from nnunet_ima.losses import ima_loss
 from nnunet_ima.margins import MarginStore
 
@@ -258,7 +258,7 @@ class Trainer:
         elif resume:
             raise UserInputError(f"--resume: {latest} does not exist, nothing to resume")
         os.makedirs(self.out, exist_ok=True)
-        write_json(os.path.join(self.out, "config.json"), self.config.to_dict())
+        write_json(os.path.join(self.out, "config.json"), self.config.to_dict(), sort_keys=False)
         while self.epoch < self.config.epochs:
             row = self.train_epoch()
             self.epoch += 1
@@ -291,7 +291,8 @@ class Trainer:
             plot_curves(self.history, os.path.join(self.out, "curves.png"),
                         f"{self.config.dataset}, {self.config.method}")
         if self.margins is not None:
-            write_json(os.path.join(self.out, "margins.json"), self.margins.state_dict())
+            write_json(os.path.join(self.out, "margins.json"), self.margins.state_dict(),
+                       sort_keys=False)
         if self.margins is not None and plots:
             plot_margins(self.margins.values(), self.margins.eps_max,
                          os.path.join(self.out, "margins_hist.png"))
