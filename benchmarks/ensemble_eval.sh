@@ -4,9 +4,9 @@
 #   1. PGD alone (Dice + CE) on the network,
 #   2. --attack ensemble (PGD, SegPGD, APGD with SEA's three losses) on the network, with the
 #      gradient-masking checks,
-#   3. the same ensemble through nnU-Net's predictor (--inference predictor: sliding window,
-#      Gaussian weights, mirroring),
-# each in OUT/{pgd,ensemble,ensemble_predictor}; then prints the three TVDI tables. Every run
+#   3. PGD through nnU-Net's predictor (--inference predictor: sliding window, Gaussian
+#      weights, mirroring), beside 1,
+# each in OUT/{pgd,ensemble,pgd_predictor}; then prints the three TVDI tables. Every run
 # resumes. The nnUNet_* variables must point at the models' dataset (the demo's or the
 # real-lesion benchmark's folders).
 # Usage: bash benchmarks/ensemble_eval.sh OUT NOISE_LEVELS STEPS SLICES MODEL_FOLDER...
@@ -22,9 +22,9 @@ common=(-m "$@" --noise $noise --steps "$steps" --max-slices "$slices" --cases t
 nnunet-ima-eval "${common[@]}" -o "$out/pgd" > "$out.pgd.log" 2>&1 || { cat "$out.pgd.log"; exit 1; }
 nnunet-ima-eval "${common[@]}" --attack ensemble -o "$out/ensemble" > "$out.ensemble.log" 2>&1 \
   || { cat "$out.ensemble.log"; exit 1; }
-nnunet-ima-eval "${common[@]}" --attack ensemble --inference predictor --masking-checks off \
-  -o "$out/ensemble_predictor" > "$out.predictor.log" 2>&1 || { cat "$out.predictor.log"; exit 1; }
-for run in pgd ensemble ensemble_predictor; do
+nnunet-ima-eval "${common[@]}" --inference predictor -o "$out/pgd_predictor" \
+  > "$out.predictor.log" 2>&1 || { cat "$out.predictor.log"; exit 1; }
+for run in pgd ensemble pgd_predictor; do
   echo "== $run"; cat "$out/$run/tvdi.md"
 done
 grep -h "warning" "$out.ensemble.log" || echo "no gradient-masking check fired"
