@@ -37,6 +37,17 @@ def test_variants_share_schedule_and_seed_and_differ_in_one_factor(tmp_path):
     assert differences(settings["printed+term"], settings["ima_printed"]) == {"adversarial_term"}
 
 
+def test_adv_at_the_constant_learning_rate_differs_from_adv_only_there(tmp_path):
+    options = _options(tmp_path, variants=["adv", "adv_constant_lr"], adv_eps=[8.0])
+    variants = {v.name: v for v in build_variants(options)}
+    assert list(variants) == ["adv8", "adv8_constant_lr"]
+    assert variants["adv8_constant_lr"].kind == "adv"
+    plain, constant = (settings_from_dict(variants[n].settings).to_dict()
+                       for n in ("adv8", "adv8_constant_lr"))
+    assert {k for k in plain if plain[k] != constant[k]} == {"lr_schedule"}
+    assert (plain["lr_schedule"], constant["lr_schedule"]) == ("poly", "constant")
+
+
 @pytest.mark.parametrize("variants, message", [
     (["adv", "bogus"], "unknown variant 'bogus'"),
     (["authors-colour"], "unknown variant 'authors-colour'"),

@@ -115,6 +115,12 @@ def build_variants(options: AblationOptions) -> List[Variant]:
             for eps in options.adv_eps:
                 variants.append(Variant(f"adv{eps:g}", "nnUNetTrainerAdv",
                                         dict(schedule, **attack, adv_eps=float(eps)), "adv"))
+        elif name == "adv_constant_lr":
+            # Adv under the IMA recipe's constant learning rate: whether Adv gains from it too.
+            for eps in options.adv_eps:
+                variants.append(Variant(f"adv{eps:g}_constant_lr", "nnUNetTrainerAdv",
+                                        dict(schedule, **attack, adv_eps=float(eps),
+                                             lr_schedule="constant"), "adv"))
         elif name in ("ima_printed", "ima_authors"):
             recipe = name.split("_", 1)[1]
             variants.append(Variant(name, "nnUNetTrainerIMA", dict(ima, recipe=recipe), "ima"))
@@ -130,7 +136,8 @@ def build_variants(options: AblationOptions) -> List[Variant]:
                                     dict(ima, recipe="printed", **added), "ima"))
         else:
             raise UserInputError(f"unknown variant {name!r}; known: clean, clean_half_lr, adv, "
-                                 f"ima_printed, ima_authors, authors-<factor>, printed+<factor> "
+                                 f"adv_constant_lr, ima_printed, ima_authors, authors-<factor>, "
+                                 f"printed+<factor> "
                                  f"with factor in {sorted(FACTORS)}")
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
