@@ -135,15 +135,28 @@ def _tvdi_of(result: NoiseResult, rows: Optional[Sequence[int]] = None) -> float
     return tvdi(torch.as_tensor(tp), torch.as_tensor(fp), torch.as_tensor(fn))[0]
 
 
-def _count(model: LoadedModel, samples: Sequence[SliceSample], x_adv: torch.Tensor) -> NoiseResult:
-    labels = torch.from_numpy(np.stack([s.label for s in samples]).astype(np.int64))
-    with torch.no_grad():
-        pred = segmentation(model, x_adv).cpu()
-    if model.ignore_label is not None:
-        valid = labels != model.ignore_label
-        pred, labels = torch.where(valid, pred, 0), torch.where(valid, labels, 0)
-    tp, fp, fn = (c.numpy() for c in confusion_counts(pred, labels, model.num_classes))
-    return NoiseResult([s.case for s in samples], [s.index for s in samples], tp, fp, fn, {})
+def _attack_by_shape(model: LoadedModel, subset: Sequence[SliceSample], device: torch.device,
+                     attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> NoiseResult:
+    """The counts of ``subset`` after ``attack(x (B, C, H, W), y (B, 1, H, W)) -> x_adv``, run
+    on one batch per slice shape (slices of several cases may differ in size)."""
+    k = model.num_classes - 1
+    tp, fp, fn = (np.zeros((len(subset), k), dtype=np.int64) for _ in range(3))
+    shapes: Dict[tuple, List[int]] = {}
+    for i, s in enumerate(subset):
+        shapes.setdefault(s.image.shape, []).append(i)
+    for idx in shapes.values():
+        x = torch.from_numpy(np.stack([subset[i].image for i in idx])).to(device)
+        labels = torch.from_numpy(np.stack([subset[i].label for i in idx]).astype(np.int64))
+        x_adv = attack(x, labels[:, None].to(device))
+        with torch.no_grad():
+            pred = segmentation(model, x_adv).cpu()
+        if model.ignore_label is not None:
+            valid = labels != model.ignore_label
+            pred, labels = torch.where(valid, pred, 0), torch.where(valid, labels, 0)
+        for store, counts in zip((tp, fp, fn), confusion_counts(pred, labels.clamp_min(0),
+                                                                 model.num_classes)):
+            store[idx] = counts.numpy()
+    return NoiseResult([s.case for s in subset], [s.index for s in subset], tp, fp, fn, {})
 
 
 def _towards_background(logits: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
@@ -202,13 +215,12 @@ def run_masking_checks(model: LoadedModel, samples: List[SliceSample],
     subset = [samples[i] for i in rows]
     if attacked and subset:
         noise = attacked[-1]
-        x = torch.from_numpy(np.stack([s.image for s in subset])).to(device)
-        y = torch.from_numpy(np.stack([s.label for s in subset])[:, None].astype(np.int64)).to(device)
         loss = attack_loss("dc_ce", model.ignore_label)
         generator = torch.Generator().manual_seed(attack.seed)
-        x_bb = random_search(model.network, x, y, noise, attack.norm, loss, settings.queries,
-                             generator)
-        black_box = _tvdi_of(_count(model, subset, x_bb))
+        black_box = _tvdi_of(_attack_by_shape(
+            model, subset, device,
+            lambda x, y: random_search(model.network, x, y, noise, attack.norm, loss,
+                                       settings.queries, generator)))
         white_box = _tvdi_of(headline[noise], rows)
         points = 100 * (white_box - black_box)
         report.black_box = {"noise": noise, "slices": len(subset), "queries": settings.queries,
@@ -223,13 +235,14 @@ def run_masking_checks(model: LoadedModel, samples: List[SliceSample],
                 f"trust neither number")
     if subset:
         eps = unbounded_budget(subset, attack.norm)
-        x = torch.from_numpy(np.stack([s.image for s in subset])).to(device)
-        background = torch.zeros((len(subset), 1, *x.shape[2:]), dtype=torch.long, device=device)
-        x_far = projected_ascent(model.network, x, background,
-                                 torch.full((len(subset),), eps, dtype=x.dtype, device=device),
-                                 None, norm=attack.norm, steps=attack.steps, alpha=attack.alpha,
-                                 loss_at=lambda t: _towards_background)
-        value = _tvdi_of(_count(model, subset, x_far))
+
+        def towards_background(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            background = torch.zeros_like(y)
+            return projected_ascent(model.network, x, background,
+                                    torch.full((len(x),), eps, dtype=x.dtype, device=x.device),
+                                    None, norm=attack.norm, steps=attack.steps,
+                                    alpha=attack.alpha, loss_at=lambda t: _towards_background)
+        value = _tvdi_of(_attack_by_shape(model, subset, device, towards_background))
         report.unbounded = {"eps": eps, "slices": len(subset), "tvdi": value,
                             "fired": value > UNBOUNDED_TVDI}
         if report.unbounded["fired"]:

@@ -70,3 +70,14 @@ def test_random_search_stays_in_the_ball_and_raises_the_loss(norm, eps):
     assert (per_sample_norm(adv - x, norm) <= eps * (1 + 1e-5)).all()
     with torch.no_grad():
         assert (loss(model.network(adv), y) > loss(model.network(x), y)).all()
+
+
+def test_checks_run_on_slices_of_several_shapes():
+    from nnunet_ima.evaluation.samples import SliceSample
+    model, samples = tiny_segmentation_problem()
+    # Cases of other sizes, as crops of several volumes give.
+    mixed = samples[:3] + [SliceSample(s.case, s.index, s.image[:, :, :12].copy(),
+                                       s.label[:, :12].copy()) for s in samples[3:]]
+    report = _checks(model, mixed)
+    assert report.black_box["slices"] == 6 and report.unbounded["slices"] == 6
+    assert report.warnings == []
