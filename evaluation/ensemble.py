@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnunet_ima.metrics import dice_from_counts, slice_dice_from_counts
+from nnunet_ima.metrics import dice_from_counts
 
 from nnunet_ima.evaluation.models import LoadedModel
 from nnunet_ima.evaluation.robustness import AttackSettings, NoiseResult, iter_levels
@@ -231,9 +231,3 @@ def iter_ensemble(model: LoadedModel, samples: List[SliceSample], noise_levels: 
             done[member] = result
             worst = select(list(done.values()), lowest_dice_choice(list(done.values())))
         yield noise, combine(done, attacked, seconds)
-
-
-def slice_dice_of(result: NoiseResult) -> np.ndarray:
-    """``(N,)`` slice Dice (the tables' convention)."""
-    return slice_dice_from_counts(torch.as_tensor(result.tp), torch.as_tensor(result.fp),
-                                  torch.as_tensor(result.fn)).numpy()

@@ -28,14 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nnunet_ima.metrics import confusion_counts, tvdi
+from nnunet_ima.metrics import tvdi
 from nnunet_ima.model_mode import attack_mode
 from nnunet_ima.norms import per_sample_norm, per_sample_view, random_on_sphere
 
 from nnunet_ima.evaluation.attacks import projected_ascent
 from nnunet_ima.evaluation.models import LoadedModel
 from nnunet_ima.evaluation.predictor_path import segmentation
-from nnunet_ima.evaluation.robustness import AttackSettings, NoiseResult, attack_loss
+from nnunet_ima.evaluation.robustness import (AttackSettings, NoiseResult, attack_loss,
+                                              scored_counts)
 from nnunet_ima.evaluation.samples import SliceSample
 
 BLACK_BOX_POINTS = 2.0
@@ -148,13 +149,9 @@ def _attack_by_shape(model: LoadedModel, subset: Sequence[SliceSample], device: 
         x = torch.from_numpy(np.stack([subset[i].image for i in idx])).to(device)
         labels = torch.from_numpy(np.stack([subset[i].label for i in idx]).astype(np.int64))
         x_adv = attack(x, labels[:, None].to(device))
-        with torch.no_grad():
-            pred = segmentation(model, x_adv).cpu()
-        if model.ignore_label is not None:
-            valid = labels != model.ignore_label
-            pred, labels = torch.where(valid, pred, 0), torch.where(valid, labels, 0)
-        for store, counts in zip((tp, fp, fn), confusion_counts(pred, labels.clamp_min(0),
-                                                                 model.num_classes)):
+        pred = segmentation(model, x_adv)
+        for store, counts in zip((tp, fp, fn), scored_counts(pred, labels, model.num_classes,
+                                                             model.ignore_label)):
             store[idx] = counts.numpy()
     return NoiseResult([s.case for s in subset], [s.index for s in subset], tp, fp, fn, {})
 

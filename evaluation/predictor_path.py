@@ -264,15 +264,19 @@ class PredictorPathModel(LoadedModel):
         return self.network.segment(x)
 
 
-def segmentation(model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
+def segmentation(model: LoadedModel, x: torch.Tensor,
+                 logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The labels the evaluator scores, ``(B, C, H, W) -> (B, H, W)`` int64.
 
     A :class:`PredictorPathModel` segments as ``nnUNetv2_predict`` does (float16 accumulation);
-    any other model by the argmax of ``model.network(x)``, as the evaluator does today.
+    any other model by the argmax of ``model.network(x)``, as the evaluator does today, taken
+    from ``logits`` (``(B, K, H, W)``) when the caller has them already.
     """
     segment = getattr(model, "segment", None)
     if segment is not None:
         return segment(x)
+    if logits is not None:
+        return logits.argmax(dim=1)
     with torch.no_grad():
         return model.network(x).argmax(dim=1)
 

@@ -121,15 +121,22 @@ def attack_loss(name: str, ignore_label) -> Callable:
     raise ValueError(f"attack loss must be one of {ATTACK_LOSSES}, got {name!r}")
 
 
+def scored_counts(pred: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                  ignore_label: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TP, FP, FN ``(B, K)`` of predicted labels ``(B, H, W)`` against ``labels`` ``(B, H, W)``,
+    the ignore label's pixels counted nowhere (both set to background there)."""
+    if ignore_label is not None:
+        valid = labels != ignore_label
+        pred, labels = torch.where(valid, pred, 0), torch.where(valid, labels, 0)
+    return confusion_counts(pred.cpu(), labels.cpu(), num_classes)
+
+
 def slice_dice_score(num_classes: int, ignore_label: Optional[int]) -> Callable:
     """``(logits (B, K, H, W), target (B, 1, H, W)) -> (B,)`` slice Dice of the argmax, the
     tables' convention (ignore-label pixels unscored): what ``apgd_sea`` drives down."""
     def score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        pred, labels = logits.argmax(dim=1), target[:, 0].long()
-        if ignore_label is not None:
-            valid = labels != ignore_label
-            pred, labels = torch.where(valid, pred, 0), torch.where(valid, labels, 0)
-        counts = confusion_counts(pred, labels.clamp_min(0), num_classes)
+        counts = scored_counts(logits.argmax(dim=1), target[:, 0].long(), num_classes,
+                               ignore_label)
         return slice_dice_from_counts(*counts).to(logits.device)
     return score
 
@@ -255,11 +262,7 @@ def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Se
     def record(b: int, x: torch.Tensor, y: torch.Tensor, noise: float, x_adv: torch.Tensor,
                pred: torch.Tensor) -> None:
         idx = batches[b]
-        target = y[:, 0]
-        if model.ignore_label is not None:
-            valid = target != model.ignore_label
-            pred, target = torch.where(valid, pred, 0), torch.where(valid, target, 0)
-        confusion = confusion_counts(pred.cpu(), target.cpu(), model.num_classes)
+        confusion = scored_counts(pred, y[:, 0], model.num_classes, model.ignore_label)
         for c, store in zip(confusion, counts[noise]):
             store[idx] = c.numpy()
         if show in idx:
@@ -302,8 +305,7 @@ def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Se
             packing["single"] += 1
         for run in runs:
             adv, logits = _attack_levels(model, x, y, run, settings, b, loss_fn)
-            # The predictor path scores with nnU-Net's own arithmetic (predictor_path).
-            labels = logits.argmax(dim=1) if not hasattr(model, "segment") else segmentation(model, adv)
+            labels = segmentation(model, adv, logits)
             for l, m in enumerate(run):
                 part = slice(l * len(idx), (l + 1) * len(idx))
                 record(b, x, y, m, adv[part], labels[part])
