@@ -319,9 +319,8 @@ def run_compare(args) -> int:
     check_output_folder(args.output, "-o/--output")
     if args.batch_size is not None and args.batch_size < 1:  # named here as compare calls it
         raise UserInputError(f"--train-batch-size must be >= 1, got {args.batch_size}")
-    noise = args.noise if args.noise is not None else PAPER_SETTINGS[args.dataset].noise
-    evaluations = [eval_options(argparse.Namespace(**{**vars(args), "noise": noise}), norm,
-                                args.eval_batch_size) for norm in args.eval_norms]
+    # Without --noise every run takes the paper's levels of the dataset (EvalOptions.noise_levels).
+    evaluations = [eval_options(args, norm, args.eval_batch_size) for norm in args.eval_norms]
     eps = args.eps if args.eps is not None else PAPER_SETTINGS[args.dataset].eps_max
     runs = []
     # Every method's settings are checked before the first one trains: a bad option found
