@@ -1,6 +1,7 @@
 """Atomic file writes: a file is complete or absent, never half written (a kill mid-write or a
-concurrent reader sees the previous version); and :func:`check_output_folder`, which every
-command calls on its output folder before it starts any work."""
+concurrent reader sees the previous version); :func:`read_json`, whose error names the file;
+and :func:`check_output_folder`, which every command calls on its output folder before it
+starts any work."""
 from __future__ import annotations
 
 import json
@@ -40,6 +41,17 @@ def write_json(path: str, obj: Any, sort_keys: bool = True) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically; ``sort_keys=False`` keeps the
     order of the dicts (a report whose keys follow the attacks run, say)."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def read_json(path: str, remedy: str = "") -> Any:
+    """The JSON content of ``path``. A missing, unreadable or malformed file is a
+    :class:`UserInputError` that names the file and ends with ``remedy`` (how to fix it)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
+        raise UserInputError(f"cannot read {path} ({e})" + (f"; {remedy}" if remedy else "")) \
+            from None
 
 
 def save_torch(obj: Any, path: str) -> None:
