@@ -1,9 +1,10 @@
 """Atomic file writes: a file is complete or absent, never half written (a kill mid-write or a
 concurrent reader sees the previous version); :func:`read_json`, whose error names the file;
-and :func:`check_output_folder`, which every command calls on its output folder before it
-starts any work."""
+:func:`file_sha256`; and :func:`check_output_folder`, which every command calls on its output
+folder before it starts any work."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Callable
@@ -52,6 +53,15 @@ def read_json(path: str, remedy: str = "") -> Any:
     except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise UserInputError(f"cannot read {path} ({e})" + (f"; {remedy}" if remedy else "")) \
             from None
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks (checkpoints can be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_torch(obj: Any, path: str) -> None:
