@@ -1,8 +1,9 @@
 """``nnunet-ima check-config FILE [-tr TRAINER]``: validate a ``NNUNET_IMA_CONFIG`` settings file
 before a training is launched, and print the settings the training would use (JSON).
 
-A bad file is the same one-paragraph error that ``nnUNetv2_train`` would stop with, but
-without starting nnU-Net (and without its traceback and empty log file).
+A bad file is the same one-paragraph error that ``nnUNetv2_train`` would stop with (the same
+rules: a key the trainer does not read, another value of a setting the trainer's name fixes, a
+key given twice, ...), but without starting nnU-Net.
 """
 from __future__ import annotations
 
@@ -10,18 +11,19 @@ import argparse
 import importlib
 import json
 import os
-from typing import Any, Dict, List
+from typing import List
 
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.nnunet.settings import CONFIG_ENV, read_config_file, settings_from_dict
+from nnunet_ima.nnunet.settings import CONFIG_ENV, read_config_file, settings_for_trainer
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", nargs="?", metavar="FILE",
                         help=f"the JSON settings file (default: the file named by ${CONFIG_ENV})")
     parser.add_argument("-tr", "--trainer", default="nnUNetTrainerIMA",
-                        help="apply this trainer's own defaults first, as nnUNetv2_train -tr "
-                             "TRAINER would (e.g. nnUNetTrainerIMA_eps15)")
+                        help="apply this trainer's own defaults and rules, as nnUNetv2_train "
+                             "-tr TRAINER would (e.g. nnUNetTrainerIMA_eps15: the keys IMA "
+                             "reads, eps_max 15 or unset)")
 
 
 def _trainer_names() -> List[str]:
@@ -34,9 +36,9 @@ def _trainer_names() -> List[str]:
     return sorted(names)
 
 
-def trainer_defaults(name: str) -> Dict[str, Any]:
-    """The class defaults of the nnunet-ima trainer ``name`` (each lives in a module of its own
-    name, as nnU-Net's trainer lookup expects)."""
+def trainer_class(name: str) -> type:
+    """The nnunet-ima trainer class ``name`` (each lives in a module of its own name, as
+    nnU-Net's trainer lookup expects)."""
     names = _trainer_names()
     if name not in names:
         raise UserInputError(f"-tr {name}: not a trainer of nnunet-ima, so it does not read "
@@ -48,31 +50,22 @@ def trainer_defaults(name: str) -> Dict[str, Any]:
             if e.name != f"{package}.{name}":
                 raise
             continue
-        return getattr(module, name).class_defaults()
+        return getattr(module, name)
     raise UserInputError(f"-tr {name}: its module could not be imported")  # listed, not found
 
 
-def _read(path: str) -> Dict[str, Any]:
-    if not os.path.exists(path):
-        raise UserInputError(f"{path} does not exist; give the JSON settings file, e.g. one "
-                             f"holding {{\"eps_max\": 15}}")
-    if os.path.isdir(path):
-        raise UserInputError(f"{path} is a folder; give the JSON settings file")
-    try:
-        return read_config_file(path)
-    except (OSError, UnicodeDecodeError) as e:  # unreadable, or not text at all
-        raise UserInputError(f"cannot read {path} ({e})") from None
-
-
 def run(args: argparse.Namespace) -> int:
-    path = args.file or os.environ.get(CONFIG_ENV, "").strip()
+    path = args.file
+    fix = f"Give check-config a JSON settings file, e.g. one holding {{\"eps_max\": 15}}."
+    if not path:
+        path = os.environ.get(CONFIG_ENV, "").strip()
+        fix = (f"Set {CONFIG_ENV} to a JSON settings file such as {{\"eps_max\": 15}}, or give "
+               f"FILE.")
     if not path:
         raise UserInputError(f"no settings file: give FILE, or set {CONFIG_ENV}")
-    values = _read(path)
-    base = None
-    if args.trainer:
-        base = settings_from_dict(trainer_defaults(args.trainer),
-                                  source=f"{args.trainer}'s class defaults")
-    settings = settings_from_dict(values, base=base, source=path)
+    values = read_config_file(path, fix=fix)
+    trainer = trainer_class(args.trainer)
+    # What nnUNetv2_train -tr TRAINER does with the file in a new run (resolve_settings).
+    settings = settings_for_trainer(trainer.class_defaults(), values, trainer, source=path)
     print(json.dumps(settings.to_dict(), indent=2, sort_keys=True))
     return 0

@@ -6,18 +6,24 @@ A user sets any hyperparameter without writing code::
     nnUNetv2_train Dataset002_Heart 2d 0 -tr nnUNetTrainerIMA
 
 Precedence: the trainer class's defaults (a named variant such as ``nnUNetTrainerIMA_eps15``
-overrides some of them), then the JSON file. A ``recipe`` key (in either) first sets every
-setting of that recipe (:data:`RECIPES`); explicit keys beside it override the recipe. The resolved settings are written to
-``ima_config.json`` in the training output folder; ``nnUNetv2_train ... --c`` without the
-environment variable reuses that file, and with a different file is an error (a run must not
-change its hyperparameters half way).
+fixes some of them), then the JSON file. A ``recipe`` key (in either) first sets every setting
+of that recipe (:data:`RECIPES`); explicit keys beside it override the recipe. The resolved
+settings are written to ``ima_config.json`` in the training output folder; ``nnUNetv2_train
+... --c`` without the environment variable reuses that file, and with a different file is an
+error (a run must not change its hyperparameters half way).
+
+A key means one thing for the trainer that is given it (:func:`settings_from_dict` with
+``trainer``): a key that trainer does not read (:data:`READ_BY`) is refused, naming the
+trainers that read it; a named variant refuses another value of the settings its name fixes
+(``nnUNetTrainerAdv_eps15``: ``adv_eps`` 15); and a key given twice in a file is refused
+(:func:`read_config_file`).
 """
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from nnunet_ima.config import AttackConfig, IMAConfig
 from nnunet_ima.declared import (Choice, Count, FlatKeys, OpenUnitInterval, Positive,
@@ -164,6 +170,107 @@ class TrainerSettings:
         return FLAT_KEYS.flatten(self)
 
 
+# ------------------------------------------------------------------ who reads which key
+# The trainer families. Every trainer of this package is one of these classes or a named variant
+# (a subclass, e.g. nnUNetTrainerAdv_eps15); a trainer belongs to the family of its nearest base
+# named here. They are compared by name: nnU-Net imports the trainers a second time, as
+# top-level modules, from nnUNet_extTrainer.
+CLEAN, ADV, IMA = "nnUNetTrainerClean", "nnUNetTrainerAdv", "nnUNetTrainerIMA"
+FAMILIES = (CLEAN, ADV, IMA)
+_EVERY = FAMILIES
+_ATTACKING = (ADV, IMA)
+
+# Which families read each flat key: the one declaration the rule "a key the trainer does not read
+# is refused" and its message come from (tests/test_settings_strict.py records what each
+# trainer's code reads and compares). IMA does not read adv_eps: its budgets are the margins.
+READ_BY: Dict[str, Tuple[str, ...]] = {
+    # nnUNetTrainerClean: the schedule, the seed and the learning rate.
+    "num_epochs": _EVERY, "num_iterations_per_epoch": _EVERY,
+    "num_val_iterations_per_epoch": _EVERY, "save_every": _EVERY, "initial_lr": _EVERY,
+    "seed": _EVERY, "lr_schedule": _EVERY,
+    # nnUNetTrainerAdv: the attack, and the slice Dice of its statistics (IMA: of the margins).
+    "norm": _ATTACKING, "pgd_steps": _ATTACKING, "pgd_alpha": _ATTACKING,
+    "random_start": _ATTACKING, "attack_outputs": _ATTACKING, "dice_threshold": _ATTACKING,
+    "dice_reduce": _ATTACKING, "dice_absent_class": _ATTACKING,
+    "adversarial_dice": _ATTACKING,
+    "adv_eps": (ADV,),
+    # nnUNetTrainerIMA: the margins and BPGD, and the recipe's choices that only IMA has.
+    "eps_max": (IMA,), "delta": (IMA,), "beta": (IMA,), "binary_steps": (IMA,),
+    "margin_update": (IMA,), "on_clean_wrong": (IMA,), "clip_min": (IMA,), "boundary": (IMA,),
+    "margin_growth_epochs": (IMA,), "repeat_draws": (IMA,), "attack_slices": (IMA,),
+    "adversarial_term": (IMA,), "start_point": (IMA,),
+}
+# A recipe is read by the families that read every key it sets (IMA: it is a reading of IMA);
+# Clean and Adv take the keys of it that they read (lr_schedule, ...) one by one.
+READ_BY["recipe"] = tuple(f for f in FAMILIES
+                          if all(f in READ_BY[k] for k in RECIPES[DEFAULT_RECIPE]))
+if set(READ_BY) != set(FLAT_KEYS.known(TrainerSettings)):  # a new key must say who reads it
+    raise RuntimeError(f"READ_BY and TrainerSettings' keys differ: "
+                       f"{sorted(set(READ_BY) ^ set(FLAT_KEYS.known(TrainerSettings)))}")
+
+
+def trainer_family(trainer: type) -> str:
+    """The family (:data:`FAMILIES`) of the trainer class ``trainer``."""
+    for klass in trainer.__mro__:
+        if klass.__name__ in FAMILIES:
+            return klass.__name__
+    raise TypeError(f"{trainer.__name__} is not a trainer of nnunet-ima (none of {FAMILIES})")
+
+
+def fixed_by_name(trainer: type) -> Dict[str, Any]:
+    """The settings that the name of a named variant fixes: the ``ima_defaults`` of the classes
+    between it and its family (``nnUNetTrainerAdv_eps15``: ``{"adv_eps": 15.0}``). A family's
+    own ``ima_defaults`` (``nnUNetTrainerIMA``'s recipe) are defaults, which a file may change."""
+    family = trainer_family(trainer)
+    fixed: Dict[str, Any] = {}
+    for klass in trainer.__mro__:
+        if klass.__name__ == family:
+            break
+        for key, value in vars(klass).get("ima_defaults", {}).items():
+            fixed.setdefault(key, value)  # the most derived class first
+    return fixed
+
+
+def _check_for_trainer(values: Dict[str, Any], trainer: type, base: TrainerSettings,
+                       source: str) -> None:
+    """Refuse the keys of ``values`` that ``trainer`` does not read.
+
+    A complete settings file (every key, as ``ima_config.json`` is written) is the record of a
+    run and may be reused whole: its keys that ``trainer`` does not read are refused only where
+    they differ from ``base`` (an IMA run's ``eps_max`` given to Adv; not the default
+    ``adv_eps`` that every record holds)."""
+    family = trainer_family(trainer)
+    unread = [k for k in values if family not in READ_BY[k]]
+    if set(READ_BY) <= set(values):
+        held = base.to_dict()
+        unread = [k for k in unread if values[k] != held[k]]
+    if not unread:
+        return
+    name = trainer.__name__ if trainer.__name__ == family else \
+        f"{trainer.__name__} (of the {family} family)"
+    keys = ", ".join(f"{k} (read by {' and '.join(READ_BY[k])})" for k in unread)
+    it, them = ("it", "its value") if len(unread) == 1 else ("them", "their values")
+    raise UserInputError(
+        f"{source}: {name} does not read {keys}, so {them} would be ignored. Remove {it} from "
+        f"the file, or train a trainer that reads {it} (named variants read what their family "
+        f"reads).")
+
+
+def _check_fixed(given: Dict[str, Any], values: Dict[str, Any], trainer: type,
+                 source: str) -> None:
+    """Refuse ``values`` (``given`` with its recipe's settings) that set another value of a
+    setting the name of ``trainer`` fixes."""
+    for key, fixed in fixed_by_name(trainer).items():
+        if key not in values or values[key] == fixed:
+            continue
+        how = f"sets {key} = {values[key]!r}" if key in given else \
+            f"sets recipe {given['recipe']!r}, which sets {key} = {values[key]!r}"
+        raise UserInputError(
+            f"{source} {how}, but {trainer.__name__} fixes {key} = {fixed!r} by its name (its "
+            f"results folder says so). Remove {key} from the file to train at {fixed!r}, or "
+            f"train {trainer_family(trainer)}, which takes {key} from the file.")
+
+
 def _apply(base: TrainerSettings, values: Dict[str, Any]) -> TrainerSettings:
     """``base`` with flat ``values`` applied; an out-of-range value is an
     :class:`InvalidSetting` named by its flat key."""
@@ -175,48 +282,116 @@ def _apply(base: TrainerSettings, values: Dict[str, Any]) -> TrainerSettings:
 
 
 def settings_from_dict(values: Dict[str, Any], base: Optional[TrainerSettings] = None,
-                       source: str = "settings") -> TrainerSettings:
+                       source: str = "settings", trainer: Optional[type] = None
+                       ) -> TrainerSettings:
     """``base`` (default: the paper's protocol) with the flat ``values`` applied.
 
     A ``recipe`` in ``values`` sets that recipe's settings first; the other keys of ``values``
-    override them.
+    override them. Given the ``trainer`` class that will read the settings, ``values`` may hold
+    only keys it reads (:data:`READ_BY`), and no other value of a setting its name fixes
+    (:func:`fixed_by_name`).
 
     Raises:
-        UserInputError: unknown keys, an unknown recipe or out-of-range values, naming ``source``.
+        UserInputError: unknown keys, an unknown recipe or out-of-range values, a key ``trainer``
+            does not read or a value its name rules out, naming ``source``.
     """
     known = FLAT_KEYS.known(TrainerSettings)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise UserInputError(f"{source}: unknown trainer option(s) {unknown}. "
                              f"Known options: {sorted(known)}")
+    base = base or TrainerSettings()
+    if trainer is not None:
+        _check_for_trainer(values, trainer, base, source)
+    given = values
     try:
         if "recipe" in values:  # checked before it names the recipe's settings
             declaration(TrainerSettings, "recipe").check("recipe", values["recipe"])
             values = {**RECIPES[values["recipe"]], **values}
-        return _apply(base or TrainerSettings(), values)
+        settings = _apply(base, values)
     except (TypeError, ValueError) as e:
         raise UserInputError(f"{source}: {e}") from None
+    if trainer is not None:  # after the values' own checks: those messages come first
+        _check_fixed(given, values, trainer, source)
+    return settings
 
 
-def read_config_file(path: str) -> Dict[str, Any]:
-    """The JSON object in ``path``; a clear error for a missing file or invalid JSON."""
-    if not os.path.isfile(path):
-        raise UserInputError(f"{CONFIG_ENV} points to {path!r}, which does not exist. "
-                             f"Set it to a JSON file such as {{\"eps_max\": 15}} or unset it.")
+_ENV_FIX = (f"Set {CONFIG_ENV} to a JSON file of settings such as {{\"eps_max\": 15}}, or "
+            f"unset it.")
+
+
+class _DuplicateKey(ValueError):
+    """A key given twice in one JSON object."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    """``json.loads``'s ``object_pairs_hook``: a key given twice is an error (JSON itself keeps
+    the last value without a word)."""
+    seen: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def read_config_file(path: str, fix: str = _ENV_FIX) -> Dict[str, Any]:
+    """The JSON object in the settings file ``path``.
+
+    A missing file, a folder, an unreadable or empty file, invalid JSON, a key given twice or
+    anything but a JSON object is a :class:`UserInputError` that names ``path`` and ends with
+    ``fix`` (what to do; by default, about the variable :data:`CONFIG_ENV`).
+    """
+    if os.path.isdir(path):
+        raise UserInputError(f"{path} is a folder, but a settings file (JSON) is expected. {fix}")
+    if not os.path.exists(path):
+        raise UserInputError(f"{path} does not exist. {fix}")
     try:
-        with open(path) as f:
-            values = json.load(f)
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")  # an editor's byte order mark is fine
+    except OSError as e:
+        raise UserInputError(f"cannot read {path} ({e.strerror or e}). {fix}") from None
+    except UnicodeDecodeError:
+        raise UserInputError(f"cannot read {path}: it is not UTF-8 text, so not a JSON settings "
+                             f"file. {fix}") from None
+    if not text.strip():
+        raise UserInputError(f"{path} is empty; a settings file holds a JSON object such as "
+                             f"{{\"eps_max\": 15}} ({{}} for the trainer's defaults). {fix}")
+    try:
+        values = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise UserInputError(f"{path} gives the key {e.key!r} twice (JSON would keep the last "
+                             f"value without a word); keep one.") from None
     except json.JSONDecodeError as e:
-        raise UserInputError(f"{path} is not valid JSON ({e}); fix the file named by "
-                             f"{CONFIG_ENV}.") from None
+        raise UserInputError(f"{path} is not valid JSON ({e}); fix the file. {fix}") from None
     if not isinstance(values, dict):
         raise UserInputError(f"{path} must hold a JSON object of trainer options, "
-                             f"got {type(values).__name__}")
+                             f"got {type(values).__name__}, e.g. {{\"eps_max\": 15}}. {fix}")
     return values
 
 
+def _class_settings(class_defaults: Dict[str, Any], trainer: Optional[type]) -> TrainerSettings:
+    """The paper's protocol with the trainer class's defaults, under the trainer's rules."""
+    owner = f"{trainer.__name__}'s" if trainer is not None else "the trainer's"
+    return settings_from_dict(class_defaults, source=f"{owner} class defaults", trainer=trainer)
+
+
+def settings_for_trainer(class_defaults: Dict[str, Any], values: Dict[str, Any],
+                         trainer: Optional[type] = None, source: str = "settings"
+                         ) -> TrainerSettings:
+    """The settings of a new run: the class defaults, then the file's ``values`` (from
+    ``source``), under the rules of ``trainer`` (:func:`settings_from_dict`)."""
+    return settings_from_dict(values, base=_class_settings(class_defaults, trainer),
+                              source=source, trainer=trainer)
+
+
 def resolve_settings(class_defaults: Dict[str, Any], output_folder: Optional[str],
-                     continuing: bool, environ: Optional[Dict[str, str]] = None) -> TrainerSettings:
+                     continuing: bool, environ: Optional[Dict[str, str]] = None,
+                     trainer: Optional[type] = None) -> TrainerSettings:
     """The settings of one training run.
 
     Args:
@@ -224,20 +399,27 @@ def resolve_settings(class_defaults: Dict[str, Any], output_folder: Optional[str
         output_folder: the fold's output folder (holds ``ima_config.json`` of an earlier run).
         continuing: ``nnUNetv2_train ... --c``.
         environ: the environment (default ``os.environ``).
+        trainer: the trainer class: the file named by :data:`CONFIG_ENV` (and the class
+            defaults) may then hold only keys it reads, and no other value of a setting its
+            name fixes (:func:`settings_from_dict`). The saved settings of a run being continued
+            hold every key and are read as they are.
     """
     environ = os.environ if environ is None else environ
-    base = settings_from_dict(class_defaults, source="trainer class defaults")
+    base = _class_settings(class_defaults, trainer)
     saved_path = os.path.join(output_folder, CONFIG_FILENAME) if output_folder else None
     saved = None
     if continuing and saved_path and os.path.isfile(saved_path):
-        values = read_config_file(saved_path)
+        values = read_config_file(saved_path, fix=(
+            "It holds the settings of the run being continued: restore it, or start the run "
+            "anew without --c."))
         # Runs saved before recipes existed followed Algorithm 1 as printed.
         values.setdefault("recipe", "printed")
         saved = settings_from_dict(values, source=saved_path)
     path = environ.get(CONFIG_ENV, "").strip()
     if not path:
         return saved if saved is not None else base
-    settings = settings_from_dict(read_config_file(path), base=base, source=path)
+    settings = settings_from_dict(read_config_file(path), base=base, source=path,
+                                  trainer=trainer)
     if saved is not None and saved != settings:
         changed = sorted(k for k, v in settings.to_dict().items() if saved.to_dict()[k] != v)
         raise UserInputError(
