@@ -23,8 +23,9 @@ EPOCHS, ITERATIONS = 2, 3
 # A low Dice threshold makes most slices "correct" from the first step, so BPGD runs on every
 # rank and the ranks train on different numbers of boundary points.
 CONFIG = {"num_epochs": EPOCHS, "num_iterations_per_epoch": ITERATIONS,
-          "num_val_iterations_per_epoch": 1, "pgd_steps": 3, "binary_steps": 2, "eps_max": 10.0,
-          "adv_eps": 5.0, "dice_threshold": 0.05, "seed": 0}
+          "num_val_iterations_per_epoch": 1, "pgd_steps": 3, "dice_threshold": 0.05, "seed": 0}
+# Each trainer is given only keys it reads (a trainer refuses the others).
+CONFIGS = {"ima": dict(CONFIG, binary_steps=2, eps_max=10.0), "adv": dict(CONFIG, adv_eps=5.0)}
 
 
 class RecordingMixin:
@@ -87,7 +88,7 @@ def _train_rank(rank: int, world_size: int, port: int, kind: str, preprocessed: 
 
 
 def _run_two_ranks(ws, kind: str, out_dir) -> list:
-    config = ws.write_config(f"ddp_{kind}.json", CONFIG)
+    config = ws.write_config(f"ddp_{kind}.json", CONFIGS[kind])
     # The spawned ranks inherit the environment; patch.dict restores it afterwards.
     with mock.patch.dict(os.environ, {"NNUNET_IMA_CONFIG": config, "nnUNet_n_proc_DA": "0"}):
         mp.spawn(_train_rank, nprocs=2, join=True,
