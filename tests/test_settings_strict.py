@@ -266,8 +266,6 @@ def test_read_by_is_what_each_trainers_code_reads(monkeypatch, tmp_path, family)
     assert read == _reads(family) - {"recipe"}
 
 
-@pytest.mark.xfail(strict=True, reason="nnUNetTrainerClean.__init__ does not yet pass "
-                                       "trainer=type(self) to resolve_settings")
 @pytest.mark.parametrize("trainer, content, message", [
     (nnUNetTrainerAdv, {"eps_max": 5}, "nnUNetTrainerAdv does not read eps_max"),
     (nnUNetTrainerAdv_eps15, {"adv_eps": 5},
@@ -420,6 +418,18 @@ def test_saved_settings_of_version_0_1_resume_under_the_strict_rules(tmp_path, t
         saved = json.load(f)
     s = resolve_settings(trainer.class_defaults(), str(fold), True, {}, trainer=trainer)
     assert s.to_dict() == saved
+
+
+def test_a_truncated_saved_file_names_itself_and_the_way_out(tmp_path):
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    (fold / CONFIG_FILENAME).write_text('{"num_epochs": 3, "pgd')
+    with pytest.raises(UserInputError) as e:
+        resolve_settings({}, str(fold), True, {}, trainer=nnUNetTrainerAdv)
+    message = str(e.value)
+    assert message.startswith(f"{fold / CONFIG_FILENAME} is not valid JSON")
+    assert "settings of the run being continued" in message and "without --c" in message
+    assert CONFIG_ENV not in message  # the variable is not set: not the fix
 
 
 def test_resume_with_the_users_file_set_applies_the_rules_to_that_file(tmp_path):

@@ -252,7 +252,7 @@ def _check_for_trainer(values: Dict[str, Any], trainer: type, base: TrainerSetti
     it, them = ("it", "its value") if len(unread) == 1 else ("them", "their values")
     raise UserInputError(
         f"{source}: {name} does not read {keys}, so {them} would be ignored. Remove {it} from "
-        f"the file, or train a trainer that reads {it} (named variants read what their family "
+        f"the file, or use a trainer that reads {it} (a named variant reads what its family "
         f"reads).")
 
 
@@ -359,8 +359,8 @@ def read_config_file(path: str, fix: str = _ENV_FIX) -> Dict[str, Any]:
         raise UserInputError(f"cannot read {path}: it is not UTF-8 text, so not a JSON settings "
                              f"file. {fix}") from None
     if not text.strip():
-        raise UserInputError(f"{path} is empty; a settings file holds a JSON object such as "
-                             f"{{\"eps_max\": 15}} ({{}} for the trainer's defaults). {fix}")
+        raise UserInputError(f"{path} is empty (a settings file holds a JSON object; {{}} "
+                             f"keeps the trainer's defaults). {fix}")
     try:
         values = json.loads(text, object_pairs_hook=_unique_keys)
     except _DuplicateKey as e:
@@ -370,7 +370,7 @@ def read_config_file(path: str, fix: str = _ENV_FIX) -> Dict[str, Any]:
         raise UserInputError(f"{path} is not valid JSON ({e}); fix the file. {fix}") from None
     if not isinstance(values, dict):
         raise UserInputError(f"{path} must hold a JSON object of trainer options, "
-                             f"got {type(values).__name__}, e.g. {{\"eps_max\": 15}}. {fix}")
+                             f"got {type(values).__name__}. {fix}")
     return values
 
 
