@@ -11,22 +11,43 @@ It runs the same commands a user runs on a real dataset, printing each one:
 5. ``nnunet-ima-eval`` on the three models, which prints the TVDI and ADI tables.
 
 Everything lives under ``--workdir`` (its own ``nnUNet_raw/preprocessed/results``); a finished
-step is skipped when the demo is run again.
+step is skipped when the demo is run again with the same options (``demo_options.json`` records
+them; other options are refused rather than mixed with the earlier models). Every option, and
+the memory and disk the demo needs, is checked before the first step.
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import math
 import os
 import shutil
 import time
 from typing import Dict
 
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.nnunet.experiment import TRAINERS, Experiment
+from nnunet_ima.io import read_json, write_json
+from nnunet_ima.nnunet import footprint
+from nnunet_ima.nnunet.experiment import NNUNET_FOLDERS, TRAINERS, Experiment
 from nnunet_ima.nnunet.pipeline import Command, console_script
+from nnunet_ima.nnunet.synthetic import FILE_BYTES_PER_VOXEL
+from nnunet_ima.resources import check_disk, check_memory
 
 DATASET_ID = 990
 DATASET_NAME = f"Dataset{DATASET_ID}_SyntheticOrgan"
+SHAPE = (16, 48, 48)  # make-synthetic's default, which the demo uses
+TEST_CASES = 2  # held out by the demo's `nnunet-ima split --test 2`
+OPTIONS_FILENAME = "demo_options.json"
+# The options the demo's results depend on (the rest only change how it runs).
+RESULT_OPTIONS = ("epochs", "iterations", "cases", "noise", "eval_steps", "max_slices")
+# What a demo workdir holds: --fresh deletes a folder only when it holds nothing else.
+DEMO_ENTRIES = (*NNUNET_FOLDERS, "logs", "robustness", OPTIONS_FILENAME, "nnUNetTrainer*.json")
+# The demo's 2d network (counted from the plans nnU-Net makes for its data: the same for any
+# --cases, every case having the same shape).
+DEMO_PARAMETERS = 1_928_489
+# nnU-Net's preprocessed copy of a case, per voxel: 6.8 bytes measured (float32 data, the
+# segmentation, gt_segmentations), rounded up.
+PREPROCESSED_BYTES_PER_VOXEL = 10
 
 
 def demo_settings(epochs: int, iterations: int) -> Dict[str, dict]:
@@ -69,13 +90,86 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true", help="delete WORKDIR first")
 
 
+def check_values(args: argparse.Namespace) -> None:
+    """Refuse option values the demo cannot run with (reads and writes nothing)."""
+    for option, value, minimum in (("--epochs", args.epochs, 1),
+                                   ("--iterations", args.iterations, 1),
+                                   ("--cases", args.cases, TEST_CASES + 2),
+                                   ("--eval-steps", args.eval_steps, 1),
+                                   ("--max-slices", args.max_slices, 1)):
+        if value < minimum:
+            why = (f" ({TEST_CASES} test cases, and a training and a validation case)"
+                   if option == "--cases" else "")
+            raise UserInputError(f"{option} must be >= {minimum}{why}, got {value}")
+    shown = " ".join(f"{n:g}" for n in args.noise)
+    if not all(math.isfinite(n) and n >= 0 for n in args.noise):
+        raise UserInputError(f"--noise levels must be finite and >= 0, got {shown}")
+    if len(set(args.noise)) != len(args.noise):
+        raise UserInputError(f"--noise names a level more than once: {shown}")
+
+
+def result_options(args: argparse.Namespace) -> dict:
+    """The options recorded in ``demo_options.json`` (as JSON reads them back)."""
+    return {name: list(map(float, args.noise)) if name == "noise" else getattr(args, name)
+            for name in RESULT_OPTIONS}
+
+
+def check_workdir(args: argparse.Namespace) -> None:
+    """Refuse ``--fresh`` on a folder that is not the demo's (it would be deleted), and a demo
+    folder made with other options (its models and tables would be reused for these)."""
+    workdir = args.workdir
+    if not os.path.isdir(workdir):
+        return
+    if args.fresh:
+        foreign = sorted(e for e in os.listdir(workdir)
+                         if not any(fnmatch.fnmatch(e, p) for p in DEMO_ENTRIES))
+        if foreign:
+            raise UserInputError(f"--fresh deletes --workdir {workdir}, but it holds "
+                                 f"{', '.join(foreign[:5])}{' ...' * (len(foreign) > 5)}, "
+                                 f"which the demo did not write; give the demo's own folder or "
+                                 f"another --workdir")
+        return
+    path = os.path.join(workdir, OPTIONS_FILENAME)
+    if os.path.isfile(path):
+        recorded = read_json(path, "pass --fresh to start over")
+        wanted = result_options(args)
+        if recorded != wanted:
+            changed = ["--" + k.replace("_", "-") for k in wanted
+                       if not isinstance(recorded, dict) or recorded.get(k) != wanted[k]]
+            raise UserInputError(f"--workdir {workdir} holds a demo made with other options "
+                                 f"(differing: {', '.join(changed)}); "
+                                 f"rerun with the same options, pass --fresh to start over, "
+                                 f"or choose another --workdir")
+
+
+def check_resources(args: argparse.Namespace) -> None:
+    """Refuse when the demo's dataset, models and tables cannot fit on the disk, or one
+    training not in memory (a case of the demo's shape takes a few MB to make)."""
+    workdir = os.path.abspath(args.workdir)
+    make_dataset = args.fresh or not os.path.isdir(os.path.join(workdir, "nnUNet_raw",
+                                                                DATASET_NAME))
+    voxels = math.prod(SHAPE) * args.cases
+    untrained = [t for t in TRAINERS if args.fresh or not os.path.isfile(os.path.join(
+        workdir, "nnUNet_results", DATASET_NAME, f"{t}__nnUNetPlans__2d", "fold_0",
+        "checkpoint_final.pth"))]
+    needed = ((voxels * (FILE_BYTES_PER_VOXEL + PREPROCESSED_BYTES_PER_VOXEL) if make_dataset
+               else 0)
+              + len(untrained) * footprint.model_disk_bytes(DEMO_PARAMETERS)
+              + footprint.EVALUATION_BYTES)
+    check_disk(workdir, needed, f"the demo ({args.cases} cases, {len(untrained)} models to "
+                                f"train)", "free some space or choose another --workdir")
+    if untrained:
+        check_memory(footprint.TRAINING_MEMORY_BYTES, "one nnUNetv2_train of the demo",
+                     "close other programs or run the demo on a larger machine")
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.epochs < 1 or args.iterations < 1 or args.cases < 4:
-        raise UserInputError("--epochs and --iterations must be >= 1 and --cases >= 4")
-    if any(n < 0 for n in args.noise):
-        raise UserInputError(f"noise levels must be >= 0, got {args.noise}")
+    check_values(args)
+    check_workdir(args)
+    check_resources(args)
     if args.fresh and os.path.isdir(args.workdir):
         shutil.rmtree(args.workdir)
+    write_json(os.path.join(args.workdir, OPTIONS_FILENAME), result_options(args))
     start = time.time()
     experiment = Experiment(args.workdir, show_output=args.verbose)
     print(f"nnunet-ima demo in {experiment.workdir}")

@@ -1,8 +1,9 @@
 """``nnunet-ima make-synthetic``: write the synthetic raw dataset into ``$nnUNet_raw``.
 
-Every option is checked, and the raw folder and the dataset id too, before anything is
-written; the messages name the options (``--overwrite``, ``--shape``) rather than the Python
-arguments behind them.
+Every option is checked, and the raw folder, the dataset id and the memory and disk the dataset
+needs too, before anything is written; the messages name the options (``--overwrite``,
+``--shape``) rather than the Python arguments behind them. A write that fails all the same (the
+disk filled up meanwhile) leaves no dataset folder behind.
 """
 import argparse
 import os
@@ -15,7 +16,7 @@ from nnunet_ima.nnunet.synthetic import (DatasetExistsError, MIN_SHAPE, check_re
 
 OPTION_WORDS = {"dataset_id": "-d/--dataset-id", "name": "--name", "num_training": "--cases",
                 "num_test": "--test-cases", "shape": "--shape", "seed": "--seed",
-                "overwrite": "--overwrite"}
+                "overwrite": "--overwrite", "raw_root": "--raw"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +48,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(str(e)) from None
     for folder in replaced:
         print(f"--overwrite: replacing {folder}", file=sys.stderr)
-    folder = write_synthetic_dataset(*request[:5], shape=request[5], seed=args.seed,
-                                     overwrite=args.overwrite)
+    try:
+        folder = write_synthetic_dataset(*request[:5], shape=request[5], seed=args.seed,
+                                         overwrite=args.overwrite)
+    except (OSError, MemoryError) as e:  # the partial dataset is removed already
+        reason = "out of memory" if isinstance(e, MemoryError) else str(e)
+        raise UserInputError(f"writing Dataset{args.dataset_id:03d}_{args.name} into {raw} "
+                             f"failed ({reason}); nothing was written. Free some memory or "
+                             f"disk, or choose a smaller --shape or fewer --cases") from None
     print(folder)
     return 0

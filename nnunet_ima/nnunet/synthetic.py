@@ -7,6 +7,10 @@ not reach the first and last slices, so some 2D slices have an empty ground trut
 
 The files follow nnU-Net's raw layout exactly: ``DatasetXXX_Name/imagesTr/<case>_0000.nii.gz``,
 ``labelsTr/<case>.nii.gz``, ``dataset.json`` (and ``imagesTs`` / ``labelsTs`` on request).
+
+A dataset is written into a hidden folder beside its final place and renamed when complete, so
+that an error, a full disk or Ctrl-C never leaves a half-written ``DatasetXXX_Name`` that
+nnU-Net would find; the memory and disk it needs are checked before anything is written.
 """
 from __future__ import annotations
 
@@ -20,18 +24,28 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_ima.io import write_text
+from nnunet_ima.resources import check_disk, check_memory
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 # Smallest (D, H, W) for which every case holds an organ and a lesion and keeps its first and
 # last slices empty (smaller volumes give empty or all-organ labels).
 MIN_SHAPE = (4, 8, 8)
+# Peak memory of generating and writing one case, per voxel: make_case's float64 grids and
+# temporaries measured 59 bytes per voxel (tracemalloc, 32 x 64 x 64 and up), plus SimpleITK's
+# copy of the image and the two arrays held while it writes.
+GENERATE_BYTES_PER_VOXEL = 72
+# Disk per voxel of a case, at most: the uncompressed float32 image and uint8 label (the gzipped
+# noisy image measured 3.4 bytes per voxel, the label almost nothing).
+FILE_BYTES_PER_VOXEL = 5
+# The longest file name most file systems take (ext4, XFS, APFS, NTFS).
+NAME_MAX = 255
 # The name becomes the folder Dataset{id}_{name} and, lower-cased, the prefix of every case
 # file: letters, digits, '_' and '-' are safe for nnU-Net's parsing and for shells.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
 # How check_request names each argument; the command line passes its own option names.
 API_WORDS = {"dataset_id": "dataset_id", "name": "name", "num_training": "num_training",
              "num_test": "num_test", "shape": "shape", "seed": "seed",
-             "overwrite": "overwrite=True"}
+             "overwrite": "overwrite=True", "raw_root": "raw_root"}
 
 
 class DatasetExistsError(FileExistsError):
@@ -105,7 +119,8 @@ def check_request(raw_root: str, dataset_id: int, name: str, num_training: int, 
         same name without ``dataset.json``, left by an interrupted write, is simply rewritten).
 
     Raises:
-        ValueError: an invalid id, name, count, shape or seed.
+        ValueError: an invalid id, name, count, shape or seed; more memory (one case) or disk
+            (every case) than the machine has (:class:`~nnunet_ima.errors.UserInputError`).
         DatasetExistsError: ``dataset_id`` is taken and ``overwrite`` is false.
     """
     w = {**API_WORDS, **(words or {})}
@@ -125,6 +140,21 @@ def check_request(raw_root: str, dataset_id: int, name: str, num_training: int, 
                          f"lesion), got {' '.join(str(s) for s in shape)}")
     if seed < 0:
         raise ValueError(f"{w['seed']} must be >= 0, got {seed}")
+    total = num_training + num_test
+    longest = max(f"Dataset{dataset_id:03d}_{name}", _case_name(name, total - 1) + "_0000.nii.gz",
+                  key=len)
+    if len(longest) > NAME_MAX:
+        raise ValueError(f"{w['name']} is too long: it makes the name {longest[:40]}... of "
+                         f"{len(longest)} characters, over the {NAME_MAX} a file system takes; "
+                         f"choose a shorter name")
+    d, h, wd = (int(s) for s in shape)
+    voxels = d * h * wd
+    shown = f"{w['shape']} {d} {h} {wd}"
+    check_memory(voxels * GENERATE_BYTES_PER_VOXEL, f"generating one case of {shown}",
+                 f"choose a smaller {w['shape']}")
+    check_disk(raw_root, voxels * FILE_BYTES_PER_VOXEL * total,
+               f"{total} cases of {shown}",
+               f"choose fewer cases or a smaller {w['shape']}, or another {w['raw_root']}")
     own = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
     taken = [f for f in existing_datasets(raw_root, dataset_id)
              if f != own or os.path.exists(os.path.join(f, "dataset.json"))]
@@ -148,25 +178,67 @@ def write_synthetic_dataset(raw_root: str, dataset_id: int = 990, name: str = "S
         num_training: cases in ``imagesTr`` / ``labelsTr``.
         num_test: cases in ``imagesTs`` / ``labelsTs``.
         shape: ``(D, H, W)`` voxels per case; spacing in mm, ``(z, y, x)``.
-        overwrite: delete the existing dataset(s) of ``dataset_id`` (under any name) first;
-            otherwise an existing one is an error.
+        overwrite: replace the existing dataset(s) of ``dataset_id`` (under any name) once the
+            new one is complete; otherwise an existing one is an error.
 
     Returns:
         The dataset folder.
 
     Raises:
         ValueError, DatasetExistsError: see :func:`check_request`; nothing is written then.
+        OSError, MemoryError: writing failed (a full disk, say); the partial dataset is removed,
+            and the raw folder too when this call created it.
     """
-    for old in check_request(raw_root, dataset_id, name, num_training, num_test, shape, seed,
-                             overwrite):
-        shutil.rmtree(old)  # a smaller rewrite must not keep the old folder's extra cases
+    taken = check_request(raw_root, dataset_id, name, num_training, num_test, shape, seed,
+                          overwrite)
     folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
+    # Hidden, and not named Dataset{id}_*: nnU-Net never finds a partial dataset by its id.
+    partial = os.path.join(raw_root, f".{os.path.basename(folder)}.partial-{os.getpid()}")
+    created = _missing_folders(raw_root)
+    try:
+        _write_cases(partial, name, num_training, num_test, shape, spacing, seed)
+        # Only a complete dataset replaces the old one (a smaller rewrite must not keep the old
+        # folder's extra cases; a folder left by an interrupted earlier write goes too).
+        for old in taken + ([folder] if os.path.lexists(folder) else []):
+            if os.path.lexists(old):
+                shutil.rmtree(old)
+        os.rename(partial, folder)
+    except BaseException:  # an error, a full disk, Ctrl-C: nothing half-written stays
+        shutil.rmtree(partial, ignore_errors=True)
+        for made in created:  # the raw folder and its parents, when this call made them
+            try:
+                os.rmdir(made)
+            except OSError:
+                break
+        raise
+    return folder
+
+
+def _case_name(name: str, index: int) -> str:
+    """The identifier of case ``index``: the lower-cased dataset name and a 3-digit number."""
+    return f"{name.lower()}_{index:03d}"
+
+
+def _missing_folders(path: str) -> List[str]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _write_cases(folder: str, name: str, num_training: int, num_test: int,
+                 shape: Tuple[int, int, int], spacing: Tuple[float, float, float],
+                 seed: int) -> None:
+    """Write every case and ``dataset.json`` into ``folder``."""
     rng = np.random.default_rng(seed)
     for sub in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if num_test else ()):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     for split, count, offset in (("Tr", num_training, 0), ("Ts", num_test, num_training)):
         for i in range(count):
-            case = f"{name.lower()}_{offset + i:03d}"
+            case = _case_name(name, offset + i)
             image, label = make_case(rng, shape)
             _write(image, os.path.join(folder, f"images{split}", f"{case}_0000.nii.gz"), spacing)
             _write(label, os.path.join(folder, f"labels{split}", f"{case}.nii.gz"), spacing)
@@ -179,9 +251,8 @@ def write_synthetic_dataset(raw_root: str, dataset_id: int = 990, name: str = "S
         "description": "Synthetic MR-like volumes with an organ and a lesion (nnunet-ima)",
         "licence": "CC0",
     }
-    # Last, and atomically: a folder with dataset.json is complete (check_request relies on it).
+    # Last: a folder with dataset.json is complete (check_request relies on it).
     write_text(os.path.join(folder, "dataset.json"), json.dumps(dataset_json, indent=2))
-    return folder
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:  # pragma: no cover - thin wrapper
