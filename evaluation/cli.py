@@ -19,8 +19,10 @@ trained on is refused (:mod:`.training_cases`) unless ``--allow-train-cases``, a
 tables say so.
 
 Outputs in ``-o OUT``: ``summary.json``, ``per_slice.csv``, ``tvdi.md``, ``adi.md``,
-``curves.png``, ``examples.png``, and ``parts/`` (one file per finished (model, noise level):
-a rerun with the same arguments resumes from them).
+``curves.png``, ``examples.png``, and ``parts/`` (one file per finished (model, noise level),
+each with the record of what produced it: a rerun with the same arguments resumes from the
+parts whose record is its own and recomputes the others). While it runs, an evaluation holds
+``OUT/nnunet-ima-eval.lock``; a second evaluation into the same ``OUT`` is refused.
 
 This module parses and checks the command line; :func:`.run.evaluate` does the work, on the
 :class:`.options.EvalOptions` built here.
@@ -142,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="network: the 2D network on whole slices (padded to its "
                                 "stride); predictor: what nnUNetv2_predict computes, nnU-Net's "
                                 "sliding-window tiles with Gaussian weights and mirroring, "
-                                "differentiated end to end (needs nnUNet_extTrainer for this "
-                                "package's trainers)")
+                                "differentiated end to end (nnU-Net finds this package's "
+                                "trainers in nnUNet_extTrainer; unset, the evaluator sets it)")
     inference.add_argument("--tile-step-size", type=float, default=0.5,
                            help="predictor: nnUNetv2_predict's -step_size")
     inference.add_argument("--disable-tta", action="store_true",
@@ -157,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="random starts of the attacks and the --max-slices draw")
     p.add_argument("-o", "--output", required=True,
-                   help="output folder (created if missing; a rerun resumes in it)")
+                   help="output folder (created if missing; a rerun resumes in it; one "
+                        "evaluation at a time)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard results in OUTPUT made with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

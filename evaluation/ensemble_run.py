@@ -13,8 +13,10 @@ from tqdm import tqdm
 from nnunet_ima.evaluation.ensemble import EnsembleLevel, iter_ensemble
 from nnunet_ima.evaluation.models import LoadedModel
 from nnunet_ima.evaluation.options import EvalOptions
-from nnunet_ima.evaluation.report import (load_part, load_part_meta, member_part_path, noise_key,
-                                          save_part, summarise, summarise_ensemble)
+from nnunet_ima.evaluation.provenance import PartRecords
+from nnunet_ima.evaluation.report import (load_part_meta, member_part_path, noise_key, save_part,
+                                          summarise, summarise_ensemble)
+from nnunet_ima.evaluation.resume import StalePart, part_label, reusable_part
 from nnunet_ima.evaluation.robustness import NoiseResult
 from nnunet_ima.evaluation.samples import SliceSample
 
@@ -55,30 +57,52 @@ class EnsembleRun:
                 "seconds": seconds}
 
 
-def _finished_members(out: str, model: LoadedModel, samples: List[SliceSample],
-                      noise: Sequence[float], members: Sequence[str]
-                      ) -> Dict[Tuple[float, str], Tuple[NoiseResult, int, float]]:
-    keys = [s.key for s in samples]
-    finished = {}
-    for n in noise:
-        for member in members:
-            path = member_part_path(out, model.name, n, member)
-            if os.path.isfile(path):
+Finished = Dict[Tuple[float, str], Tuple[NoiseResult, int, float]]
+"""One model's member results of an interrupted run: ``(noise, member) -> (result, slices
+attacked, seconds)``."""
+
+
+def member_record(records: PartRecords, model: str, noise: float, members: Sequence[str],
+                  member: str) -> dict:
+    """The record of a member's part: a member attacks only the slices the members before it
+    left unbroken, so they are part of what produced it."""
+    return records.record(model, noise, member, members[:list(members).index(member)])
+
+
+def finished_members(out: str, models: Sequence[LoadedModel],
+                     samples: Dict[str, List[SliceSample]], noise: Sequence[float],
+                     members: Sequence[str], records: PartRecords
+                     ) -> Tuple[Dict[str, Finished], List[StalePart]]:
+    """Per model, the member parts in ``out/parts`` that are this run's, and the ones that are
+    not (to recompute)."""
+    finished: Dict[str, Finished] = {m.name: {} for m in models}
+    stale: List[StalePart] = []
+    for m in models:
+        keys = [s.key for s in samples[m.name]]
+        for n in noise:
+            for member in members:
+                path = member_part_path(out, m.name, n, member)
+                if not os.path.isfile(path):
+                    continue
+                result, reason = reusable_part(
+                    path, member_record(records, m.name, n, members, member), keys)
+                if result is None:
+                    stale.append(StalePart(path, part_label(m.name, n, member), reason))
+                    continue
                 meta = load_part_meta(path)
-                finished[(n, member)] = (load_part(path, keys), int(meta.get("attacked", 0)),
-                                         float(meta.get("seconds", 0.0)))
-    return finished
+                finished[m.name][(n, member)] = (result, int(meta.get("attacked", 0)),
+                                                 float(meta.get("seconds", 0.0)))
+    return finished, stale
 
 
 def attack_with_ensemble(models: Sequence[LoadedModel], samples: Dict[str, List[SliceSample]],
                          noise: Sequence[float], options: EvalOptions, device: torch.device,
-                         resume: bool) -> EnsembleRun:
-    """Run the ensemble of ``options`` on every model; with ``resume``, reuse the member parts
-    of ``options.output``."""
+                         finished: Dict[str, Finished], records: PartRecords) -> EnsembleRun:
+    """Run the ensemble of ``options`` on every model, reusing the member results ``finished``
+    (of :func:`finished_members`); each new member result is saved as a part with its record."""
     members = tuple(options.ensemble)
     attacked_levels = [n for n in noise if n > 0]
-    finished = {m.name: _finished_members(options.output, m, samples[m.name], noise, members)
-                if resume else {} for m in models}
+    finished = {m.name: finished.get(m.name, {}) for m in models}
     reused = sum(len(f) for f in finished.values())
     if reused:
         print(f"resuming: reused {reused} (model, noise, attack) results from "
@@ -97,7 +121,8 @@ def attack_with_ensemble(models: Sequence[LoadedModel], samples: Dict[str, List[
             def save(n: float, member: str, result: NoiseResult, attacked: int, seconds: float,
                      model: LoadedModel = m, count: int = n_slices) -> None:
                 save_part(member_part_path(options.output, model.name, n, member), result,
-                          {"attacked": attacked, "seconds": seconds})
+                          {"attacked": attacked, "seconds": seconds},
+                          record=member_record(records, model.name, n, members, member))
                 if n > 0:
                     bar.update(count - attacked)   # the skipped slices: already at Dice 0
 

@@ -6,10 +6,8 @@ mode, fp32, deep supervision off.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -18,6 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import read_json
+
+from nnunet_ima.evaluation.provenance import check_unchanged, checkpoint_identity
 
 CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth",
                "latest": "checkpoint_latest.pth"}
@@ -74,6 +75,8 @@ class LoadedModel:
         plans, dataset_json: the model folder's ``plans.json`` and ``dataset.json``.
         checkpoint_path, checkpoint_sha256: the weights file and its digest (a resumed
             evaluation refuses parts computed with other weights).
+        checkpoint: the file's :func:`.provenance.checkpoint_identity` (path, size, mtime,
+            sha256) as it was loaded; every part records it.
         fold: the nnU-Net fold of the weights, a number or ``"all"``.
     """
 
@@ -90,6 +93,7 @@ class LoadedModel:
     checkpoint_path: str = ""
     checkpoint_sha256: str = ""
     fold: object = 0
+    checkpoint: dict = field(default_factory=dict)
 
     @property
     def class_names(self) -> List[str]:
@@ -98,23 +102,6 @@ class LoadedModel:
         labels = self.dataset_json.get("labels", {})
         by_value = {int(v): k for k, v in labels.items() if isinstance(v, int)}
         return [by_value.get(c, f"class{c}") for c in range(1, self.num_classes)]
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserInputError(f"cannot read {path}: {e}") from None
-
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB blocks (checkpoints can be hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _load_weights(network: nn.Module, path: str) -> dict:
@@ -211,8 +198,9 @@ def load_model(folder: str, fold, checkpoint: str, device: torch.device,
     if not os.path.isfile(path):
         raise UserInputError(missing_checkpoint_message(folder, fold, checkpoint))
     configuration = configuration_of(folder)
-    plans = _read_json(os.path.join(folder, "plans.json"))
-    dataset_json = _read_json(os.path.join(folder, "dataset.json"))
+    plans = read_json(os.path.join(folder, "plans.json"), "is the model folder complete?")
+    dataset_json = read_json(os.path.join(folder, "dataset.json"),
+                             "is the model folder complete?")
     plans_manager = PlansManager(plans)
     if configuration not in plans["configurations"]:
         raise UserInputError(f"configuration {configuration!r} is not in {folder}/plans.json")
@@ -227,7 +215,9 @@ def load_model(folder: str, fold, checkpoint: str, device: torch.device,
     network = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
                                      config.network_arch_init_kwargs_req_import, num_inputs,
                                      num_classes, allow_init=False, deep_supervision=False)
+    identity = checkpoint_identity(path)
     state = _load_weights(network, path)
+    check_unchanged(identity, "the evaluator")
     if "strides" not in config.network_arch_init_kwargs:
         raise UserInputError(f"{folder}/plans.json: the architecture has no 'strides'; cannot "
                              f"tell which input sizes the network accepts")
@@ -238,7 +228,7 @@ def load_model(folder: str, fold, checkpoint: str, device: torch.device,
                        configuration=configuration, data_identifier=config.data_identifier,
                        dataset_name=plans["dataset_name"], ignore_label=label_manager.ignore_label,
                        plans=plans, dataset_json=dataset_json, checkpoint_path=path,
-                       checkpoint_sha256=file_sha256(path), fold=fold)
+                       checkpoint_sha256=identity["sha256"], fold=fold, checkpoint=identity)
 
 
 def load_models(folders: Sequence[str], folds: Sequence, checkpoint: str,

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -39,10 +38,13 @@ import torch
 from torch import nn
 
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import read_json
+from nnunet_ima.nnunet.paths import trainer_dir
+
 from nnunet_ima.evaluation.models import (CHECKPOINTS, LoadedModel, check_model_folder,
-                                          checkpoint_choice,
-                                          configuration_of, file_sha256,
+                                          checkpoint_choice, configuration_of,
                                           missing_checkpoint_message)
+from nnunet_ima.evaluation.provenance import check_unchanged, checkpoint_identity
 
 # nnU-Net's Gaussian for tile weights (_internal_predict_sliding_window_return_logits).
 GAUSSIAN_SIGMA_SCALE = 1. / 8
@@ -309,11 +311,7 @@ def _check_model_folder(model_folder: str, fold, checkpoint: str) -> str:
     if not os.path.isfile(path):
         raise UserInputError(missing_checkpoint_message(model_folder, fold, checkpoint))
     configuration = configuration_of(model_folder)
-    try:
-        with open(os.path.join(model_folder, "plans.json")) as f:
-            plans = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserInputError(f"cannot read {os.path.join(model_folder, 'plans.json')}: {e}") from None
+    plans = read_json(os.path.join(model_folder, "plans.json"), "is the model folder complete?")
     if configuration not in plans.get("configurations", {}):
         raise UserInputError(f"configuration {configuration!r} is not in {model_folder}/plans.json")
     patch_size = PlansManager(plans).get_configuration(configuration).patch_size
@@ -324,12 +322,33 @@ def _check_model_folder(model_folder: str, fold, checkpoint: str) -> str:
     return path
 
 
+@contextlib.contextmanager
+def package_trainers_findable():
+    """nnU-Net's predictor finds a model's trainer class by name, outside its own trainers only
+    in ``nnUNet_extTrainer``. Unset, it is set to this package's trainers (what ``nnunet-ima
+    trainer-dir`` prints) while the block runs, so that models of this package's trainers load
+    without the user exporting it; a value the user set is left as it is."""
+    before = os.environ.get("nnUNet_extTrainer")
+    if before:
+        yield
+        return
+    os.environ["nnUNet_extTrainer"] = trainer_dir()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("nnUNet_extTrainer", None)
+        else:
+            os.environ["nnUNet_extTrainer"] = before
+
+
 def load_predictor_network(model_folder: str, fold, checkpoint: str, device: torch.device,
                            use_mirroring: bool = True, tile_step_size: float = 0.5,
                            tiles_per_pass: Optional[int] = None) -> SlidingWindowNetwork:
     """The :class:`SlidingWindowNetwork` of a trained model folder, loaded by nnU-Net's own
     ``nnUNetPredictor.initialize_from_trained_model_folder`` exactly as ``nnUNetv2_predict``
-    loads it (so the trainer class must be found: nnU-Net's, or one in ``nnUNet_extTrainer``).
+    loads it (so the trainer class must be found: nnU-Net's, or one in ``nnUNet_extTrainer``,
+    which is this package's trainers when unset: :func:`package_trainers_findable`).
 
     Args:
         model_folder: ``.../Trainer__Plans__2d``.
@@ -367,8 +386,9 @@ def load_predictor_network(model_folder: str, fold, checkpoint: str, device: tor
     finally:
         torch.backends.cudnn.benchmark = benchmark
     try:
-        predictor.initialize_from_trained_model_folder(model_folder, (fold,),
-                                                       CHECKPOINTS[checkpoint])
+        with package_trainers_findable():
+            predictor.initialize_from_trained_model_folder(model_folder, (fold,),
+                                                           CHECKPOINTS[checkpoint])
     except RuntimeError as e:
         if "Could not find requested nnunet trainer" in str(e):
             raise UserInputError(f"nnU-Net cannot find the trainer class of {model_folder}; for "
@@ -399,12 +419,14 @@ def load_predictor_model(model_folder: str, fold, checkpoint: str, device: torch
     :func:`nnunet_ima.evaluation.models.load_model` fills (name, classes, ignore label, plans,
     checkpoint digest, ...), with ``network`` the sliding-window network."""
     checkpoint = _checkpoint_name(checkpoint)
+    fold = _fold_number(fold)
+    path = _check_model_folder(model_folder, fold, checkpoint)
+    identity = checkpoint_identity(path)
     network = load_predictor_network(model_folder, fold, checkpoint, device,
                                      use_mirroring=use_mirroring, tile_step_size=tile_step_size,
                                      tiles_per_pass=tiles_per_pass)
+    check_unchanged(identity, "nnU-Net's predictor")
     predictor = network.predictor
-    fold = _fold_number(fold)
-    path = os.path.join(model_folder, f"fold_{fold}", CHECKPOINTS[checkpoint])
     return PredictorPathModel(
         name=name or predictor.trainer_name or os.path.basename(os.path.normpath(model_folder)),
         folder=model_folder, network=network, num_classes=network.num_classes,
@@ -413,5 +435,5 @@ def load_predictor_model(model_folder: str, fold, checkpoint: str, device: torch
         dataset_name=predictor.plans_manager.dataset_name,
         ignore_label=predictor.label_manager.ignore_label, plans=predictor.plans_manager.plans,
         dataset_json=predictor.dataset_json, checkpoint_path=path,
-        checkpoint_sha256=file_sha256(path), fold=fold, tile_step_size=tile_step_size,
-        use_mirroring=use_mirroring)
+        checkpoint_sha256=identity["sha256"], fold=fold, checkpoint=identity,
+        tile_step_size=tile_step_size, use_mirroring=use_mirroring)

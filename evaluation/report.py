@@ -2,8 +2,9 @@
 
 Every file is written to a temporary name and renamed, so an interrupted run leaves either the
 old file or the new one, never a truncated one. A part (``parts/<model>__<noise>.npz``) holds
-the per-slice counts of one (model, noise level) and its example slice; a rerun with the same
-settings skips the parts that exist.
+the per-slice counts of one (model, noise level), its example slice and the record of what
+produced it (:mod:`.provenance`); a rerun with the same settings skips the parts whose record is
+its own.
 """
 from __future__ import annotations
 
@@ -54,12 +55,16 @@ def member_part_path(out: str, model: str, noise: float, member: str) -> str:
     return part_path(out, model, noise)[:-len(".npz")] + f"__{member}.npz"
 
 
-def save_part(path: str, result: NoiseResult, meta: Optional[dict] = None) -> None:
+def save_part(path: str, result: NoiseResult, meta: Optional[dict] = None,
+              record: Optional[dict] = None) -> None:
     """Write a part; ``meta`` (JSON-serialisable, e.g. an ensemble member's attacked slices and
-    seconds) is stored beside the counts and read by :func:`load_part_meta`."""
+    seconds) is stored beside the counts and read by :func:`load_part_meta`, ``record`` (what
+    produced it, :class:`.provenance.PartRecords`) likewise, read by :func:`load_part_record`."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     buffer = io.BytesIO()
     extra = {} if meta is None else {"meta_json": np.array(json.dumps(meta))}
+    if record is not None:
+        extra["record_json"] = np.array(json.dumps(record))
     np.savez_compressed(buffer, cases=np.array(result.cases), slices=np.array(result.slices),
                         tp=result.tp, fp=result.fp, fn=result.fn,
                         **{f"example_{k}": v for k, v in result.example.items()}, **extra)
@@ -70,6 +75,16 @@ def load_part_meta(path: str) -> dict:
     """The ``meta`` saved with a part (``{}`` for none)."""
     with np.load(path) as z:
         return json.loads(str(z["meta_json"])) if "meta_json" in z.files else {}
+
+
+def load_part_record(path: str) -> Optional[dict]:
+    """The record saved with a part; ``None`` for a part without one (written by an older
+    version) or a file that cannot be read."""
+    try:
+        with np.load(path) as z:
+            return json.loads(str(z["record_json"])) if "record_json" in z.files else None
+    except Exception:  # a damaged or foreign file: it has no usable record, so it is recomputed
+        return None
 
 
 def load_part(path: str, expected_keys: Optional[Sequence[Tuple[str, int]]] = None) -> NoiseResult:

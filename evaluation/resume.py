@@ -1,18 +1,25 @@
 """Resuming in an output folder: a rerun with the configuration of ``OUT/config.json`` takes the
 finished (model, noise) parts from ``OUT/parts``; another configuration is refused (or, with
-``--overwrite``, replaces the old results) so that results of other settings are never mixed."""
+``--overwrite``, replaces the old results) so that results of other settings are never mixed.
+
+A part is taken only if its own record (:mod:`.provenance`) equals the one this run would
+write; any other part (another model's, other settings', other slices', a part without a record)
+is recomputed, and the run says so.
+"""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from typing import Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunet_ima.errors import UserInputError
 
 from nnunet_ima.evaluation.models import LoadedModel
+from nnunet_ima.evaluation.provenance import PartRecords, differences, record_mismatch
 from nnunet_ima.evaluation.report import (CONFIG_FILENAME, atomic_write_text, load_part,
-                                          noise_key, part_path)
+                                          load_part_record, noise_key, part_path)
 from nnunet_ima.evaluation.robustness import NoiseResult
 from nnunet_ima.evaluation.samples import SliceSample
 
@@ -39,49 +46,83 @@ def can_resume(out: str, config: dict, overwrite: bool) -> bool:
         return True
     if not overwrite:
         raise UserInputError(f"{out} holds results made with other settings (differences in: "
-                             f"{', '.join(config_differences(old, config))}); choose another -o "
+                             f"{', '.join(differences(old, config))}); choose another -o "
                              f"or pass --overwrite")
     return False
 
 
-def config_differences(old, new, prefix: str = "") -> List[str]:
-    """Dotted paths where two configurations differ, e.g. ``models.IMA.checkpoint_sha256``."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        paths = []
-        for key in sorted(set(old) | set(new), key=str):
-            if old.get(key) != new.get(key):
-                paths += config_differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        return paths
-    return [prefix.rstrip(".")]
+@dataclass(frozen=True)
+class StalePart:
+    """A part in ``OUT/parts`` that is not this run's: ``label`` names it (model, noise level,
+    member), ``reason`` says how it differs."""
+
+    path: str
+    label: str
+    reason: str
+
+
+def reusable_part(path: str, expected: dict, keys: Sequence[Tuple[str, int]]
+                  ) -> Tuple[Optional[NoiseResult], Optional[str]]:
+    """``(result, None)`` when the part at ``path`` carries the record ``expected`` and the
+    slices ``keys``; else ``(None, why not)``."""
+    reason = record_mismatch(load_part_record(path), expected)
+    if reason:
+        return None, reason
+    try:
+        result = load_part(path)
+    except UserInputError:
+        return None, "it cannot be read"
+    if list(zip(result.cases, result.slices)) != list(keys):
+        return None, "it was computed on other test slices"
+    return result, None
+
+
+def part_label(model: str, noise: float, member: Optional[str] = None) -> str:
+    return f"{model} at noise {noise_key(noise)}" + (f" ({member})" if member else "")
 
 
 def finished_parts(out: str, models: Sequence[LoadedModel],
                    samples: Dict[str, List[SliceSample]], noise: Sequence[float],
-                   overwrite: bool) -> Dict[str, Dict[float, NoiseResult]]:
-    """The results in ``out/parts`` of a resumable folder, ``{model name: {noise: result}}``.
-
-    Raises:
-        UserInputError: a part made on other slices, unless ``overwrite`` (then it is left out,
-            to be computed again).
-    """
+                   records: PartRecords
+                   ) -> Tuple[Dict[str, Dict[float, NoiseResult]], List[StalePart]]:
+    """The results in ``out/parts`` of a resumable folder, ``{model name: {noise: result}}``,
+    and the parts there that are not this run's (to recompute). ``records``: the run's
+    :class:`.provenance.PartRecords`."""
     results: Dict[str, Dict[float, NoiseResult]] = {m.name: {} for m in models}
+    stale: List[StalePart] = []
     for m in models:
         keys = [s.key for s in samples[m.name]]
         for n in noise:
             path = part_path(out, m.name, n)
             if not os.path.isfile(path):
                 continue
-            try:
-                results[m.name][n] = load_part(path, keys)
-            except UserInputError:
-                if not overwrite:
-                    raise
-    return results
+            result, reason = reusable_part(path, records.record(m.name, n), keys)
+            if result is None:
+                stale.append(StalePart(path, part_label(m.name, n), reason))
+            else:
+                results[m.name][n] = result
+    return results, stale
 
 
-def prepare_output(out: str, config: dict, resume: bool) -> None:
+def report_stale(stale: Sequence[StalePart]) -> None:
+    """Say which parts of the output folder are recomputed, and why (they were made by
+    something other than this run's settings, model and slices)."""
+    if not stale:
+        return
+    count = len(stale)
+    listed = "; ".join(f"{p.label}: {p.reason}" for p in stale)
+    print(f"recomputing {count} part{'s' * (count != 1)} whose settings differ from this run's "
+          f"(in {os.path.dirname(stale[0].path)}): {listed}", flush=True)
+
+
+def prepare_output(out: str, config: dict, resume: bool, stale: Sequence[StalePart] = ()
+                   ) -> None:
     """Create ``out`` and write ``config``; unless resuming, first delete the results of other
-    settings (or of a folder without a configuration): they must not survive."""
+    settings (or of a folder without a configuration): they must not survive. Resuming, the
+    ``stale`` parts are deleted (they are recomputed)."""
+    for part in stale:
+        if os.path.isfile(part.path):
+            os.remove(part.path)
     if not resume:
         shutil.rmtree(os.path.join(out, "parts"), ignore_errors=True)
         for name in OUTPUT_FILES:
