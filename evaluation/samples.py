@@ -7,7 +7,6 @@ normalise).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -15,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import read_json
 
 
 # nnU-Net's cropping writes -1 into the label outside the image's nonzero region (e.g. the air
@@ -39,9 +39,19 @@ class SliceSample:
         return self.case, self.index
 
 
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+SPLIT_REMEDY = ("rewrite it with `nnunet-ima split -d DATASET --test N --overwrite` (or nnU-Net's "
+                "own split) or fix it by hand")
+
+
+def _case_list(value, path: str, where: str, expected: str) -> List[str]:
+    """``value`` (the entry ``where`` of the JSON file ``path``) as a list of case identifiers;
+    anything else is a :class:`UserInputError` saying what the file should hold."""
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        found = ("a list with entries that are not text" if isinstance(value, list)
+                 else f"a {type(value).__name__}")
+        raise UserInputError(f"{path}: {where} must be a list of case identifiers (the file "
+                             f"should hold {expected}), found {found}; {SPLIT_REMEDY}")
+    return list(value)
 
 
 def resolve_case_source(preprocessed_dataset: str, source: Optional[Sequence[str]]) -> List[str]:
@@ -59,7 +69,13 @@ def _test_cases(preprocessed_dataset: str) -> List[str]:
     if not os.path.isfile(path):
         raise UserInputError(f"{path} does not exist: run `nnunet-ima split -d DATASET --test N` "
                              f"or pass --cases val / --cases CASE [CASE ...] / --images/--labels")
-    return list(_read_json(path)["test"])
+    content = read_json(path, SPLIT_REMEDY)
+    expected = '{"test": ["case", ...], ...} as `nnunet-ima split` writes it'
+    if not isinstance(content, dict) or "test" not in content:
+        found = "an object without 'test'" if isinstance(content, dict) else \
+            f"a {type(content).__name__}"
+        raise UserInputError(f"{path} should hold {expected}, found {found}; {SPLIT_REMEDY}")
+    return _case_list(content["test"], path, "'test'", expected)
 
 
 def _validation_cases(preprocessed_dataset: str, fold) -> List[str]:
@@ -70,12 +86,19 @@ def _validation_cases(preprocessed_dataset: str, fold) -> List[str]:
     path = os.path.join(preprocessed_dataset, "splits_final.json")
     if not os.path.isfile(path):
         raise UserInputError(f"{path} does not exist: train the model first or use --cases test")
-    splits = _read_json(path)
+    splits = read_json(path, SPLIT_REMEDY)
+    expected = 'a list of folds [{"train": [...], "val": [...]}, ...] as nnU-Net writes it'
+    if not isinstance(splits, list):
+        raise UserInputError(f"{path} should hold {expected}, found a "
+                             f"{type(splits).__name__}; {SPLIT_REMEDY}")
     if not 0 <= fold < len(splits):
         raise UserInputError(f"{path} has {len(splits)} folds, fold {fold} asked (nnU-Net trained "
                              f"it on its own random 80:20 split of all cases); name the cases "
                              f"with --cases CASE ...")
-    return list(splits[fold]["val"])
+    if not isinstance(splits[fold], dict) or "val" not in splits[fold]:
+        raise UserInputError(f"{path}: fold {fold} should be an object with 'train' and 'val' "
+                             f"(the file should hold {expected}); {SPLIT_REMEDY}")
+    return _case_list(splits[fold]["val"], path, f"fold {fold}'s 'val'", expected)
 
 
 _CASE_SETS = {"test": lambda folder, fold: _test_cases(folder),
@@ -168,7 +191,13 @@ def load_preprocessed_slices(preprocessed_dataset: str, data_identifier: str, ca
     samples: List[SliceSample] = []
     for case in cases:
         data, seg, _, _ = dataset.load_case(case)
-        samples += _slices_of(case, np.asarray(data), np.asarray(seg), include_empty, ignore_label)
+        data = np.asarray(data)
+        if not np.isfinite(data).all():
+            raise UserInputError(f"case {case} in {folder} holds NaN or infinite values (NaN in "
+                                 f"its raw image?): fix the raw image and rerun "
+                                 f"nnUNetv2_plan_and_preprocess, or leave the case out "
+                                 f"(--cases CASE ...)")
+        samples += _slices_of(case, data, np.asarray(seg), include_empty, ignore_label)
     return samples
 
 
@@ -211,14 +240,104 @@ def select_raw_cases(images: str, labels: str, dataset_json: dict,
     return raw
 
 
+def _reason(error: Exception) -> str:
+    """``Type: message`` of a reader's exception in one line. SimpleITK's run over several
+    lines, the first naming its own source file and the last the problem, so the last is kept."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1]}" if lines else type(error).__name__
+
+
+def truncation(path: str) -> Optional[str]:
+    """Why the NIfTI file ``path`` is incomplete (``None``: complete, or not NIfTI). SimpleITK
+    reads a NIfTI file that ends early without an error, as zeros past its end: a copy cut
+    short would be scored as an image with a black part."""
+    import gzip
+    import zlib
+
+    import nibabel
+
+    if not path.endswith((".nii", ".nii.gz")):
+        return None
+    size = os.path.getsize(path)
+    if path.endswith(".gz"):
+        try:
+            size = 0
+            with gzip.open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    size += len(block)
+        except (EOFError, OSError, zlib.error) as e:
+            return f"truncated: {e}"
+    try:
+        image = nibabel.load(path)
+        header = image.header
+        # The voxels start at the proxy's offset: writers such as ITK leave vox_offset at 0.
+        offset = getattr(image.dataobj, "offset", header.get_data_offset())
+        expected = int(offset) + \
+            int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    except Exception:  # nibabel cannot parse what SimpleITK read: no size to check against
+        return None
+    if size < expected:
+        return f"truncated: {size} bytes of the {expected} its header announces"
+    return None
+
+
+def _unreadable(path: str, case: str, why: str, label: bool = False) -> UserInputError:
+    what = f"the label of case {case}" if label else f"case {case}"
+    return UserInputError(f"cannot read {path} ({what}) as an image ({why}); replace it with a "
+                          f"complete {'label ' * label}image or remove the case from --images")
+
+
+def read_raw_case(reader, case: str, channels: Sequence[str], label: str
+                  ) -> Tuple[np.ndarray, np.ndarray, dict]:
+    """Read a raw test case with nnU-Net's image reader ``reader`` (the plans'
+    ``image_reader_writer``): ``(data (C, ...), seg (1, ...), properties)``.
+
+    Raises:
+        UserInputError: a file that cannot be read as an image (not an image, truncated:
+            :func:`truncation`), channels that do not fit together, a label of another shape
+            than the image, or NaN / infinite values in the image; the message names the file.
+    """
+    try:
+        data, properties = reader.read_images(list(channels))
+    except Exception as e:  # readers raise many types (SimpleITK's RuntimeError, nibabel's, ...)
+        for path in channels:  # which file is it? (several channels are read together)
+            try:
+                reader.read_images([path])
+            except Exception as single:
+                raise _unreadable(path, case, _reason(single)) from None
+        raise UserInputError(f"the channel files of case {case} do not fit together "
+                             f"({_reason(e)}): {', '.join(channels)}") from None
+    try:
+        seg, _ = reader.read_seg(label)
+    except Exception as e:
+        raise _unreadable(label, case, _reason(e), label=True) from None
+    # Read without an error, a NIfTI file may still have ended early (see truncation).
+    for path, is_label in [(path, False) for path in channels] + [(label, True)]:
+        cut = truncation(path)
+        if cut:
+            raise _unreadable(path, case, cut, label=is_label)
+    if data.shape[1:] != seg.shape[1:]:
+        raise UserInputError(f"case {case}: the image {channels[0]} has shape "
+                             f"{list(data.shape[1:])} but its label {label} has shape "
+                             f"{list(seg.shape[1:])}; the label must cover the image voxel for "
+                             f"voxel (give the matching label in --labels)")
+    for path, channel in zip(channels, data):
+        if not np.isfinite(channel).all():
+            raise UserInputError(f"{path} (case {case}) holds NaN or infinite values; fix the "
+                                 f"image or remove the case from --images")
+    return data, seg, properties
+
+
 def load_raw_slices(images: str, labels: str, plans: dict, configuration: str, dataset_json: dict,
                     include_empty: bool, cases: Optional[Sequence[str]] = None,
                     ignore_label: Optional[int] = None) -> List[SliceSample]:
     """Preprocess raw test images + labels with the model's plans and return their slices.
 
     The configuration's own preprocessor (``DefaultPreprocessor`` unless the plans name another)
-    runs nnU-Net's ``run_case``: transpose, crop to nonzero, resample (the label with the
-    segmentation resampling) and normalise, exactly as for the training data.
+    runs nnU-Net's ``run_case``: read with the plans' image reader, then transpose, crop to
+    nonzero, resample (the label with the segmentation resampling) and normalise, exactly as for
+    the training data. The reading is done here (:func:`read_raw_case`, then the preprocessor's
+    ``run_case_npy``, which ``run_case`` calls after reading), so that a bad file is named.
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -226,9 +345,12 @@ def load_raw_slices(images: str, labels: str, plans: dict, configuration: str, d
     config = plans_manager.get_configuration(configuration)
     raw = select_raw_cases(images, labels, dataset_json, cases)
     preprocessor = config.preprocessor_class(verbose=False)
+    reader = plans_manager.image_reader_writer_class()
     samples: List[SliceSample] = []
     for case, (channels, label) in raw.items():
-        data, seg, _ = preprocessor.run_case(channels, label, plans_manager, config, dataset_json)
+        data, seg, properties = read_raw_case(reader, case, channels, label)
+        data, seg, _ = preprocessor.run_case_npy(data, seg, properties, plans_manager, config,
+                                                 dataset_json)
         samples += _slices_of(case, data, seg, include_empty, ignore_label)
     return samples
 
