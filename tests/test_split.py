@@ -1,11 +1,14 @@
-"""``nnunet-ima split``: test cases stay out of every fold nnU-Net can train (no nnU-Net run needed)."""
+"""``nnunet-ima split``: test cases stay out of every fold nnU-Net can train, and a split is not
+rewritten under trained models unless asked twice (no nnU-Net run needed, except the slow test
+that trains, rewrites the split and evaluates)."""
 import json
+import os
 
 import numpy as np
 import pytest
 
 from nnunet_ima.cli import main
-from nnunet_ima.commands.split import make_split, save_split
+from nnunet_ima.commands.split import case_identifiers, make_split, save_split
 from nnunet_ima.errors import UserInputError
 
 DATASET = "Dataset990_Toy"
@@ -116,3 +119,132 @@ def test_a_custom_split_never_trains_on_test_cases(tmp_path):
     assert _read(tmp_path, "test_cases.json")["test"] == ["c"]
     with pytest.raises(UserInputError, match="exists with a different split"):
         save_split(str(tmp_path), split, seed=3)
+
+
+# ------------------------------------------------------------------ trained models and --force
+def _trained_fold(results, trainer, fold, record=None, checkpoint=True):
+    """A fold folder under ``results`` as far as `split` reads it: a checkpoint and/or a
+    training record."""
+    from nnunet_ima.nnunet.training_record import write_training_record
+    folder = results / DATASET / f"{trainer}__nnUNetPlans__2d" / f"fold_{fold}"
+    folder.mkdir(parents=True)
+    if checkpoint:
+        (folder / "checkpoint_final.pth").write_bytes(b"")
+    if record is not None:
+        write_training_record(str(folder), fold, record["train"], record["val"], None)
+    return str(folder)
+
+
+def test_overwrite_names_the_trained_models_whose_folds_change_and_needs_force(
+        preprocessed, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results"
+    monkeypatch.setenv("nnUNet_results", str(results))
+    assert main(["split", "-d", DATASET, "--test", "2", "--seed", "0"]) == 0
+    old = _read(preprocessed, "splits_final.json")
+    new = make_split(_cases(10), 2, None, 1)["folds"]
+    plain = _trained_fold(results, "nnUNetTrainer", 0)  # no record: the old split's fold 0
+    recorded = _trained_fold(results, "nnUNetTrainerIMA", 1, record=old[1], checkpoint=False)
+    # Models the new split leaves alone: a record that equals the new fold, and fold all.
+    _trained_fold(results, "nnUNetTrainerAdv", 2, record=new[2])
+    _trained_fold(results, "nnUNetTrainerClean", "all")
+    (results / DATASET / "nnUNetTrainerClean__nnUNetPlans__2d" / "fold_3").mkdir()  # untrained
+    capsys.readouterr()
+    assert main(["split", "-d", DATASET, "--test", "2", "--seed", "1", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nnunet-ima split: error: rewriting {preprocessed / 'splits_final.json'}"
+                          f" would change the cases of trained folds:\n  {recorded}\n  {plain}\n"
+                          f"A model without a training record")
+    assert "--overwrite --force" in err and "nnUNetTrainerAdv" not in err and "fold_all" not in err
+    assert _read(preprocessed, "splits_final.json") == old  # nothing written
+    assert main(["split", "-d", DATASET, "--test", "2", "--seed", "1", "--force"]) == 2
+    assert "--force only goes with --overwrite" in capsys.readouterr().err
+    assert main(["split", "-d", DATASET, "--test", "2", "--seed", "1", "--overwrite",
+                 "--force"]) == 0
+    assert f"warning: {plain} was trained on a fold that this split changes" in \
+        capsys.readouterr().err
+    assert _read(preprocessed, "splits_final.json") == new
+    # The same split again changes nothing: no refusal.
+    assert main(["split", "-d", DATASET, "--test", "2", "--seed", "1", "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("name, content", [("splits_final.json", '[{"train": '),
+                                           ("test_cases.json", "not json")])
+def test_unreadable_existing_split_files_get_one_message(preprocessed, capsys, monkeypatch, name,
+                                                         content):
+    monkeypatch.delenv("nnUNet_results", raising=False)
+    (preprocessed / name).write_text(content)
+    assert main(["split", "-d", DATASET, "--test", "2", "--seed", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nnunet-ima split: error: cannot read {preprocessed / name} (")
+    assert err.rstrip().endswith("pass --overwrite to replace it") and "Traceback" not in err
+    assert (preprocessed / name).read_text() == content
+    assert main(["split", "-d", DATASET, "--test", "2", "--seed", "0", "--overwrite"]) == 0
+    assert "no trained model of the old split could be looked for" in capsys.readouterr().err
+    assert _read(preprocessed, "test_cases.json")["test"] == make_split(_cases(10), 2, None,
+                                                                        0)["test"]
+
+
+def test_an_unreadable_dataset_json_gets_one_message(preprocessed, capsys):
+    (preprocessed / "dataset.json").write_text("{")
+    assert main(["split", "-d", DATASET, "--test", "2"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"nnunet-ima split: error: cannot read {preprocessed / 'dataset.json'} (")
+
+
+def test_validating_on_test_cases_on_purpose_is_written_down(tmp_path):
+    from nnunet_ima.nnunet.splits import fold_split_problem
+    save_split(str(tmp_path), {"train": ["a", "b"], "val": ["c"], "test": ["c"]}, seed=3,
+               allow_test_in_val=True)
+    assert _read(tmp_path, "test_cases.json") == {"test": ["c"], "seed": 3, "num_folds": 1,
+                                                  "allow_test_in_val": True}
+    assert fold_split_problem(str(tmp_path), 0) is None  # the trainers accept it
+
+
+# ------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_after_a_rewritten_split_the_evaluator_refuses_what_the_model_trained_on(
+        nnunet_workspace, trained_clean_model, tmp_path, capsys):
+    """Train fold 0, rewrite the split with another seed (--overwrite --force), evaluate: the
+    new 'test' cases the model trained on are refused by name, from its training record."""
+    from conftest import _bin
+    from nnunet_ima.evaluation.cli import main as evaluate
+    ws = nnunet_workspace
+    folder = os.path.join(ws.preprocessed, ws.dataset_name)
+    fold = os.path.join(trained_clean_model, "fold_0")
+    with open(os.path.join(fold, "training_cases.json")) as f:
+        trained = json.load(f)["train"]
+    saved = {n: open(os.path.join(folder, n)).read()
+             for n in ("splits_final.json", "test_cases.json")}
+    split = [_bin("nnunet-ima"), "split", "-d", str(ws.dataset_id), "--test", "2", "--folds", "6"]
+    # A seed whose test cases hold a case fold 0 trained on (seed 1 on this dataset).
+    seed = next(s for s in range(1, 50)
+                if set(make_split(case_identifiers(folder), 2, 6, s)["test"]) & set(trained))
+    try:
+        refused = ws.run(split + ["--seed", str(seed), "--overwrite"], check=False)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert f"would change the cases of trained folds:\n  {fold}\n" in refused.stderr
+        ws.run(split + ["--seed", str(seed), "--overwrite", "--force"])
+        with open(os.path.join(folder, "test_cases.json")) as f:
+            new_test = json.load(f)["test"]
+        leaked = [c for c in new_test if c in trained]
+        assert leaked
+        out = tmp_path / "o"
+        argv = ["-d", str(ws.dataset_id), "-c", "2d", "-f", "0", "-tr", "nnUNetTrainerClean",
+                "--device", "cpu", "--no-progress", "-o", str(out), "--noise", "0",
+                "--max-slices", "2", "--cases", "test"]
+        capsys.readouterr()
+        assert evaluate(argv) == 2
+        err = capsys.readouterr().err
+        assert f"nnUNetTrainerClean (fold 0): {', '.join(leaked)}\n" in err
+        assert "splits_final.json changed after this model started training" in err
+        assert not out.exists()
+        # Scored anyway: the tables say where the training cases came from.
+        assert evaluate(argv + ["--allow-train-cases"]) == 0
+        table = (out / "tvdi.md").read_text()
+        assert ("Note: nnUNetTrainerClean: " + os.path.join(folder, "splits_final.json")
+                + " changed after this model started training") in table
+    finally:
+        # The session's other tests expect the original split, byte for byte.
+        ws.run(split + ["--seed", "0", "--overwrite", "--force"])
+        for name, text in saved.items():
+            assert open(os.path.join(folder, name)).read() == text

@@ -25,13 +25,16 @@ histogram to ``margins_hist.png``.
 This file is imported by nnU-Net's trainer lookup as a top-level module: absolute imports only.
 """
 import os
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
 from nnunet_ima.attacks import bpgd, select
 from nnunet_ima.distributed import merge_margin_records
-from nnunet_ima.nnunet.margin_checkpoint import load_margins, remove_margins, save_margins
+from nnunet_ima.errors import UserInputError
+from nnunet_ima.nnunet.margin_checkpoint import (load_margins, margins_path, remove_margins,
+                                                 save_margins)
+from nnunet_ima.nnunet.resume_state import checkpoint_epoch
 from nnunet_ima.nnunet.data import sample_keys, slice_tracking_loaders
 from nnunet_ima.trainers.nnUNetTrainerAdv import AdversarialBatch, nnUNetTrainerAdv
 from nnunet_ima.nnunet.training_stats import HISTOGRAM_FILENAME, plot_margin_histogram
@@ -144,8 +147,21 @@ class nnUNetTrainerIMA(nnUNetTrainerAdv):
             save_margins(filename, self.margins, self.current_epoch + 1)
         super().save_checkpoint(filename)
 
+    def resume_state_problem(self, checkpoint_path: str) -> Optional[str]:
+        # A checkpoint without its margins cannot be continued: IMA would restart every margin.
+        problem = super().resume_state_problem(checkpoint_path)
+        if problem is None:
+            try:
+                load_margins(checkpoint_path, checkpoint_epoch(checkpoint_path))
+            except UserInputError as e:
+                problem = str(e)
+        return problem
+
+    def checkpoint_companions(self, checkpoint_path: str) -> Sequence[str]:
+        return (margins_path(checkpoint_path),)
+
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
+        super().load_checkpoint(filename_or_checkpoint)  # checked: resume_state_problem
         if isinstance(filename_or_checkpoint, str):
             self.margins = load_margins(filename_or_checkpoint, self.current_epoch)
             self.print_to_log_file(f"restored {len(self.margins)} slice margins from the "

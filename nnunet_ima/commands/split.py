@@ -10,38 +10,51 @@ Writes into ``$nnUNet_preprocessed/DatasetXXX_Name/``:
   (every fold needs a validation case).
 
 Every fold has to be written: for a fold missing from ``splits_final.json``, nnU-Net draws its own
-80:20 split over all cases, test cases included. Fold ``all`` ignores the split altogether: nnU-Net
-trains it on every preprocessed case, so it has no held-out cases (``nnunet-ima-eval`` refuses to
-score its training cases). The paper's Heart protocol (16 train / 1 validation / 3 test) is close
+80:20 split over all cases, test cases included (this package's trainers refuse such a fold).
+Fold ``all`` ignores the split altogether: nnU-Net trains it on every preprocessed case, so it has
+no held-out cases (this package's trainers refuse it beside test cases, and ``nnunet-ima-eval``
+refuses to score its training cases).
+
+Rewriting a split under trained models (``--overwrite``) changes what their fold means: the
+command names the fold folders under ``$nnUNet_results/<dataset>`` whose cases would change and
+refuses unless ``--force`` is given too. The paper's Heart protocol (16 train / 1 validation / 3 test) is close
 to ``nnunet-ima split -d 2 --test 3`` (fold 0: 13 train / 4 validation).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.io import write_text
+from nnunet_ima.io import read_json, write_text
 from nnunet_ima.nnunet.paths import preprocessed_dataset_folder
+from nnunet_ima.nnunet.splits import (SPLITS_FILENAME, TEST_CASES_FILENAME, TEST_IN_VAL_KEY,
+                                      read_splits)
+from nnunet_ima.nnunet.training_record import RECORD_FILENAME, read_training_record
 
-SPLITS_FILENAME = "splits_final.json"
-TEST_CASES_FILENAME = "test_cases.json"
 DEFAULT_FOLDS = 5    # nnU-Net's own cross-validation
 DEFAULT_SEED = 12345  # nnU-Net's own split seed
 
 FOLD_ALL_NOTE = ("note: `nnUNetv2_train ... all` ignores splits_final.json and trains on every "
-                 "preprocessed case, these test cases included; nnunet-ima-eval refuses to score a "
+                 "preprocessed case, these test cases included: this package's trainers refuse "
+                 "it (unless NNUNET_IMA_ALLOW_FOLD_ALL=1), and nnunet-ima-eval refuses to score a "
                  "fold-all model on them. Train folds 0-{last} for held-out results.")
 
 
 def case_identifiers(preprocessed_folder: str) -> List[str]:
     """Case identifiers of a preprocessed dataset (from ``gt_segmentations`` and dataset.json)."""
-    with open(os.path.join(preprocessed_folder, "dataset.json")) as f:
-        file_ending = json.load(f)["file_ending"]
+    path = os.path.join(preprocessed_folder, "dataset.json")
+    dataset_json = read_json(path, "run nnUNetv2_plan_and_preprocess again")
+    file_ending = dataset_json.get("file_ending") if isinstance(dataset_json, dict) else None
+    if not isinstance(file_ending, str):
+        raise UserInputError(f"{path} has no 'file_ending'; run nnUNetv2_plan_and_preprocess "
+                             f"again")
     gt = os.path.join(preprocessed_folder, "gt_segmentations")
     if not os.path.isdir(gt):
         raise UserInputError(f"{gt} is missing: run nnUNetv2_plan_and_preprocess first")
@@ -104,12 +117,12 @@ def _write_json(path: str, obj) -> None:
 
 
 def write_split(dataset: str, num_test: int, seed: int, num_folds: Optional[int] = None,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, force: bool = False) -> dict:
     """Compute the split (:func:`make_split`) and write ``splits_final.json`` and
     ``test_cases.json``; returns the split."""
     folder = preprocessed_dataset_folder(dataset)
     split = make_split(case_identifiers(folder), num_test, num_folds, seed)
-    save_folds(folder, split["folds"], split["test"], seed, overwrite)
+    save_folds(folder, split["folds"], split["test"], seed, overwrite, force=force)
     return split
 
 
@@ -127,28 +140,124 @@ def _check_folds(folds: Sequence[Dict[str, List[str]]], test: Sequence[str],
             raise UserInputError(f"fold {k} would train or validate on the test cases {leaked}")
 
 
+def _fold_number(fold_folder: str) -> Optional[int]:
+    """``.../fold_3`` -> 3; ``None`` for fold ``all`` or another name."""
+    name = os.path.basename(fold_folder)[len("fold_"):]
+    return int(name) if name.isdigit() else None
+
+
+def models_on_changed_folds(dataset_name: str, old_splits: Optional[list],
+                            new_splits: Sequence[Dict[str, List[str]]]) -> List[str]:
+    """The trained fold folders under ``$nnUNet_results/<dataset_name>/*/`` (a training record
+    or a checkpoint in them) whose cases ``new_splits`` would change.
+
+    A fold's cases are those of its training record; without one (a plain nnU-Net trainer),
+    those of ``old_splits`` (``None``: unknown, counted as changed). Fold ``all`` uses no split.
+    """
+    results = os.environ.get("nnUNet_results", "").strip()
+    if not results:
+        return []
+    found = []
+    for fold_folder in sorted(glob.glob(os.path.join(results, dataset_name, "*", "fold_*"))):
+        fold = _fold_number(fold_folder)
+        if fold is None or not os.path.isdir(fold_folder):
+            continue
+        try:
+            record = read_training_record(fold_folder)
+        except UserInputError:
+            record = None  # an unreadable record tells nothing: as if there were none
+        trained = record is not None or any(f.endswith(".pth") for f in os.listdir(fold_folder))
+        if not trained:
+            continue
+        if record is not None:
+            used = record
+        elif old_splits is not None and fold < len(old_splits):
+            used = old_splits[fold]
+        else:
+            used = None  # nnU-Net's own 80:20 split, or a split file that cannot be read
+        new = new_splits[fold] if fold < len(new_splits) else None
+        if used is None or new is None or any(set(used[k]) != set(new[k])
+                                              for k in ("train", "val")):
+            found.append(fold_folder)
+    return found
+
+
+def _refuse_changing_trained_folds(folder: str, old_splits: Optional[list],
+                                   new_splits: Sequence[Dict[str, List[str]]],
+                                   force: bool) -> None:
+    """Refuse, unless ``force``, to rewrite the split under models whose folds it changes."""
+    if not os.environ.get("nnUNet_results", "").strip():
+        print("warning: nnUNet_results is not set, so no trained model of the old split could be "
+              "looked for", file=sys.stderr, flush=True)
+        return
+    models = models_on_changed_folds(os.path.basename(os.path.abspath(folder)), old_splits,
+                                     new_splits)
+    if not models or force:
+        for model in models:
+            print(f"warning: {model} was trained on a fold that this split changes",
+                  file=sys.stderr, flush=True)
+        return
+    listing = "\n".join(f"  {m}" for m in models)
+    raise UserInputError(
+        f"rewriting {os.path.join(folder, SPLITS_FILENAME)} would change the cases of trained "
+        f"folds:\n{listing}\nA model without a training record ({RECORD_FILENAME}; trained by a "
+        f"plain nnU-Net trainer) would then be evaluated, continued (--c) and validated (--val) "
+        f"on the new split, not on what it trained on. Pass --overwrite --force to rewrite it "
+        f"anyway (a model with a record keeps being evaluated on what it trained on), or move "
+        f"these models away first.")
+
+
+def _existing(path: str, overwrite: bool):
+    """The content of an existing split file (``None``: there is none). Unreadable: an error
+    unless ``overwrite`` (which replaces it; its content is then unknown, ``None``)."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserInputError(f"{path} is a folder, not a file; move it away")
+    if not os.path.isfile(path):
+        return None
+    try:
+        return read_json(path, "pass --overwrite to replace it")
+    except UserInputError:
+        if overwrite:
+            return None
+        raise
+
+
 def save_folds(folder: str, folds: Sequence[Dict[str, List[str]]], test: Sequence[str], seed,
-               overwrite: bool = False, allow_test_in_val: bool = False) -> None:
+               overwrite: bool = False, allow_test_in_val: bool = False,
+               force: bool = False) -> None:
     """Write ``folds`` as ``splits_final.json`` and ``test`` (with ``seed`` and the number of
     folds) as ``test_cases.json`` into the preprocessed ``folder``.
 
     A fold that trains on a test case is refused; so is one that validates on a test case
-    unless ``allow_test_in_val`` (nnU-Net picks ``checkpoint_best`` on the validation cases). An
-    existing, different split is refused unless ``overwrite``: models trained on it would be
-    evaluated on the wrong cases. Nothing is written unless every check passed.
+    unless ``allow_test_in_val`` (nnU-Net picks ``checkpoint_best`` on the validation cases;
+    ``test_cases.json`` then says ``"allow_test_in_val": true``, so that the trainers accept it).
+    An existing, different split is refused unless ``overwrite``: models trained on it would be
+    evaluated on the wrong cases; and with ``overwrite`` too, unless ``force``, where trained
+    models under ``$nnUNet_results`` have folds whose cases it changes. Nothing is written
+    unless every check passed.
     """
     _check_folds(folds, test, allow_test_in_val)
     splits = [{"train": list(f["train"]), "val": list(f["val"])} for f in folds]
     test_record = {"test": list(test), "seed": seed, "num_folds": len(splits)}
+    if allow_test_in_val and any(set(test) & set(f["val"]) for f in splits):
+        test_record[TEST_IN_VAL_KEY] = True
     splits_path = os.path.join(folder, SPLITS_FILENAME)
     test_path = os.path.join(folder, TEST_CASES_FILENAME)
+    changed = False
     for path, new in ((splits_path, splits), (test_path, test_record)):
-        if os.path.isfile(path) and not overwrite:
-            with open(path) as f:
-                if json.load(f) != new:
-                    raise UserInputError(f"{path} exists with a different split; models trained "
-                                         f"on it would be evaluated on the wrong cases. Pass "
-                                         f"--overwrite to replace it.")
+        old = _existing(path, overwrite)
+        if os.path.isfile(path) and old != new:
+            changed = True
+            if not overwrite:
+                raise UserInputError(f"{path} exists with a different split; models trained "
+                                     f"on it would be evaluated on the wrong cases. Pass "
+                                     f"--overwrite to replace it.")
+    if changed:
+        try:
+            old_splits = read_splits(splits_path) if os.path.isfile(splits_path) else None
+        except UserInputError:
+            old_splits = None
+        _refuse_changing_trained_folds(folder, old_splits, splits, force)
     _write_json(test_path, test_record)
     _write_json(splits_path, splits)
 
@@ -176,10 +285,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              f"nnU-Net's)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing, different split")
+    parser.add_argument("--force", action="store_true",
+                        help="with --overwrite: replace it even where trained models (fold "
+                             "folders under $nnUNet_results) have folds whose cases it changes")
 
 
 def run(args: argparse.Namespace) -> int:
-    split = write_split(args.dataset, args.test, args.seed, args.folds, args.overwrite)
+    if args.force and not args.overwrite:
+        raise UserInputError("--force only goes with --overwrite (it lets --overwrite replace the "
+                             "split of trained models)")
+    split = write_split(args.dataset, args.test, args.seed, args.folds, args.overwrite,
+                        args.force)
     print(f"test  {len(split['test'])}: {' '.join(split['test'])}")
     for k, fold in enumerate(split["folds"]):
         print(f"fold {k}: train {len(fold['train'])}, val {len(fold['val'])}: "

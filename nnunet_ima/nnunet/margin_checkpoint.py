@@ -14,7 +14,8 @@ import json
 import os
 from typing import Any, Dict
 
-from nnunet_ima.io import write_text
+from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import read_json, write_text
 from nnunet_ima.margins import MarginStore
 
 FORMAT_VERSION = 1
@@ -50,19 +51,31 @@ def load_margins(checkpoint_path: str, current_epoch: int) -> MarginStore:
     """The margins saved with the checkpoint whose ``current_epoch`` is given.
 
     Raises:
-        FileNotFoundError / RuntimeError: no margins file, or none for this epoch.
+        UserInputError: no margins file, one that cannot be read (truncated, not JSON, entries
+            missing), or none for this epoch; the message names the file. What the user can do
+            instead (another checkpoint, a fresh start) is the trainer's to say.
     """
     path = margins_path(checkpoint_path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: the margins of {checkpoint_path} cannot be "
-                                f"restored. Start the run again without --c.")
-    states = _read(path).get("states", [])
+        raise UserInputError(f"{path} is missing: the margins of {checkpoint_path} cannot be "
+                             f"restored")
+    content = read_json(path)
+    states = content.get("states") if isinstance(content, dict) else None
+    if not isinstance(states, list) or not all(
+            isinstance(s, dict) and {"current_epoch", "margins"} <= set(s) for s in states):
+        raise UserInputError(f"{path} is not a margins file of this package: it should hold "
+                             f"\"states\", a list of {{\"current_epoch\", \"margins\"}}")
     for state in states:
         if state["current_epoch"] == current_epoch:
-            return MarginStore.from_state_dict(state["margins"])
+            try:
+                return MarginStore.from_state_dict(state["margins"])
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                why = f"the entry {e} is missing" if isinstance(e, KeyError) else str(e)
+                raise UserInputError(f"{path}: the margins of epoch {current_epoch} cannot be "
+                                     f"restored ({why})") from None
     found = [s["current_epoch"] for s in states]
-    raise RuntimeError(f"{path} holds margins for checkpoint epochs {found}, not for "
-                       f"{current_epoch} (the epoch of {checkpoint_path}).")
+    raise UserInputError(f"{path} holds margins for checkpoint epochs {found}, not for "
+                         f"{current_epoch} (the epoch of {checkpoint_path})")
 
 
 def remove_margins(checkpoint_path: str) -> None:
