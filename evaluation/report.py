@@ -200,7 +200,7 @@ def markdown_table(summary: dict, metric: str, noise_levels: Sequence[float]) ->
             notes.append(warning)
             marks += f" [^{len(notes)}]"
         lines.append(f"| {name}{marks} | " + " | ".join(cells) + " |")
-    note = footnote(train_cases_scored(summary.get("config")))
+    note = footnote(train_cases_scored(summary.get("config")), summary.get("config"))
     if note:
         lines += ["", note]
     if notes:

@@ -8,14 +8,15 @@ from typing import Dict, List, Sequence
 from nnunet_ima.evaluation.models import LoadedModel
 from nnunet_ima.evaluation.options import EvalOptions
 from nnunet_ima.evaluation.samples import SliceSample
-from nnunet_ima.evaluation.selection import case_source
+from nnunet_ima.evaluation.selection import case_source, training_cases_note
 
 
 def model_config(model: LoadedModel, options: EvalOptions, samples: List[SliceSample],
                  train_cases_scored: List[str]) -> dict:
     """A model's part of :func:`run_config`. ``train_cases_scored`` (training cases scored under
-    ``allow_train_cases``) appears only when there are any, so folders written before it
-    existed still resume."""
+    ``allow_train_cases``) appears only when there are any, and ``training_cases_note`` (how the
+    training cases were known, where not from a training record that matches today's split)
+    only when there is one, so folders written before they existed still resume."""
     entry = {"folder": model.folder, "checkpoint_sha256": model.checkpoint_sha256,
              "case_source": case_source(model, options),
              "cases": list(dict.fromkeys(s.case for s in samples)),
@@ -24,6 +25,9 @@ def model_config(model: LoadedModel, options: EvalOptions, samples: List[SliceSa
     hit = [c for c in train_cases_scored if c in scored]  # all-background cases drop out
     if hit:
         entry["train_cases_scored"] = hit
+    note = training_cases_note(model)
+    if note:
+        entry["training_cases_note"] = note
     return entry
 
 

@@ -15,7 +15,8 @@ from nnunet_ima.evaluation.options import EvalOptions
 from nnunet_ima.evaluation.samples import (SliceSample, cases_from_source, limit_slices,
                                            load_preprocessed_slices, load_raw_slices,
                                            resolve_case_source, select_raw_cases)
-from nnunet_ima.evaluation.training_cases import refusal_message, trained_on, training_cases
+from nnunet_ima.evaluation.training_cases import (TrainingCases, refusal_message, trained_on,
+                                                  training_cases)
 
 
 def model_folders(options: EvalOptions) -> List[str]:
@@ -58,17 +59,33 @@ def cases_to_score(model: LoadedModel, options: EvalOptions) -> List[str]:
     return cases_from_source(_preprocessed_dataset(model), options.cases, model.fold)
 
 
-def _training_cases(model: LoadedModel, options: EvalOptions) -> List[str]:
-    """The cases ``model``'s fold trained on. Raw images can be scored without the preprocessed
-    dataset; then the check cannot be made, which is said rather than hidden."""
+def _fold_training_cases(model: LoadedModel) -> TrainingCases:
+    return training_cases(_preprocessed_dataset(model), model.data_identifier, model.fold,
+                          os.path.join(model.folder, f"fold_{model.fold}"))
+
+
+def _training_cases(model: LoadedModel, options: EvalOptions) -> TrainingCases:
+    """The cases ``model``'s fold trained on (its training record, or today's split). Raw images
+    can be scored without the preprocessed dataset; then the check cannot be made, which is
+    said rather than hidden."""
     try:
-        return training_cases(_preprocessed_dataset(model), model.data_identifier, model.fold)
+        return _fold_training_cases(model)
     except UserInputError as e:
         if not options.images:
             raise
         print(f"warning: {model.name}: cannot check whether the --images cases were training "
               f"cases ({e})", file=sys.stderr, flush=True)
-        return []
+        return TrainingCases([])
+
+
+def training_cases_note(model: LoadedModel) -> str:
+    """How ``model``'s training cases were known, for the tables' footnote, where not from a
+    training record that matches today's split; ``""`` otherwise (or when they could not be
+    known, which :func:`check_training_cases` has said)."""
+    try:
+        return _fold_training_cases(model).note
+    except UserInputError:
+        return ""
 
 
 def check_training_cases(models: Sequence[LoadedModel], cases: Dict[str, List[str]],
@@ -76,9 +93,11 @@ def check_training_cases(models: Sequence[LoadedModel], cases: Dict[str, List[st
     """Refuse to score a model on the cases its fold trained on, unless
     ``options.allow_train_cases``; returns the training cases that will be scored, per model
     name (empty unless allowed)."""
-    overlap = trained_on(cases, {m.name: _training_cases(m, options) for m in models})
+    trained = {m.name: _training_cases(m, options) for m in models}
+    overlap = trained_on(cases, {name: t.cases for name, t in trained.items()})
     if overlap and not options.allow_train_cases:
-        raise UserInputError(refusal_message(overlap, {m.name: m.fold for m in models}))
+        raise UserInputError(refusal_message(overlap, {m.name: m.fold for m in models},
+                                             {name: t.note for name, t in trained.items()}))
     for name, hit in overlap.items():
         print(f"warning: {name} is scored on {len(hit)} case{'s' * (len(hit) != 1)} it trained "
               f"on ({', '.join(hit)}); the tables say so", file=sys.stderr, flush=True)
