@@ -14,8 +14,11 @@ import pytest
 from nnunet_ima import resources
 from nnunet_ima.cli import SUBCOMMANDS, main
 from nnunet_ima.commands import demo
-from nnunet_ima.nnunet import footprint, synthetic
+from nnunet_ima.nnunet import ablation, footprint, synthetic
 from nnunet_ima.nnunet.paths import trainer_dir
+
+DATASET = "Dataset990_SyntheticOrgan"
+
 
 def _listing(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, dirs, files in os.walk(root)
@@ -168,6 +171,165 @@ def test_demo_trainings_find_the_trainers_without_the_users_export(tmp_path, mon
     from nnunet_ima.nnunet.experiment import Experiment
     monkeypatch.delenv("nnUNet_extTrainer", raising=False)
     assert Experiment(str(tmp_path)).env["nnUNet_extTrainer"] == trainer_dir()
+
+
+# ------------------------------------------------------------------------------- ablation
+@pytest.fixture
+def no_training(monkeypatch):
+    """Training and evaluating fail the test."""
+    monkeypatch.setattr(ablation, "train_all", _never("train_all"))
+    monkeypatch.setattr(ablation, "evaluate_all", _never("evaluate_all"))
+    monkeypatch.setattr(ablation, "run_side_by_side", _never("run_side_by_side"))
+
+
+@pytest.fixture
+def preprocessed(tmp_path, monkeypatch):
+    """A preprocessed dataset folder as the ablation checks it (plans, 2d data, split: 4 folds,
+    2 test cases); the network's size is the demo's."""
+    root = tmp_path / "nnUNet_preprocessed"
+    folder = root / DATASET
+    (folder / "nnUNetPlans_2d").mkdir(parents=True)
+    (folder / "nnUNetPlans.json").write_text("{}")
+    cases = [f"case_{i}" for i in range(6)]
+    folds = [{"train": [c for c in cases[2:] if c != v], "val": [v]} for v in cases[2:]]
+    (folder / "splits_final.json").write_text(json.dumps(folds))
+    (folder / "test_cases.json").write_text(json.dumps({"test": cases[:2], "seed": 0,
+                                                        "num_folds": 4}))
+    for variable in ("nnUNet_raw", "nnUNet_results", "nnUNet_extTrainer", "NNUNET_IMA_CONFIG"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("nnUNet_preprocessed", str(root))
+    monkeypatch.setattr(footprint, "network_parameters", lambda *a, **k: demo.DEMO_PARAMETERS)
+    return folder
+
+
+def _ablation(tmp_path, *extra):
+    return ["ablation", "-d", "990", "--workdir", str(tmp_path / "abl"), *extra]
+
+
+ABLATION_VALUES = [
+    (["--cases", "bogus"], "--cases: unknown 'bogus'; choose from test, val"),
+    (["--cases", "test", "test"], "--cases names test more than once"),
+    (["--attacks", "fgsm"], "--attacks: unknown 'fgsm'; choose from pgd, segpgd, apgd"),
+    (["--variants", "clean", "bogus"], "unknown variant 'bogus'"),
+    (["--noise", "0", "nan"], "--noise levels must be finite and >= 0, got 0 nan"),
+    (["--noise", "4", "8"], "--noise must hold 0 (the table's clean column)"),
+    (["--noise", "0"], "--noise must hold 0 (the table's clean column) and a level > 0"),
+    (["--noise", "0", "-4"], "--noise levels must be finite and >= 0, got 0 -4"),
+    (["--noise", "0", "4", "4"], "--noise names 4 more than once"),
+    (["--adv-eps", "4", "0"], "--adv-eps must be > 0 and finite, got 0"),
+    (["--adv-eps", "nan"], "--adv-eps must be > 0 and finite, got nan"),
+    (["--eps-max", "inf"], "--eps-max must be > 0 and finite, got inf"),
+    (["--initial-lr", "-0.01"], "--initial-lr must be > 0 and finite, got -0.01"),
+    (["--epochs", "0"], "--epochs must be a whole number >= 1, got 0"),
+    (["--iterations", "-2"], "--iterations must be a whole number >= 1, got -2"),
+    (["--val-iterations", "-1"], "--val-iterations must be a whole number >= 0, got -1"),
+    (["--pgd-steps", "0"], "--pgd-steps must be a whole number >= 1, got 0"),
+    (["--binary-steps", "0"], "--binary-steps must be a whole number >= 1, got 0"),
+    (["--eval-steps", "0"], "--eval-steps must be a whole number >= 1, got 0"),
+    (["--jobs", "0"], "--jobs must be a whole number >= 1, got 0"),
+    (["--seed", "-1"], "--seed must be a whole number >= 0, got -1"),
+    (["-f", "-1"], "--fold must be a whole number >= 0, got -1"),
+    (["--max-slices", "0"], "--max-slices must be >= 1, got 0"),
+    (["--device", "cuda:1"], "nnUNetv2_train takes cpu, cuda, mps; choose the GPU with "
+                             "CUDA_VISIBLE_DEVICES=1 and --device cuda"),
+    (["--device", "tpu"], "--device 'tpu': nnUNetv2_train takes cpu, cuda, mps"),
+]
+
+
+@pytest.mark.parametrize("extra, message", ABLATION_VALUES)
+def test_ablation_refuses_every_bad_option_before_training(tmp_path, capsys, no_training,
+                                                           preprocessed, extra, message):
+    assert main(_ablation(tmp_path, *extra)) == 2
+    _refused(capsys, "nnunet-ima ablation", message)
+    assert not (tmp_path / "abl").exists()
+
+
+def test_ablation_refuses_cuda_on_a_machine_without_one(tmp_path, capsys, no_training,
+                                                        preprocessed):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert main(_ablation(tmp_path, "--device", "cuda")) == 2
+    _refused(capsys, "nnunet-ima ablation", "no CUDA device is available; use --device cpu")
+
+
+@pytest.mark.parametrize("change, message", [
+    ("unset", "the environment variable nnUNet_preprocessed is not set"),
+    ("other id", "no dataset with id 991"),
+    ("no plans", "has no 2d plans and data"),
+    ("no splits", "splits_final.json does not exist: split the dataset first"),
+    ("fold 7", "--fold 7: fold 7 is not in"),
+    ("bad splits", "splits_final.json should hold a list of folds"),
+    ("no test cases", "--cases test:"),
+    ("other options", "holds an ablation made with other options (differing: ['epochs'])"),
+    ("bad record", "cannot read"),
+])
+def test_ablation_refuses_a_dataset_or_workdir_it_cannot_use_before_training(
+        tmp_path, capsys, monkeypatch, no_training, preprocessed, change, message):
+    argv = _ablation(tmp_path)
+    workdir = tmp_path / "abl"
+    if change == "unset":
+        monkeypatch.delenv("nnUNet_preprocessed")
+    elif change == "other id":
+        argv[2] = "991"
+    elif change == "no plans":
+        (preprocessed / "nnUNetPlans.json").unlink()
+    elif change == "no splits":
+        (preprocessed / "splits_final.json").unlink()
+    elif change == "fold 7":
+        argv += ["-f", "7"]
+    elif change == "bad splits":
+        (preprocessed / "splits_final.json").write_text('{"train": []}')
+    elif change == "no test cases":
+        (preprocessed / "test_cases.json").unlink()
+    elif change == "other options":
+        workdir.mkdir()
+        ablation.record_options(ablation.AblationOptions(dataset="990", workdir=str(workdir),
+                                                         epochs=3))
+    elif change == "bad record":
+        workdir.mkdir()
+        (workdir / ablation.OPTIONS_FILENAME).write_text("{truncated")
+    before = _listing(tmp_path)
+    assert main(argv) == 2
+    _refused(capsys, "nnunet-ima ablation", message)
+    assert _listing(tmp_path) == before
+
+
+def test_ablation_refuses_too_little_disk_or_memory_with_the_numbers(tmp_path, capsys,
+                                                                     monkeypatch, no_training,
+                                                                     preprocessed):
+    monkeypatch.setattr(resources, "free_disk", lambda path: 100 * 1024 ** 2)
+    assert main(_ablation(tmp_path)) == 2
+    line = _refused(capsys, "nnunet-ima ablation", "training 12 models (1.9 M parameters each) "
+                    "and 24 evaluations needs about", "but 100.0 MB is free")
+    expected = 12 * footprint.model_disk_bytes(demo.DEMO_PARAMETERS) + 24 * 10 * 1024 ** 2
+    assert f"needs about {resources.human_bytes(expected)} of disk" in line
+    monkeypatch.setattr(resources, "free_disk", lambda path: 10 * 1024 ** 4)
+    monkeypatch.setattr(resources, "available_memory", lambda: 4 * 1024 ** 3)
+    assert main(_ablation(tmp_path, "--jobs", "4")) == 2
+    _refused(capsys, "nnunet-ima ablation", "--jobs 4: 4 trainings side by side needs about "
+             "6.0 GB of memory, but 4.0 GB is available; pass a smaller --jobs")
+    assert not (tmp_path / "abl").exists()
+
+
+def test_ablation_trainings_find_the_trainers_without_the_users_export(tmp_path, monkeypatch,
+                                                                       preprocessed):
+    """Every nnUNetv2_train the ablation starts has nnUNet_extTrainer set, and no
+    NNUNET_IMA_CONFIG but its own."""
+    started = []
+    monkeypatch.setenv("NNUNET_IMA_CONFIG", str(tmp_path / "someone_elses.json"))
+    monkeypatch.setattr(ablation, "run_side_by_side",
+                        lambda commands, logs, env, jobs: started.append((commands, env)))
+    text = ablation.run_ablation(ablation.AblationOptions(
+        dataset="990", workdir=str(tmp_path / "abl"), variants=["clean", "ima_authors"]),
+        stop_after="train")
+    assert text == ""
+    ((commands, env),) = started
+    assert env["nnUNet_extTrainer"] == trainer_dir()
+    assert [c.args[5] for c in commands] == ["nnUNetTrainerClean", "nnUNetTrainerIMA"]
+    for command in commands:
+        config = dict(env, **command.env)["NNUNET_IMA_CONFIG"]
+        assert config.startswith(str(tmp_path / "abl" / "configs"))
 
 
 # -------------------------------------------------------------------------- make-synthetic

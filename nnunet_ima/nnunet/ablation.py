@@ -23,12 +23,12 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.io import write_json, write_text
+from nnunet_ima.io import read_json, write_json, write_text
 from nnunet_ima.metrics import robustness_auc
 from nnunet_ima.nnunet.pipeline import Command, console_script, run_side_by_side, threads_per_job
 from nnunet_ima.nnunet.settings import RECIPES, settings_from_dict
@@ -162,29 +162,165 @@ def eval_folder(options: AblationOptions, variant: Variant, attack: str, cases: 
     return os.path.join(options.workdir, "eval", cases, attack, variant.name)
 
 
-def check_options(options: AblationOptions) -> None:
-    """Refuse a workdir whose results were made with other options; record them otherwise."""
-    for name in ("epochs", "iterations", "pgd_steps", "eval_steps", "jobs"):
-        if getattr(options, name) < 1:
-            raise UserInputError(f"--{name.replace('_', '-')} must be >= 1, got "
-                                 f"{getattr(options, name)}")
-    if any(n < 0 for n in options.noise) or max(options.noise) <= 0:
-        raise UserInputError(f"noise levels must be >= 0 with one > 0, got {options.noise}")
-    if any(e <= 0 for e in options.adv_eps) or options.eps_max <= 0:
-        raise UserInputError("--adv-eps and --eps-max must be > 0")
-    os.makedirs(options.workdir, exist_ok=True)
+CASE_SETS = ("test", "val")
+# nnUNetv2_train's -device takes these names only (a GPU is chosen with CUDA_VISIBLE_DEVICES).
+TRAINING_DEVICES = ("cpu", "cuda", "mps")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_values(options: AblationOptions) -> None:
+    """Refuse option values that no experiment can run with (checks only; reads no files).
+
+    Raises:
+        UserInputError: naming the option, the value and what it takes.
+    """
+    for name in ("epochs", "iterations", "pgd_steps", "binary_steps", "eval_steps", "jobs"):
+        value = getattr(options, name)
+        if not isinstance(value, int) or value < 1:
+            raise UserInputError(f"{_option(name)} must be a whole number >= 1, got {value}")
+    for name in ("val_iterations", "seed", "fold"):
+        value = getattr(options, name)
+        if not isinstance(value, int) or value < 0:
+            raise UserInputError(f"{_option(name)} must be a whole number >= 0, got {value}")
+    if options.max_slices is not None and options.max_slices < 1:
+        raise UserInputError(f"--max-slices must be >= 1, got {options.max_slices}")
+    for name, values in (("adv_eps", options.adv_eps), ("eps_max", [options.eps_max]),
+                         ("initial_lr", [options.initial_lr])):
+        bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise UserInputError(f"{_option(name)} must be > 0 and finite, got "
+                                 f"{' '.join(f'{v:g}' for v in bad)}")
+    noise = list(options.noise)
+    if not noise or not all(math.isfinite(n) and n >= 0 for n in noise):
+        raise UserInputError(f"--noise levels must be finite and >= 0, got "
+                             f"{' '.join(f'{n:g}' for n in noise)}")
+    if 0 not in noise or max(noise) <= 0:
+        raise UserInputError(f"--noise must hold 0 (the table's clean column) and a level > 0, "
+                             f"got {' '.join(f'{n:g}' for n in noise)}")
+    for option, values, known in (("--noise", noise, None), ("--cases", options.cases, CASE_SETS),
+                                  ("--attacks", options.attacks, _attack_names())):
+        repeated = sorted({f"{v:g}" if isinstance(v, float) else str(v)
+                           for v in values if list(values).count(v) > 1})
+        if repeated:
+            raise UserInputError(f"{option} names {', '.join(repeated)} more than once")
+        unknown = [v for v in values if known is not None and v not in known]
+        if unknown:
+            raise UserInputError(f"{option}: unknown {', '.join(map(repr, unknown))}; choose "
+                                 f"from {', '.join(known)}")
+    if options.device not in TRAINING_DEVICES:
+        gpu = options.device.split(":", 1)[1] if options.device.startswith("cuda:") else ""
+        fix = (f"; choose the GPU with CUDA_VISIBLE_DEVICES={gpu} and --device cuda" if gpu
+               else "")
+        raise UserInputError(f"--device {options.device!r}: nnUNetv2_train takes "
+                             f"{', '.join(TRAINING_DEVICES)}{fix}")
+    from nnunet_ima.devices import resolve_device
+    resolve_device(options.device)  # cuda on a machine without one
+    if options.device == "mps":
+        import torch
+        if not torch.backends.mps.is_available():
+            raise UserInputError("--device mps asked but no Apple GPU is available; use "
+                                 "--device cpu")
+
+
+def _attack_names() -> Sequence[str]:
+    """The attacks ``nnunet-ima-eval --attack`` takes."""
+    from nnunet_ima.evaluation.attacks import ATTACKS
+    return tuple(ATTACKS) + ("ensemble",)
+
+
+def check_dataset(options: AblationOptions, name: str) -> str:
+    """The preprocessed folder of dataset ``name``, checked to be planned and preprocessed for
+    2d and split so that ``options.fold`` trains on neither a test case nor a random split, and
+    holding the case sets ``options.cases`` asks for.
+
+    Raises:
+        UserInputError: what is missing, and the command that makes it.
+    """
+    from nnunet_ima.nnunet.paths import preprocessed_dataset_folder
+    from nnunet_ima.nnunet.splits import (SPLITS_FILENAME, TEST_CASES_FILENAME,
+                                          fold_split_problem, read_test_cases)
+    folder = preprocessed_dataset_folder(name)
+    plans = os.path.join(folder, "nnUNetPlans.json")
+    data = os.path.join(folder, "nnUNetPlans_2d")
+    if not os.path.isfile(plans) or not os.path.isdir(data):
+        raise UserInputError(f"{folder} has no 2d plans and data ({plans}, {data}): run "
+                             f"nnUNetv2_plan_and_preprocess -d {options.dataset} -c 2d first")
+    splits = os.path.join(folder, SPLITS_FILENAME)
+    test_file = os.path.join(folder, TEST_CASES_FILENAME)
+    if not os.path.isfile(splits):
+        raise UserInputError(f"{splits} does not exist: split the dataset first, e.g. "
+                             f"nnunet-ima split -d {options.dataset} --test 2")
+    problem = fold_split_problem(folder, options.fold)
+    if problem:
+        raise UserInputError(f"--fold {options.fold}: {problem}")
+    if "test" in options.cases:
+        record = read_test_cases(test_file) if os.path.isfile(test_file) else {"test": []}
+        if not record["test"]:
+            raise UserInputError(f"--cases test: {test_file} holds no test cases; hold some out "
+                                 f"with nnunet-ima split -d {options.dataset} --test N "
+                                 f"--overwrite, or pass --cases val")
+    return folder
+
+
+def check_workdir(options: AblationOptions) -> None:
+    """Refuse a workdir whose results were made with other options (reads, writes nothing)."""
     path = os.path.join(options.workdir, OPTIONS_FILENAME)
-    key = options.resume_key()
-    if os.path.isfile(path):
-        with open(path) as f:
-            recorded = json.load(f)
-        if recorded != key:
-            changed = sorted(k for k in set(recorded) | set(key) if recorded.get(k) != key.get(k))
-            raise UserInputError(f"{options.workdir} holds an ablation made with other options "
-                                 f"(differing: {changed}); use another --workdir or the same "
-                                 f"options")
+    if not os.path.isfile(path):
         return
-    write_json(path, key)
+    key = json.loads(json.dumps(options.resume_key()))  # as the file holds it
+    recorded = read_json(path, "delete it, or use another --workdir")
+    if not isinstance(recorded, dict):
+        raise UserInputError(f"{path} is not a record of ablation options (found a "
+                             f"{type(recorded).__name__}); delete it, or use another --workdir")
+    if recorded != key:
+        changed = sorted(k for k in set(recorded) | set(key) if recorded.get(k) != key.get(k))
+        raise UserInputError(f"{options.workdir} holds an ablation made with other options "
+                             f"(differing: {changed}); use another --workdir or the same "
+                             f"options")
+
+
+def check_resources(options: AblationOptions, variants: List[Variant], dataset_name: str,
+                    preprocessed_folder: str) -> None:
+    """Refuse when the models still to train, and their evaluations, cannot fit on the
+    workdir's disk, or ``options.jobs`` trainings side by side not in memory."""
+    from nnunet_ima.nnunet import footprint
+    from nnunet_ima.resources import check_disk, check_memory
+    untrained = [v for v in variants if not os.path.isfile(os.path.join(
+        model_folder(options, v, dataset_name), f"fold_{options.fold}", "checkpoint_final.pth"))]
+    evaluations = len(variants) * len(options.attacks) * len(options.cases)
+    if untrained:
+        parameters = footprint.network_parameters(preprocessed_folder)
+        needed = (len(untrained) * footprint.model_disk_bytes(parameters)
+                  + evaluations * footprint.EVALUATION_BYTES)
+        check_disk(options.workdir, needed,
+                   f"training {len(untrained)} models ({parameters / 1e6:.1f} M parameters "
+                   f"each) and {evaluations} evaluations",
+                   "free some space, choose another --workdir or fewer --variants")
+        jobs = min(options.jobs, len(untrained))
+        check_memory(jobs * footprint.TRAINING_MEMORY_BYTES,
+                     f"--jobs {options.jobs}: {jobs} trainings side by side",
+                     "pass a smaller --jobs")
+    else:
+        check_disk(options.workdir, evaluations * footprint.EVALUATION_BYTES,
+                   f"{evaluations} evaluations", "free some space or choose another --workdir")
+
+
+def check_options(options: AblationOptions) -> None:
+    """Refuse impossible option values and a workdir whose results were made with other
+    options; record the options in the workdir otherwise."""
+    check_values(options)
+    check_workdir(options)
+    record_options(options)
+
+
+def record_options(options: AblationOptions) -> None:
+    """Write the resume key into the workdir (after every check passed)."""
+    path = os.path.join(options.workdir, OPTIONS_FILENAME)
+    if not os.path.isfile(path):
+        write_json(path, options.resume_key())
 
 
 def train_all(options: AblationOptions, variants: List[Variant], dataset_name: str,
@@ -385,16 +521,44 @@ def write_report(options: AblationOptions, variants: List[Variant], dataset_name
     return text
 
 
-def run_ablation(options: AblationOptions, stop_after: str = "report") -> str:
-    """Train, evaluate and report (each step skipped where already done); returns the tables."""
-    from nnunet_ima.nnunet.paths import dataset_name, preprocessed_dataset_folder
-    name = dataset_name(options.dataset)
-    preprocessed_dataset_folder(name)  # a clear error before anything is trained
+def check_inputs(options: AblationOptions) -> Tuple[str, List[Variant]]:
+    """Every check of the experiment, made before anything is written or trained: the option
+    values, the variants and their settings, the dataset (planned, split, the fold and case
+    sets there), the workdir's earlier options, and the disk and memory the trainings need.
+
+    Returns:
+        The dataset's name and the variants.
+    """
+    from nnunet_ima.nnunet.paths import dataset_name, require_folder
+    check_values(options)
     variants = build_variants(options)
-    check_options(options)
-    env = dict(os.environ)
+    require_folder("nnUNet_preprocessed")  # named before the dataset is looked up in it
+    name = dataset_name(options.dataset)
+    folder = check_dataset(options, name)
+    check_workdir(options)
+    check_resources(options, variants, name, folder)
+    return name, variants
+
+
+def training_environment() -> Dict[str, str]:
+    """This process's environment for the trainings: nnU-Net finds this package's trainers
+    (``nnUNet_extTrainer``) whether or not the user exported it, and each training gets its own
+    ``NNUNET_IMA_CONFIG``."""
+    from nnunet_ima.nnunet.paths import trainer_dir
+    env = dict(os.environ, nnUNet_extTrainer=trainer_dir())
     env.pop("NNUNET_IMA_CONFIG", None)
-    train_all(options, variants, name, env)
+    return env
+
+
+def run_ablation(options: AblationOptions, stop_after: str = "report") -> str:
+    """Train, evaluate and report (each step skipped where already done); returns the tables.
+
+    Every input is checked first (:func:`check_inputs`): a bad one is refused before the first
+    model trains, not after the last.
+    """
+    name, variants = check_inputs(options)
+    record_options(options)
+    train_all(options, variants, name, training_environment())
     if stop_after == "train":
         return ""
     evaluate_all(options, variants, name)
