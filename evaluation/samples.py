@@ -1,9 +1,10 @@
 """Test slices: 2D slices of held-out cases, as the network sees them (nnU-Net-preprocessed).
 
-Cases come from ``test_cases.json`` (``nnunet-ima split``), the validation fold of
-``splits_final.json``, an explicit list, or raw ``imagesTs`` / ``labelsTs`` folders that are
-preprocessed here with the model's plans (nnU-Net's own preprocessor: transpose, crop, resample,
-normalise).
+Cases come from ``test_cases.json`` (``nnunet-ima split``), the fold's validation cases (from
+the model's training record, else ``splits_final.json``), an explicit list, or raw ``imagesTs`` /
+``labelsTs`` folders that are preprocessed here with the model's plans (nnU-Net's own
+preprocessor: transpose, crop, resample, normalise). The split files are read and checked by
+:mod:`nnunet_ima.nnunet.splits`, as for the trainers and ``nnunet-ima split``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.io import read_json
+from nnunet_ima.nnunet.splits import (SPLITS_FILENAME, TEST_CASES_FILENAME, read_splits,
+                                      read_test_cases)
+from nnunet_ima.nnunet.training_record import read_training_record, record_path
 
 
 # nnU-Net's cropping writes -1 into the label outside the image's nonzero region (e.g. the air
@@ -39,81 +42,73 @@ class SliceSample:
         return self.case, self.index
 
 
-SPLIT_REMEDY = ("rewrite it with `nnunet-ima split -d DATASET --test N --overwrite` (or nnU-Net's "
-                "own split) or fix it by hand")
-
-
-def _case_list(value, path: str, where: str, expected: str) -> List[str]:
-    """``value`` (the entry ``where`` of the JSON file ``path``) as a list of case identifiers;
-    anything else is a :class:`UserInputError` saying what the file should hold."""
-    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-        found = ("a list with entries that are not text" if isinstance(value, list)
-                 else f"a {type(value).__name__}")
-        raise UserInputError(f"{path}: {where} must be a list of case identifiers (the file "
-                             f"should hold {expected}), found {found}; {SPLIT_REMEDY}")
-    return list(value)
-
-
 def resolve_case_source(preprocessed_dataset: str, source: Optional[Sequence[str]]) -> List[str]:
     """``--cases`` with its default filled in: ``["test"]`` when ``test_cases.json`` exists,
     else ``["val"]`` (the fold's validation cases, nnU-Net's own held-out data)."""
     if source:
         return list(source)
-    if os.path.isfile(os.path.join(preprocessed_dataset, "test_cases.json")):
+    if os.path.isfile(os.path.join(preprocessed_dataset, TEST_CASES_FILENAME)):
         return ["test"]
     return ["val"]
 
 
 def _test_cases(preprocessed_dataset: str) -> List[str]:
-    path = os.path.join(preprocessed_dataset, "test_cases.json")
+    path = os.path.join(preprocessed_dataset, TEST_CASES_FILENAME)
     if not os.path.isfile(path):
         raise UserInputError(f"{path} does not exist: run `nnunet-ima split -d DATASET --test N` "
                              f"or pass --cases val / --cases CASE [CASE ...] / --images/--labels")
-    content = read_json(path, SPLIT_REMEDY)
-    expected = '{"test": ["case", ...], ...} as `nnunet-ima split` writes it'
-    if not isinstance(content, dict) or "test" not in content:
-        found = "an object without 'test'" if isinstance(content, dict) else \
-            f"a {type(content).__name__}"
-        raise UserInputError(f"{path} should hold {expected}, found {found}; {SPLIT_REMEDY}")
-    return _case_list(content["test"], path, "'test'", expected)
+    return list(read_test_cases(path)["test"])
 
 
-def _validation_cases(preprocessed_dataset: str, fold) -> List[str]:
+def _fold_record(fold_folder: Optional[str], fold) -> Optional[dict]:
+    """The training record of the model's ``fold_folder`` when it is one of ``fold``; ``None``
+    without a folder, without a record (a plain nnU-Net trainer) or for a record of another
+    fold (a copied folder: the held-out check counts the training cases of both)."""
+    record = read_training_record(fold_folder) if fold_folder else None
+    return record if record is not None and record["fold"] == fold else None
+
+
+def _validation_cases(preprocessed_dataset: str, fold, fold_folder: Optional[str] = None
+                      ) -> List[str]:
+    """The cases ``fold`` validated on: those of its training record in ``fold_folder`` where
+    it has one (what it validated on, also after the split was rewritten), else those of
+    today's ``splits_final.json``, as the held-out check falls back (and its note says)."""
     if fold == "all":
         raise UserInputError("fold all has no validation cases: nnU-Net trains and validates it "
                              "on every preprocessed case. Use --cases test / CASE ... or "
                              "--images/--labels")
-    path = os.path.join(preprocessed_dataset, "splits_final.json")
+    record = _fold_record(fold_folder, fold)
+    if record is not None:
+        return list(record["val"])
+    path = os.path.join(preprocessed_dataset, SPLITS_FILENAME)
     if not os.path.isfile(path):
         raise UserInputError(f"{path} does not exist: train the model first or use --cases test")
-    splits = read_json(path, SPLIT_REMEDY)
-    expected = 'a list of folds [{"train": [...], "val": [...]}, ...] as nnU-Net writes it'
-    if not isinstance(splits, list):
-        raise UserInputError(f"{path} should hold {expected}, found a "
-                             f"{type(splits).__name__}; {SPLIT_REMEDY}")
+    splits = read_splits(path)
     if not 0 <= fold < len(splits):
         raise UserInputError(f"{path} has {len(splits)} folds, fold {fold} asked (nnU-Net trained "
                              f"it on its own random 80:20 split of all cases); name the cases "
                              f"with --cases CASE ...")
-    if not isinstance(splits[fold], dict) or "val" not in splits[fold]:
-        raise UserInputError(f"{path}: fold {fold} should be an object with 'train' and 'val' "
-                             f"(the file should hold {expected}); {SPLIT_REMEDY}")
-    return _case_list(splits[fold]["val"], path, f"fold {fold}'s 'val'", expected)
+    return splits[fold]["val"]
 
 
-_CASE_SETS = {"test": lambda folder, fold: _test_cases(folder),
+_CASE_SETS = {"test": lambda folder, fold, fold_folder: _test_cases(folder),
               "val": _validation_cases}
 
 
-def _empty_set_message(preprocessed_dataset: str, token: str, fold) -> str:
+def _empty_set_message(preprocessed_dataset: str, token: str, fold,
+                       fold_folder: Optional[str]) -> str:
     """Why ``--cases TOKEN`` (test or val) selected nothing, and the set to use instead: the
     other one where it has cases (an empty test set after ``split --test 0`` -> --cases val)."""
-    where = (f"{os.path.join(preprocessed_dataset, 'test_cases.json')} lists no test cases"
-             if token == "test" else f"fold {fold} of "
-             f"{os.path.join(preprocessed_dataset, 'splits_final.json')} has no validation cases")
+    if token == "test":
+        where = f"{os.path.join(preprocessed_dataset, TEST_CASES_FILENAME)} lists no test cases"
+    elif _fold_record(fold_folder, fold) is not None:
+        where = f"the training record {record_path(fold_folder)} lists no validation cases"
+    else:
+        where = (f"fold {fold} of {os.path.join(preprocessed_dataset, SPLITS_FILENAME)} has no "
+                 f"validation cases")
     other = "val" if token == "test" else "test"
     try:
-        has_other = bool(_CASE_SETS[other](preprocessed_dataset, fold))
+        has_other = bool(_CASE_SETS[other](preprocessed_dataset, fold, fold_folder))
     except UserInputError:  # that set is missing too
         has_other = False
     if has_other:
@@ -121,17 +116,19 @@ def _empty_set_message(preprocessed_dataset: str, token: str, fold) -> str:
     return f"{where}; name the cases with --cases CASE [CASE ...] or use --images/--labels"
 
 
-def cases_from_source(preprocessed_dataset: str, source: Optional[Sequence[str]], fold
-                      ) -> List[str]:
+def cases_from_source(preprocessed_dataset: str, source: Optional[Sequence[str]], fold,
+                      fold_folder: Optional[str] = None) -> List[str]:
     """Case identifiers named by ``--cases``, in order: ``test`` stands for the cases of
-    ``test_cases.json``, ``val`` for the fold's validation cases, anything else is a case
+    ``test_cases.json``, ``val`` for the fold's validation cases (from the training record in
+    the model's ``fold_folder``, ``MODEL/fold_K``, where it has one), anything else is a case
     identifier (``--cases test val`` takes both sets). ``None``: see :func:`resolve_case_source`."""
     cases: List[str] = []
     for token in resolve_case_source(preprocessed_dataset, source):
         if token in _CASE_SETS:
-            selected = _CASE_SETS[token](preprocessed_dataset, fold)
+            selected = _CASE_SETS[token](preprocessed_dataset, fold, fold_folder)
             if not selected:
-                raise UserInputError(_empty_set_message(preprocessed_dataset, token, fold))
+                raise UserInputError(_empty_set_message(preprocessed_dataset, token, fold,
+                                                        fold_folder))
             cases += selected
         else:
             cases.append(token)

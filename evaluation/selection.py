@@ -42,6 +42,11 @@ def _preprocessed_dataset(model: LoadedModel) -> str:
     return os.path.join(require_folder("nnUNet_preprocessed"), model.dataset_name)
 
 
+def _fold_folder(model: LoadedModel) -> str:
+    """``MODEL/fold_K``, where the training record of ``model``'s fold is."""
+    return os.path.join(model.folder, f"fold_{model.fold}")
+
+
 def case_source(model: LoadedModel, options: EvalOptions) -> List[str]:
     """Where ``model``'s cases come from, as recorded in the run's configuration: ``["raw"]``
     for ``--images``, else ``--cases`` with its default filled in (e.g. ``["test"]``)."""
@@ -52,16 +57,18 @@ def case_source(model: LoadedModel, options: EvalOptions) -> List[str]:
 
 def cases_to_score(model: LoadedModel, options: EvalOptions) -> List[str]:
     """The case identifiers ``model`` is to be scored on (before slices without foreground and
-    ``max_slices`` thin them out)."""
+    ``max_slices`` thin them out); ``val`` takes its fold's validation cases from its training
+    record where it has one."""
     if options.images:
         return list(select_raw_cases(options.images, options.labels, model.dataset_json,
                                      options.cases))
-    return cases_from_source(_preprocessed_dataset(model), options.cases, model.fold)
+    return cases_from_source(_preprocessed_dataset(model), options.cases, model.fold,
+                             _fold_folder(model))
 
 
 def _fold_training_cases(model: LoadedModel) -> TrainingCases:
     return training_cases(_preprocessed_dataset(model), model.data_identifier, model.fold,
-                          os.path.join(model.folder, f"fold_{model.fold}"))
+                          _fold_folder(model))
 
 
 def _training_cases(model: LoadedModel, options: EvalOptions) -> TrainingCases:

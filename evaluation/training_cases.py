@@ -127,8 +127,9 @@ def training_cases(preprocessed_dataset: str, data_identifier: str, fold: Fold,
             return TrainingCases(cases)  # fold all trains on every case, whatever the split
         return TrainingCases(cases, f"no training record ({RECORD_FILENAME}) in {fold_folder}, "
                                     f"as for a model of a plain nnU-Net trainer: the cases it "
-                                    f"trained on were taken from today's {splits_file}, which "
-                                    f"cannot show a split rewritten after training")
+                                    f"trained on (and its validation cases, for --cases val) "
+                                    f"were taken from today's {splits_file}, which cannot show "
+                                    f"a split rewritten after training")
     if record["fold"] != fold:
         # A copied or renamed fold folder: count what either says was trained on.
         cases = sorted(set(record["train"]) | set(_split_cases(preprocessed_dataset,

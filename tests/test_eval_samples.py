@@ -67,6 +67,41 @@ def test_an_empty_case_set_suggests_the_set_that_has_cases(tmp_path):
         cases_from_source(str(tmp_path), ["val"], "all")
 
 
+def test_val_cases_come_from_the_training_record_where_the_model_has_one(tmp_path):
+    from nnunet_ima.nnunet.training_record import write_training_record
+    # Today's split (rewritten after training): fold 0 validates on c.
+    (tmp_path / "splits_final.json").write_text(json.dumps(
+        [{"train": ["a", "b"], "val": ["c"]}, {"train": ["a", "c"], "val": ["b"]}]))
+    fold_folder = tmp_path / "Trainer__nnUNetPlans__2d" / "fold_0"
+    fold_folder.mkdir(parents=True)
+    # No record (a plain nnU-Net trainer): today's split.
+    assert cases_from_source(str(tmp_path), ["val"], 0, str(fold_folder)) == ["c"]
+    # The record says fold 0 trained on c and validated on a and b: those are its val cases.
+    write_training_record(str(fold_folder), 0, ["c"], ["b", "a"], None)
+    assert cases_from_source(str(tmp_path), ["val"], 0, str(fold_folder)) == ["b", "a"]
+    assert cases_from_source(str(tmp_path), None, 0, str(fold_folder)) == ["b", "a"]
+    # Also where today's split no longer has the fold, or no longer exists.
+    fold_1 = tmp_path / "Trainer__nnUNetPlans__2d" / "fold_1"
+    write_training_record(str(fold_1), 1, ["a", "b"], ["c"], None)
+    (tmp_path / "splits_final.json").write_text(json.dumps([{"train": ["a"], "val": ["b"]}]))
+    assert cases_from_source(str(tmp_path), ["val"], 1, str(fold_1)) == ["c"]
+    (tmp_path / "splits_final.json").unlink()
+    assert cases_from_source(str(tmp_path), ["val"], 0, str(fold_folder)) == ["b", "a"]
+    # A record of another fold (a copied folder) does not name fold 1's validation cases.
+    (tmp_path / "splits_final.json").write_text(json.dumps(
+        [{"train": ["a", "b"], "val": ["c"]}, {"train": ["a", "c"], "val": ["b"]}]))
+    assert cases_from_source(str(tmp_path), ["val"], 1, str(fold_folder)) == ["b"]
+    # A record without validation cases says so, and names the record.
+    write_training_record(str(fold_folder), 0, ["a", "b", "c"], [], None)
+    with pytest.raises(UserInputError, match=f"the training record {fold_folder}/"
+                                             f"training_cases.json lists no validation cases"):
+        cases_from_source(str(tmp_path), ["val"], 0, str(fold_folder))
+    # A damaged record is one error naming it, not today's split read in silence.
+    (fold_folder / "training_cases.json").write_text("{")
+    with pytest.raises(UserInputError, match=f"cannot read {fold_folder}/training_cases.json"):
+        cases_from_source(str(tmp_path), ["val"], 0, str(fold_folder))
+
+
 def test_max_slices_is_a_seeded_subset_in_order():
     samples = [SliceSample("c", i, np.zeros((1, 2, 2), np.float32), np.zeros((2, 2), np.int16))
                for i in range(20)]

@@ -161,6 +161,15 @@ def test_unreadable_split_files_are_one_error_naming_the_file(tmp_path, name, co
         reader(str(folder / name))
 
 
+def test_the_split_remedy_names_the_dataset_only_for_a_dataset_folder(tmp_path):
+    from nnunet_ima.nnunet.splits import split_remedy
+    assert f"nnunet-ima split -d {DATASET} --test N --overwrite" in split_remedy(
+        str(tmp_path / DATASET / "splits_final.json"))
+    # A copy outside nnUNet_preprocessed: its folder name is not a dataset `split -d` knows.
+    assert "nnunet-ima split -d DATASET --test N --overwrite" in split_remedy(
+        str(tmp_path / "copy" / "splits_final.json"))
+
+
 # ------------------------------------------------------------------ the trainer's do_split
 def _fake_trainer(tmp_path, folder, fold=0, cls=nnUNetTrainerClean):
     """A trainer with just the attributes its split, record and refusal code read (nnU-Net's

@@ -12,6 +12,7 @@ here, never a ``KeyError`` or ``TypeError`` deep inside nnU-Net or the evaluator
 from __future__ import annotations
 
 import os
+import re
 from typing import Dict, List, Optional, Union
 
 from nnunet_ima.errors import UserInputError
@@ -29,9 +30,16 @@ SPLITS_SHAPE = 'a list of folds [{"train": [...], "val": [...]}, ...] as nnU-Net
 TEST_CASES_SHAPE = '{"test": ["case", ...], ...} as `nnunet-ima split` writes it'
 
 
+# nnU-Net's dataset folders are named DatasetXXX_Name (maybe_convert_to_dataset_name).
+_DATASET_FOLDER = re.compile(r"Dataset\d{3,}_.+")
+
+
 def split_remedy(path: str) -> str:
-    """How to repair a split file of the dataset folder that holds ``path``."""
-    dataset = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    """How to repair a split file of the dataset folder that holds ``path``: the command names
+    that dataset where the folder is an nnU-Net dataset folder (``DatasetXXX_Name``), else the
+    placeholder ``DATASET`` (a copy elsewhere is not a name ``nnunet-ima split -d`` accepts)."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    dataset = folder if _DATASET_FOLDER.fullmatch(folder) else "DATASET"
     return (f"rewrite it with `nnunet-ima split -d {dataset} --test N --overwrite` or fix it "
             f"by hand")
 
