@@ -29,11 +29,13 @@ def replace_atomically(path: str, write: Callable[[str], None], suffix: str = ".
 
 
 def write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` (its folder created if missing) atomically."""
+    """Write ``text`` to ``path`` (its folder created if missing) atomically, as UTF-8 bytes
+    exactly as given: no locale encoding, no newline translation (a ``csv`` writer's line ends
+    stay as it wrote them)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
     replace_atomically(path, write)
 
