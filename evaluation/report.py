@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.io import replace_atomically
+from nnunet_ima.io import replace_atomically, write_text
 from nnunet_ima.metrics import adi, robustness_auc, tvdi
 
 from nnunet_ima.evaluation.robustness import NoiseResult
@@ -34,10 +34,6 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
     replace_atomically(path, write)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def noise_key(noise: float) -> str:
@@ -256,7 +252,7 @@ def per_slice_rows(model: str, results: Dict[float, NoiseResult], class_names: S
 
 
 def write_outputs(out: str, summary: dict, rows: List[dict], noise_levels: Sequence[float]) -> None:
-    atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
+    write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
     buffer = io.StringIO()
     if rows:
         # Models of different datasets have different classes: one column per class name seen.
@@ -264,7 +260,7 @@ def write_outputs(out: str, summary: dict, rows: List[dict], noise_levels: Seque
         writer = csv.DictWriter(buffer, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    atomic_write_text(os.path.join(out, "per_slice.csv"), buffer.getvalue())
+    write_text(os.path.join(out, "per_slice.csv"), buffer.getvalue())
     for metric in ("tvdi", "adi"):
-        atomic_write_text(os.path.join(out, f"{metric}.md"),
-                          markdown_table(summary, metric, noise_levels))
+        write_text(os.path.join(out, f"{metric}.md"),
+                   markdown_table(summary, metric, noise_levels))

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import write_text
 
 from nnunet_ima.evaluation.models import LoadedModel
 from nnunet_ima.evaluation.provenance import PartRecords, differences, record_mismatch
-from nnunet_ima.evaluation.report import (CONFIG_FILENAME, atomic_write_text, load_part,
-                                          load_part_record, noise_key, part_path)
+from nnunet_ima.evaluation.report import (CONFIG_FILENAME, load_part, load_part_record,
+                                          noise_key, part_path)
 from nnunet_ima.evaluation.robustness import NoiseResult
 from nnunet_ima.evaluation.samples import SliceSample
 
@@ -129,7 +130,7 @@ def prepare_output(out: str, config: dict, resume: bool, stale: Sequence[StalePa
             if os.path.isfile(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
     os.makedirs(out, exist_ok=True)
-    atomic_write_text(os.path.join(out, CONFIG_FILENAME), json.dumps(config, indent=2))
+    write_text(os.path.join(out, CONFIG_FILENAME), json.dumps(config, indent=2))
 
 
 def report_reused(out: str, results: Dict[str, Dict[float, NoiseResult]], total: int) -> None:

@@ -18,11 +18,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def is_main_process() -> bool:
-    """True on rank 0, or when not distributed (the process that writes files)."""
-    return not is_distributed() or dist.get_rank() == 0
-
-
 def gather_objects(obj: Any, group: Optional[dist.ProcessGroup] = None) -> List[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` outside DDP)."""
     if not is_distributed():

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -286,14 +286,3 @@ class MarginStore:
         store = cls.__new__(cls)
         store.load_state_dict(state)
         return store
-
-    # ------------------------------------------------------------- reporting
-    def histogram(self, bins: int = 20, include_unseen: Iterable[Hashable] = ()) -> Dict[str, list]:
-        """Histogram of the margins over ``[0, eps_max]``: ``{"counts": [bins], "edges": [bins + 1]}``.
-
-        ``include_unseen`` adds keys that were never updated (at the initial margin).
-        """
-        values = list(self.values()) + [self.initial for k in include_unseen if k not in self]
-        counts, edges = np.histogram(np.asarray(values, dtype=np.float64), bins=bins,
-                                     range=(0.0, self.eps_max))
-        return {"counts": counts.tolist(), "edges": edges.tolist()}

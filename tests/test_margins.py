@@ -129,14 +129,10 @@ def test_state_round_trip_through_json():
         MarginStore.from_state_dict({"margins": []})
 
 
-def test_histogram_and_values():
+def test_values():
     s = store()
     s.record(list(range(4)), [True, True, False, False], [0.0, 0.02, 0, 0], [True] * 4)
     s.end_epoch()
-    h = s.histogram(bins=10)
-    assert sum(h["counts"]) == 4 and len(h["edges"]) == 11
-    assert h["counts"][0] == 2 and h["counts"][2] == 2  # 0.05, 0.06 in bin 0; 0.2, 0.2 in bin 2
-    assert sum(s.histogram(bins=10, include_unseen=[10, 11])["counts"]) == 6
     assert sorted(s.values().tolist()) == pytest.approx([0.05, 0.06, 0.2, 0.2])
 
 

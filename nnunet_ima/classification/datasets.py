@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.io import write_text
+from nnunet_ima.io import write_json
 
 DATASETS = ("moons", "digits", "fashion-mnist", "svhn", "cifar10", "covid-ct")
 NEEDS_DATA_ROOT = ("svhn", "cifar10", "covid-ct")
@@ -278,10 +278,6 @@ def _read_split(split_path: str, root: str) -> dict:
     return split
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    write_text(path, json.dumps(obj, indent=1))
-
-
 def load_covid_ct(root: str, seed: int = 0, split_path: Optional[str] = None, size: int = 224,
                   n_test: int = 200, n_val: int = 30) -> DatasetSplits:
     """The SARS-CoV-2 CT-scan set: ``COVID/`` and ``non-COVID/`` PNG folders, ``size`` x ``size`` grey.
@@ -321,7 +317,7 @@ def load_covid_ct(root: str, seed: int = 0, split_path: Optional[str] = None, si
                    (0.0, 1.0))
     # Written only once every image was read: a failed load leaves no split behind.
     if split_path and not os.path.isfile(split_path):
-        _write_json_atomic(split_path, split)
+        write_json(split_path, split, sort_keys=False)
     return data
 
 

@@ -112,10 +112,6 @@ def make_split(cases: Sequence[str], num_test: int, num_folds: Optional[int], se
     return {"test": test, "folds": crossval_folds(rest_cases, num_folds, seed)}
 
 
-def _write_json(path: str, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2))
-
-
 def write_split(dataset: str, num_test: int, seed: int, num_folds: Optional[int] = None,
                 overwrite: bool = False, force: bool = False) -> dict:
     """Compute the split (:func:`make_split`) and write ``splits_final.json`` and
@@ -258,8 +254,11 @@ def save_folds(folder: str, folds: Sequence[Dict[str, List[str]]], test: Sequenc
         except UserInputError:
             old_splits = None
         _refuse_changing_trained_folds(folder, old_splits, splits, force)
-    _write_json(test_path, test_record)
-    _write_json(splits_path, splits)
+    # The bytes of earlier versions (no sorted keys, no final newline, unlike io.write_json): a
+    # training record keeps the sha256 of splits_final.json, and rewriting an unchanged split
+    # must not make it look changed.
+    for path, obj in ((test_path, test_record), (splits_path, splits)):
+        write_text(path, json.dumps(obj, indent=2))
 
 
 def save_split(folder: str, split: Dict[str, List[str]], seed, overwrite: bool = False,

@@ -254,12 +254,3 @@ def _write_cases(folder: str, name: str, num_training: int, num_test: int,
     # Last: a folder with dataset.json is complete (check_request relies on it).
     write_text(os.path.join(folder, "dataset.json"), json.dumps(dataset_json, indent=2))
 
-
-def main(argv: Optional[Sequence[str]] = None) -> None:  # pragma: no cover - thin wrapper
-    import argparse
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("raw_root")
-    parser.add_argument("--id", type=int, default=990)
-    parser.add_argument("--cases", type=int, default=8)
-    args = parser.parse_args(argv)
-    print(write_synthetic_dataset(args.raw_root, args.id, num_training=args.cases))
