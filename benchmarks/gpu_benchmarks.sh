@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of the README, in one run on a CUDA machine:
+# The GPU benchmarks of docs/benchmarks.md, in one run on a CUDA machine:
 #   1. benchmarks/train_step.py at the paper's MSD Heart 2D size (batch 40 x 320 x 256): plain,
 #      PGD-20 and IMA steps side by side, then one IMA epoch of 50 steps timed back to back
 #      (about 1.5 minutes on one H200);

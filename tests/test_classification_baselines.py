@@ -134,10 +134,11 @@ def _eval(runs, args, capsys):
 
 
 # GAIRAT is left out of the Moons comparison: once its weights start (epoch 5 of 10) they give
-# the points PGD never fooled almost no weight, and training swings from epoch to epoch (README,
-# "Results"). Over seeds 0-5 at these settings its clean accuracy ranged 0.76-0.99 and its robust
-# accuracy at 0.3 0.50-0.87 (ce: about 0.74), and CPUs with other vector kernels land on other
-# points of that range under the same seed. The digits test below keeps it.
+# the points PGD never fooled almost no weight, and training swings from epoch to epoch
+# (docs/classification.md, "Results"). Over seeds 0-5 at these settings its clean accuracy ranged
+# 0.76-0.99 and its robust accuracy at 0.3 0.50-0.87 (ce: about 0.74), and CPUs with other
+# vector kernels land on other points of that range under the same seed. The digits test below
+# keeps it.
 MOONS_ROBUST_METHODS = tuple(m for m in BASELINE_METHODS if m != "gairat")
 
 

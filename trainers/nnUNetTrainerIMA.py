@@ -45,10 +45,10 @@ class nnUNetTrainerIMA(nnUNetTrainerAdv):
     alpha 4, 10 binary steps, beta 0.5, Dice threshold 0.6, average-shrink margins) and the
     ``authors`` recipe, the reading of IMA that the published segmentation tables were made
     with: every slice attacked, every attacked slice's point in the adversarial term with weight
-    beta. It was chosen by the ablation in the README ("Which IMA"): with the printed reading the
-    adversarial term had a weight of about 0.01 and IMA trained like clean nnU-Net at half the
-    learning rate. ``nnUNetTrainerIMA_printed`` (or ``"recipe": "printed"``) gives Algorithm 1
-    as printed."""
+    beta. It was chosen by the ablation in docs/benchmarks.md ("Which IMA"): with the printed
+    reading the adversarial term had a weight of about 0.01 and IMA trained like clean nnU-Net at
+    half the learning rate. ``nnUNetTrainerIMA_printed`` (or ``"recipe": "printed"``) gives
+    Algorithm 1 as printed."""
 
     supports_3d = False
     ima_defaults = {"recipe": "authors"}

@@ -54,9 +54,9 @@ def demo_settings(epochs: int, iterations: int) -> Dict[str, dict]:
     """The short training schedule of each trainer (the paper's settings, scaled down).
 
     Budgets are L2 norms over a 48 x 48 z-scored slice: eps 8 is a per-pixel RMS of 8 / 48 =
-    0.17 standard deviations, eps 16 of 0.33. They are the ablation's on this data (README,
-    "Which IMA"): Adv at the middle budget 8, IMA with eps_max 16 and its default (authors')
-    recipe; at noise 16 the undefended model loses about half of its Dice.
+    0.17 standard deviations, eps 16 of 0.33. They are the ablation's on this data
+    (docs/benchmarks.md, "Which IMA"): Adv at the middle budget 8, IMA with eps_max 16 and its
+    default (authors') recipe; at noise 16 the undefended model loses about half of its Dice.
     """
     # One seed for all three: the same initial network and the same first batches. Twice
     # nnU-Net's learning rate: with 0.01, 100 iterations often end before the small lesion

@@ -74,7 +74,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 }
 # The dataclass default, which nnUNetTrainerClean and nnUNetTrainerAdv use: of the recipe keys,
 # only lr_schedule acts there (nnU-Net's poly). nnUNetTrainerIMA sets "authors" in its class
-# defaults (chosen by the ablation in the README).
+# defaults (chosen by the ablation in docs/benchmarks.md).
 DEFAULT_RECIPE = "printed"
 _DEFAULT = RECIPES[DEFAULT_RECIPE]
 
