@@ -31,6 +31,20 @@ RECORD_VERSION = 1
 # Entries of a model's configuration that footnote the tables but do not change a number.
 NOT_COMPARED = ("train_cases_scored", "training_cases_note")
 
+
+def compared_models(config: dict) -> Dict[str, dict]:
+    """``config``'s model entries without the :data:`NOT_COMPARED` footnote entries: what a
+    result of each model depends on."""
+    return {name: {k: v for k, v in entry.items() if k not in NOT_COMPARED}
+            for name, entry in config.get("models", {}).items()}
+
+
+def compared_config(config: dict) -> dict:
+    """``config`` with :func:`compared_models`: a rerun whose configuration differs from the
+    folder's only in a footnote (a rewritten split of a model that has a training record, say)
+    resumes, and its ``config.json`` then carries the new footnote."""
+    return {**config, "models": compared_models(config)} if "models" in config else config
+
 # Per run, (path, size, mtime_ns, inode) -> sha256: a checkpoint named by several models of one
 # run is read once. evaluate() clears it, so every run hashes what is on disk now.
 _HASHES: Dict[Tuple[str, int, int, int], str] = {}
@@ -98,8 +112,7 @@ class PartRecords:
         # The list of levels and of folds is the run's; a part depends on its own level (and
         # on the model's own fold, which its model entry holds).
         self.settings = {k: v for k, v in config.items() if k not in ("models", "noise", "fold")}
-        self.models = {name: {k: v for k, v in entry.items() if k not in NOT_COMPARED}
-                       for name, entry in config["models"].items()}
+        self.models = compared_models(config)
         self.slices = slices
         self.checkpoints = checkpoints
         self.produced_by = produced_by or {}

@@ -18,7 +18,8 @@ from nnunet_ima.errors import UserInputError
 from nnunet_ima.io import write_text
 
 from nnunet_ima.evaluation.models import LoadedModel
-from nnunet_ima.evaluation.provenance import PartRecords, differences, record_mismatch
+from nnunet_ima.evaluation.provenance import (PartRecords, compared_config, differences,
+                                              record_mismatch)
 from nnunet_ima.evaluation.report import (CONFIG_FILENAME, load_part, load_part_record,
                                           noise_key, part_path)
 from nnunet_ima.evaluation.robustness import NoiseResult
@@ -43,12 +44,14 @@ def can_resume(out: str, config: dict, overwrite: bool) -> bool:
             return False
         raise UserInputError(f"cannot read {path} ({e}); pass --overwrite or choose another -o") \
             from None
-    if old == config:
+    # A footnote alone (how the training cases were known) does not change a number.
+    old = compared_config(old) if isinstance(old, dict) else old
+    if old == compared_config(config):
         return True
     if not overwrite:
         raise UserInputError(f"{out} holds results made with other settings (differences in: "
-                             f"{', '.join(differences(old, config))}); choose another -o "
-                             f"or pass --overwrite")
+                             f"{', '.join(differences(old, compared_config(config)))}); choose "
+                             f"another -o or pass --overwrite")
     return False
 
 

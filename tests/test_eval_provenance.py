@@ -22,7 +22,7 @@ from nnunet_ima.evaluation.options import EvalOptions
 from nnunet_ima.evaluation.provenance import (PartRecords, check_unchanged, checkpoint_identity,
                                               record_mismatch, slices_digest)
 from nnunet_ima.evaluation.report import load_part_record, part_path, save_part
-from nnunet_ima.evaluation.resume import finished_parts, report_stale
+from nnunet_ima.evaluation.resume import can_resume, finished_parts, report_stale
 from nnunet_ima.evaluation.robustness import AttackSettings, NoiseResult
 from nnunet_ima.evaluation.run_config import run_config
 from nnunet_ima.evaluation.samples import SliceSample
@@ -94,6 +94,24 @@ def test_what_does_not_change_the_number_leaves_the_record_alone():
                              masking_checks=True), device="cuda").record("IMA", 5.0)
     assert record_mismatch(same, expected) is None
     assert same["produced_by"]["device"] == "cuda"
+
+
+def test_a_folder_that_differs_only_in_a_footnote_resumes(tmp_path):
+    """A rewritten split changes the note on how a model's training cases were known, not a
+    number: the folder resumes. A changed checkpoint digest is still refused."""
+    config = {"models": {"IMA": {"folder": "f", "checkpoint_sha256": "aa", "cases": ["a"],
+                                 "training_cases_note": "from today's splits_final.json"}},
+              "attack": "pgd", "steps": 20}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    renoted = json.loads(json.dumps(config))
+    renoted["models"]["IMA"]["training_cases_note"] = "the split changed; record used"
+    renoted["models"]["IMA"]["train_cases_scored"] = ["a"]
+    assert can_resume(str(tmp_path), renoted, overwrite=False)
+    retrained = json.loads(json.dumps(config))
+    retrained["models"]["IMA"]["checkpoint_sha256"] = "bb"
+    with pytest.raises(UserInputError, match=r"models\.IMA\.checkpoint_sha256"):
+        can_resume(str(tmp_path), retrained, overwrite=False)
+    assert not can_resume(str(tmp_path), retrained, overwrite=True)
 
 
 def test_model_checkpoint_level_member_and_slices_are_in_the_record():
