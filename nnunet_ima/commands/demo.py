@@ -3,7 +3,7 @@
 It runs the same commands a user runs on a real dataset, printing each one:
 
 1. ``nnunet-ima make-synthetic`` (a synthetic nnU-Net raw dataset: an organ and a lesion in
-   small 3D volumes; ``--dataset-folder`` takes any nnU-Net raw dataset instead),
+   small 3D volumes),
 2. ``nnUNetv2_plan_and_preprocess -c 2d``,
 3. ``nnunet-ima split`` (held-out test cases),
 4. ``nnUNetv2_train ... -tr nnUNetTrainerClean / nnUNetTrainerAdv / nnUNetTrainerIMA`` with a
