@@ -15,15 +15,25 @@ CLASSES = {"moons": 2, "covid-ct": 2}
 @pytest.mark.parametrize("dataset", sorted(DEFAULT_MODEL))
 def test_default_model_of_each_dataset_gives_logits(dataset):
     torch.manual_seed(0)
-    num_classes = CLASSES.get(dataset, 10)
-    model = build_model(DEFAULT_MODEL[dataset], num_classes, INPUTS[dataset])
-    assert model.training
-    out = model.eval()(torch.rand(3, *INPUTS[dataset]))
-    assert out.shape == (3, num_classes) and torch.isfinite(out).all()
+    shape = INPUTS[dataset]
+    # The dataset's class count, and 3, which no constructor has as its default: the head must
+    # follow num_classes.
+    for num_classes in (CLASSES.get(dataset, 10), 3):
+        model = build_model(DEFAULT_MODEL[dataset], num_classes, shape)
+        assert model.training  # the dry forward pass ran in eval mode; training starts in train
+        out = model.eval()(torch.rand(3, *shape))
+        assert out.shape == (3, num_classes) and torch.isfinite(out).all()
+    # Training needs a gradient in every parameter, the attacks one in the input.
+    model.train()
+    x = torch.rand(3, *shape, requires_grad=True)
+    nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2])).backward()
+    without = [name for name, p in model.named_parameters()
+               if not p.requires_grad or p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not without, f"parameters without a gradient: {without}"
+    assert x.grad is not None and x.grad.abs().sum() > 0
     # No batch statistics: a sample's logits do not depend on the rest of its batch.
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        model.train()
-        x = torch.rand(4, *INPUTS[dataset])
+        x = torch.rand(4, *shape)
         assert torch.allclose(model(x)[:1], model(x[:1]), atol=1e-5)
 
 
