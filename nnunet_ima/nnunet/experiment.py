@@ -6,6 +6,13 @@ MR lesions) are two such experiments. An :class:`Experiment` gives its workdir i
 ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results``, runs the same commands a user
 types, each shown and logged to ``WORKDIR/logs``, and skips a training whose final checkpoint
 exists.
+
+Same seed, same models: on a CPU a seeded training gives the same weights bit for bit every time
+on one machine (augmentation in the training process, see
+:func:`~nnunet_ima.nnunet.pipeline.data_augmentation_workers`; the blur without timing, see
+:func:`~nnunet_ima.nnunet.data.without_timed_choices`), alone or side by side with others.
+Another machine may give other weights: torch uses all its cores, and float sums depend on the
+number of threads and on the CPU's instruction set. On a GPU a seeded training is not repeatable.
 """
 from __future__ import annotations
 
@@ -112,7 +119,7 @@ class Experiment:
         """``nnUNetv2_train DATASET 2d 0 -tr TRAINER`` for every trainer of ``settings`` not
         trained yet, each with its settings written to ``WORKDIR/<trainer>.json`` and given as
         ``NNUNET_IMA_CONFIG``; ``jobs`` (trainings at once) sets their data-augmentation
-        workers."""
+        workers (none on a CPU, which keeps a seeded training repeatable)."""
         commands = []
         for trainer, trainer_settings in settings.items():
             if self.trained(dataset_name, trainer):

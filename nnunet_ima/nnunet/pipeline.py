@@ -109,15 +109,25 @@ def run_side_by_side(commands: List[Command], log_folder: str, base_env: Dict[st
 
 
 def threads_per_job(jobs: int, cores: Optional[int] = None) -> int:
-    """CPU threads each of ``jobs`` concurrent trainings gets (at least 1)."""
+    """CPU threads each of ``jobs`` concurrent trainings gets (at least 1).
+
+    Given as ``OMP_NUM_THREADS``, it reaches libraries that read the variable; torch's own thread
+    count is set by ``nnUNetv2_train`` itself (all cores with ``-device cpu``, one with
+    ``-device cuda``), whatever the variable says.
+    """
     cores = cores or os.cpu_count() or 1
     return max(1, cores // max(1, jobs))
 
 
 def data_augmentation_workers(device: str, jobs: int) -> str:
-    """``nnUNet_n_proc_DA`` of each of ``jobs`` concurrent trainings: 0 (augment in the main
-    process) on a CPU, where the cores are busy with the network; on a GPU the CPU cores shared
-    by the trainings, less one for the training process itself."""
+    """``nnUNet_n_proc_DA`` of each of ``jobs`` concurrent trainings.
+
+    On a CPU 0: augment in the main process, where the cores are busy with the network anyway,
+    and where a seeded training draws the same batches in the same order every time. On a GPU the
+    CPU cores shared by the trainings, less one for the training process itself: nnU-Net's
+    workers hand out batches in the order they finish them and seed themselves from the system,
+    so a seeded GPU training is not repeatable (nor is cuDNN's autotuning, which nnU-Net turns on).
+    """
     if device == "cpu":
         return "0"
     return str(max(1, (os.cpu_count() or 2) // max(1, jobs) - 1))
