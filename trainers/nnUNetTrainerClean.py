@@ -36,6 +36,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_ima.errors import EXIT_BAD_INPUT, UserInputError
 from nnunet_ima.io import check_output_folder, replace_atomically
+from nnunet_ima.nnunet.data import without_timed_choices
 from nnunet_ima.nnunet.ddp import cpu_ddp_wrapping
 from nnunet_ima.nnunet.resume_state import checkpoint_epoch, recovery_advice
 from nnunet_ima.nnunet.settings import resolve_settings, write_settings
@@ -196,6 +197,13 @@ class nnUNetTrainerClean(nnUNetTrainer):
         if self.device.type == "cuda" and not compile_requested():
             self.print_to_log_file("torch.compile is off for nnunet-ima trainers; set "
                                    "nnUNet_compile=t to turn it on")
+
+    @staticmethod
+    def get_training_transforms(*args, **kwargs):
+        # nnU-Net's Gaussian blur keeps FFT or direct convolution, whichever was faster on the
+        # first batches; the two round differently, so the machine's load changed the weights of
+        # a seeded training. Direct convolution always: the same seed gives the same model.
+        return without_timed_choices(nnUNetTrainer.get_training_transforms(*args, **kwargs))
 
     def configure_optimizers(self):
         optimizer, scheduler = super().configure_optimizers()
