@@ -1,7 +1,9 @@
 """The attack and IMA settings are declared once: files written before keep loading, the flat
 keys map to the composed parts, the classification options come from the declarations, and
 the settings are frozen."""
+import ast
 import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -15,7 +17,8 @@ from nnunet_ima.classification.models import moons_mlp
 from nnunet_ima.classification.settings import TrainConfig
 from nnunet_ima.classification.training import LATEST, Trainer
 from nnunet_ima.config import AttackConfig, IMAConfig
-from nnunet_ima.declared import InvalidSetting, declaration, flag_name
+from nnunet_ima.declared import (METADATA_KEY, FlatKeys, InvalidSetting, declaration,
+                                 flag_name)
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.nnunet.settings import (CONFIG_ENV, CONFIG_FILENAME, TrainerSettings,
                                         resolve_settings, settings_from_dict)
@@ -295,3 +298,67 @@ def test_settings_are_frozen(make, field, value):
     settings = make()
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(settings, field, value)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE_FOLDERS = {"nnunet_ima": "nnunet_ima", "evaluation": "nnunet_ima.evaluation"}
+
+
+def _imports_of_each_module():
+    """``{module: the modules and names it imports}`` for the package's sources, read without
+    importing them (evaluation/ installs as nnunet_ima.evaluation)."""
+    imports = {}
+    for folder, package in SOURCE_FOLDERS.items():
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            rel = os.path.relpath(dirpath, os.path.join(ROOT, folder))
+            prefix = package if rel == "." else f"{package}.{rel.replace(os.sep, '.')}"
+            for name in (n for n in files if n.endswith(".py")):
+                with open(os.path.join(dirpath, name)) as f:
+                    tree = ast.parse(f.read())
+                names = set()
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.ImportFrom) and node.module:
+                        names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+                    elif isinstance(node, ast.Import):
+                        names |= {a.name for a in node.names}
+                imports[prefix if name == "__init__.py" else f"{prefix}.{name[:-3]}"] = names
+    return imports
+
+
+def _is_settings(cls, module) -> bool:
+    """Declares a field with ``setting()``, or composes parts that a ``FlatKeys`` of its module
+    describes (``TrainerSettings``, ``TrainConfig``)."""
+    if any(METADATA_KEY in f.metadata for f in dataclasses.fields(cls)):
+        return True
+    names = {f.name for f in dataclasses.fields(cls)}
+    return any(isinstance(obj, FlatKeys) and set(obj.parts) <= names
+               for obj in vars(module).values())
+
+
+def settings_dataclasses():
+    """Every settings dataclass (see nnunet_ima.declared), found in the modules that import
+    nnunet_ima.declared, so that a new one is covered without being listed here."""
+    found = []
+    for name, imports in sorted(_imports_of_each_module().items()):
+        if "nnunet_ima.declared" in imports:
+            module = importlib.import_module(name)
+            found += [obj for obj in vars(module).values()
+                      if isinstance(obj, type) and dataclasses.is_dataclass(obj)
+                      and obj.__module__ == name and _is_settings(obj, module)]
+    return found
+
+
+SETTINGS_DATACLASSES = settings_dataclasses()
+
+
+def test_the_settings_dataclasses_are_found():
+    assert {AttackConfig, IMAConfig, TrainerSettings, TrainConfig} <= set(SETTINGS_DATACLASSES)
+
+
+@pytest.mark.parametrize("cls", SETTINGS_DATACLASSES, ids=lambda c: c.__name__)
+def test_every_settings_dataclass_is_frozen(cls):
+    # Without __init__: its checks need valid values, a frozen class refuses any assignment.
+    settings = cls.__new__(cls)
+    for f in dataclasses.fields(cls):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(settings, f.name, None)
