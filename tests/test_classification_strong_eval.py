@@ -1,6 +1,7 @@
 """APGD (torchattacks), SPSA and the gradient-masking check of ``nnunet-ima-classify eval``,
 against the exact robust accuracy of linear classifiers."""
 import json
+import shutil
 import sys
 
 import pytest
@@ -12,8 +13,8 @@ from nnunet_ima.classification.cli import main
 from nnunet_ima.classification.tables import markdown_table
 from nnunet_ima.classification.robust_eval import PGD_WORST, masking_warnings, robust_accuracy
 from nnunet_ima.classification.spsa import SPSASettings, spsa
-from nnunet_ima.classification.strong_attacks import (StrongAttackSettings, UnitBox, UnitBoxModel,
-                                                      apgd_fooled)
+from nnunet_ima.classification.strong_attacks import (TORCHATTACKS_INSTALL, StrongAttackSettings,
+                                                      UnitBox, UnitBoxModel, apgd_fooled)
 from nnunet_ima.norms import per_sample_norm
 
 DUAL = {"l2": 2, "linf": 1}
@@ -21,6 +22,14 @@ FAST_SPSA = StrongAttackSettings(spsa=SPSASettings(iterations=40, samples=32))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def torchattacks():
+    """APGD is torchattacks' implementation; the test extra does not bring the package (its
+    pins would downgrade the environment), so the tests that run APGD skip without it."""
+    return pytest.importorskip("torchattacks", reason=f"APGD needs torchattacks: "
+                                                      f"{TORCHATTACKS_INSTALL}")
 
 
 def linear_problem(n: int, dim: int, seed: int = 0, shape=None, centre: float = 0.0,
@@ -55,7 +64,7 @@ class RoundedLinear(LinearBinary):
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 @pytest.mark.parametrize("inputs", ["points", "images"])
-def test_apgd_and_pgd_reach_the_analytic_robust_accuracy(norm, inputs):
+def test_apgd_and_pgd_reach_the_analytic_robust_accuracy(norm, inputs, torchattacks):
     """Points: unbounded (moons-like, through the affine box). Images: ``(B, 1, 2, 3)`` values
     in [0.3, 0.7] with budgets that never reach the [0, 1] edges, so the box adds nothing."""
     if inputs == "points":
@@ -81,7 +90,8 @@ def test_apgd_and_pgd_reach_the_analytic_robust_accuracy(norm, inputs):
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_three_class_attacks_never_beat_the_exact_answer_and_together_reach_it(norm):
+def test_three_class_attacks_never_beat_the_exact_answer_and_together_reach_it(norm,
+                                                                               torchattacks):
     """Three linear logits: a correct sample's distance to the wrong classes is
     ``min_j (z_y - z_j) / ||w_y - w_j||_dual``. No attack may fool a sample farther than eps;
     APGD-DLR fools nearly all samples closer than eps / 2."""
@@ -136,7 +146,7 @@ def test_unit_box_is_exact_and_its_clip_never_binds():
                           torch.tensor([0.0, 1.0]))
 
 
-def test_apgd_leaves_the_global_random_state_alone():
+def test_apgd_leaves_the_global_random_state_alone(torchattacks):
     model, x, y, _ = linear_problem(32, 3)
     torch.manual_seed(123)
     before = torch.get_rng_state()
@@ -213,20 +223,43 @@ TINY = ["--dataset", "moons", "--max-train", "300", "--epochs", "2", "--batch-si
         "--no-progress", "--device", "cpu"]
 
 
-def test_cli_runs_the_chosen_attacks_and_refuses_dlr_on_two_classes(tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def trained_ce(tmp_path_factory):
+    """A ce run on 300 moons points, trained once; each test evaluates a copy of it."""
+    folder = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        assert main(["train", *TINY, "--method", "ce", "-o", "ce"]) == 0
+    return folder / "ce"
+
+
+@pytest.fixture
+def ce_run(trained_ce, tmp_path, monkeypatch):
+    shutil.copytree(trained_ce, tmp_path / "ce")
     monkeypatch.chdir(tmp_path)
-    assert main(["train", *TINY, "--method", "ce", "-o", "ce"]) == 0
-    base = ["eval", "ce", "--noise", "0", "0.2", "--steps", "10", "--max-samples", "40",
-            "--no-progress"]
-    assert main([*base, "--attacks", "apgd-dlr"]) == 2
+    return tmp_path
+
+
+BASE = ["eval", "ce", "--noise", "0", "0.2", "--steps", "10", "--max-samples", "40",
+        "--no-progress"]
+
+
+def test_cli_refuses_dlr_on_two_classes_and_apgd_without_torchattacks(ce_run, monkeypatch,
+                                                                      capsys):
+    assert main([*BASE, "--attacks", "apgd-dlr"]) == 2
     err = capsys.readouterr().err
     assert "apgd-dlr needs at least 3 classes" in err and "ce (moons) has 2" in err
-    assert not (tmp_path / "ce" / "eval_l2.json").exists()
+    assert not (ce_run / "ce" / "eval_l2.json").exists()
     monkeypatch.setitem(sys.modules, "torchattacks", None)          # as if not installed
-    assert main([*base, "--attacks", "ce", "apgd-ce"]) == 2
+    assert main([*BASE, "--attacks", "ce", "apgd-ce"]) == 2
     assert "pip install --no-deps torchattacks==3.5.1" in capsys.readouterr().err
-    monkeypatch.delitem(sys.modules, "torchattacks")
-    assert main([*base, "--attacks", "ce", "margin", "apgd-ce", "spsa", "--spsa-iterations", "10",
+    assert main([*BASE, "--attacks", "spsa", "--spsa-delta", "0"]) == 2
+    assert "--spsa-delta must be > 0" in capsys.readouterr().err
+
+
+def test_cli_runs_the_chosen_attacks(ce_run, capsys, torchattacks):
+    tmp_path = ce_run
+    assert main([*BASE, "--attacks", "ce", "margin", "apgd-ce", "spsa", "--spsa-iterations", "10",
                  "--spsa-samples", "8", "-o", "tables"]) == 0
     report = json.load(open(tmp_path / "ce" / "eval_l2.json"))
     caption = "10-PGD (ce, margin), APGD-CE, SPSA"
@@ -240,5 +273,3 @@ def test_cli_runs_the_chosen_attacks_and_refuses_dlr_on_two_classes(tmp_path, mo
     for level, acc in report["noise"].items():
         assert acc <= report["pgd_worst"][level] <= min(per["ce"][level], per["margin"][level])
         assert acc <= min(p[level] for p in per.values())
-    assert main([*base, "--attacks", "spsa", "--spsa-delta", "0"]) == 2
-    assert "--spsa-delta must be > 0" in capsys.readouterr().err
