@@ -47,7 +47,7 @@ from nnunet_ima.evaluation.segmentation_losses import scored_labels, slice_mean
 ATTACKS = ("pgd", "segpgd", "apgd", "apgd_sea")
 
 APGD_MOMENTUM = 0.75  # the paper's alpha: weight of the new step, 1 - 0.75 on the previous one
-APGD_RHO = 0.75
+APGD_RHO = 0.75  # checkpoint rule; the classification evaluator passes it to torchattacks' APGD
 APGD_FIRST_STEP = 2.0  # eta_0 = 2 eps (Algorithm 1, both norms)
 
 LossFn = Callable[[Any, Any], torch.Tensor]

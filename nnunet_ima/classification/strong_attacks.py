@@ -24,11 +24,11 @@ from torch import nn
 from nnunet_ima.attacks import pgd
 from nnunet_ima.classification.spsa import SPSASettings, spsa
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.evaluation.attacks import APGD_RHO  # torchattacks gets the evaluator's APGD rule
 from nnunet_ima.model_mode import attack_mode
 from nnunet_ima.norms import clamp_to_range, project
 
 TORCHATTACKS_INSTALL = "pip install --no-deps torchattacks==3.5.1"
-APGD_RHO = 0.75
 
 
 @dataclass(frozen=True)
