@@ -349,7 +349,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     [console_script("nnunet-ima"), "split", "-d", str(args.dataset_id), "--test",
                      "1", "--folds", "4", "--seed", str(args.seed)], "split")], show_output=True)
             else:
-                from nnunet_ima.commands.split import case_identifiers, save_split
+                from nnunet_ima.nnunet.split_plan import case_identifiers, save_split
 
                 split = halves_split(case_identifiers(preprocessed))
                 # The _b parts validate and test: the final checkpoint is evaluated, so no model

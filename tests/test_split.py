@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nnunet_ima.cli import main
-from nnunet_ima.commands.split import case_identifiers, make_split, save_split
+from nnunet_ima.nnunet.split_plan import case_identifiers, make_split, save_split
 from nnunet_ima.errors import UserInputError
 
 DATASET = "Dataset990_Toy"
