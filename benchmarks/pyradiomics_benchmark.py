@@ -56,7 +56,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_ima.nnunet.experiment import TRAINERS, CommandFailed, Experiment
+from nnunet_ima.errors import UserInputError
+from nnunet_ima.nnunet.experiment import CommandFailed, Experiment
 from nnunet_ima.nnunet.pipeline import Command, console_script
 
 PACKAGE = "pyradiomics-bhklab"
@@ -364,20 +365,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         runner.run_together(trainings, args.jobs)
         if stop < STAGES.index("eval"):
             return 0
-        eval_args = ["-d", str(args.dataset_id), "-c", "2d", "-f", "0", "-tr", *TRAINERS,
-                     "--noise", *[f"{n:g}" for n in args.noise], "--steps", str(args.eval_steps),
-                     "--cases", *(args.eval_cases or (["test"] if args.split == "halves"
-                                                      else ["test", "val"])),
-                     "--device", args.device,
-                     "-o", os.path.join(runner.workdir, "robustness")]
-        if args.max_slices:
-            eval_args += ["--max-slices", str(args.max_slices)]
-        code = runner.evaluate(eval_args)
-        if code:
-            return code
+        from nnunet_ima.evaluation.options import EvalOptions
+        from nnunet_ima.evaluation.robustness import AttackSettings
+        runner.evaluate(EvalOptions(
+            output=os.path.join(runner.workdir, "robustness"),
+            model_folders=runner.model_folders(dataset),
+            cases=tuple(args.eval_cases or (["test"] if args.split == "halves"
+                                            else ["test", "val"])),
+            max_slices=args.max_slices, noise=tuple(args.noise),
+            attack=AttackSettings(steps=args.eval_steps), device=args.device))
     except (BenchmarkError, CommandFailed) as e:
         print(f"pyradiomics_benchmark: error: {e}", file=sys.stderr)
         return 1
+    except UserInputError as e:  # the evaluator's refusal, as nnunet-ima-eval exits on it
+        print(f"pyradiomics_benchmark: error: {e}", file=sys.stderr)
+        return 2
     print(f"\nfinished in {(time.time() - start) / 60:.1f} min; results in "
           f"{os.path.join(runner.workdir, 'robustness')}", flush=True)
     return 0

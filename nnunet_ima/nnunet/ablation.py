@@ -12,8 +12,9 @@ On one planned and split nnU-Net dataset, with one schedule and one seed, it tra
   term (``printed+term``);
 
 each as a real ``nnUNetv2_train`` in its own ``nnUNet_results`` folder (side by side with
-``jobs``), then attacks every model with ``nnunet-ima-eval`` (PGD and APGD by default) and
-writes one table and one picture. Everything is resumable: a trained model, and each (model,
+``jobs``), then attacks every model with the evaluator of ``nnunet-ima-eval``
+(:func:`nnunet_ima.evaluation.run.evaluate`; PGD and APGD by default) and writes one table and
+one picture. Everything is resumable: a trained model, and each (model,
 attack, case set) evaluation, is reused when the command runs again with the same options.
 """
 from __future__ import annotations
@@ -22,17 +23,23 @@ import csv
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nnunet_ima.declared import (InvalidSetting, Several, Text, flag_name, setting,
+                                 validate_declared)
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.io import read_json, write_json, write_text
 from nnunet_ima.metrics import robustness_auc
-from nnunet_ima.nnunet.pipeline import Command, console_script, run_side_by_side, threads_per_job
+from nnunet_ima.nnunet.experiment import final_checkpoint, training_command
+from nnunet_ima.nnunet.pipeline import run_side_by_side, threads_per_job
 from nnunet_ima.nnunet.settings import RECIPES, settings_from_dict
 from nnunet_ima.nnunet.training_stats import STATS_FILENAME
+
+if TYPE_CHECKING:  # the evaluator imports torch; checking the options needs none of it
+    from nnunet_ima.evaluation.options import EvalOptions
 
 OPTIONS_FILENAME = "ablation_options.json"
 TABLE_FILENAME = "ablation.md"
@@ -64,30 +71,109 @@ class Variant:
     kind: str  # "clean", "adv" or "ima"
 
 
-@dataclass
-class AblationOptions:
-    """What the experiment trains and how it evaluates (all of it is part of the resume key)."""
+# ---------------------------------------------------------------------------- options
+# The rules of the options, worded as the command has always refused them.
+@dataclass(frozen=True)
+class WholeNumber:
+    """An integer >= ``minimum`` (``True`` / ``False`` are not numbers)."""
 
-    dataset: str
-    workdir: str
-    variants: List[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
-    adv_eps: List[float] = field(default_factory=lambda: [4.0, 8.0, 16.0])
-    eps_max: float = 16.0
-    epochs: int = 10
-    iterations: int = 10
-    val_iterations: int = 2
-    initial_lr: float = 0.01
-    pgd_steps: int = 5
-    binary_steps: int = 5
-    seed: int = 0
-    fold: int = 0
-    jobs: int = 1
-    device: str = "cpu"
-    noise: List[float] = field(default_factory=lambda: [0.0, 4.0, 8.0, 16.0])
-    eval_steps: int = 100
-    attacks: List[str] = field(default_factory=lambda: ["pgd", "apgd"])
-    cases: List[str] = field(default_factory=lambda: ["test"])
-    max_slices: Optional[int] = 12
+    minimum: int
+    words: str = "a whole number "
+    value_type: type = int
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < self.minimum:
+            raise InvalidSetting(name, f"must be {self.words}>= {self.minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """A finite number > 0."""
+
+    value_type: type = float
+
+    def check(self, name: str, value: Any) -> None:
+        if not (_is_number(value) and math.isfinite(value) and value > 0):
+            raise InvalidSetting(name, f"must be > 0 and finite, got {_shown([value])}")
+
+
+@dataclass(frozen=True)
+class NoiseLevels:
+    """Finite levels >= 0 holding 0 (the table's clean column) and a level > 0."""
+
+    value_type: type = float
+
+    def check(self, name: str, value: Any) -> None:
+        levels = list(value)
+        if not levels or not all(_is_number(n) and math.isfinite(n) and n >= 0 for n in levels):
+            raise InvalidSetting(name, f"levels must be finite and >= 0, got {_shown(levels)}")
+        if 0 not in levels or max(levels) <= 0:
+            raise InvalidSetting(name, f"must hold 0 (the table's clean column) and a level > 0, "
+                                       f"got {_shown(levels)}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(values: Sequence) -> str:
+    return " ".join(f"{v:g}" if _is_number(v) else repr(v) for v in values)
+
+
+@dataclass(frozen=True)
+class AblationOptions:
+    """What the experiment trains and how it evaluates (all of it is part of the resume key).
+
+    Every field is declared once with its help and rule (:mod:`nnunet_ima.declared`):
+    ``nnunet-ima ablation`` builds its options from them and :func:`check_values` checks them.
+    """
+
+    dataset: str = setting(help="dataset id or name, planned (2d) and split with nnunet-ima "
+                                "split", rule=Text())
+    workdir: str = setting(help="folder for the models (one nnUNet_results per variant), the "
+                                "evaluations, ablation.md / ablation.json / ablation.png",
+                           rule=Text())
+    variants: Sequence[str] = setting(
+        DEFAULT_VARIANTS, rule=Several(Text()),
+        help=f"models to train; 'adv' is one model per --adv-eps; authors-<factor> / "
+             f"printed+<factor> with factor in {', '.join(FACTORS)}")
+    adv_eps: Sequence[float] = setting((4.0, 8.0, 16.0), help="budgets of the Adv models",
+                                       rule=Several(Budgets()))
+    eps_max: float = setting(16.0, help="eps_max of every IMA model", rule=Budgets())
+    epochs: int = setting(10, help="training epochs of every model", rule=WholeNumber(1))
+    iterations: int = setting(10, help="training iterations per epoch", rule=WholeNumber(1))
+    val_iterations: int = setting(2, help="validation iterations per epoch",
+                                  rule=WholeNumber(0))
+    initial_lr: float = setting(0.01, help="learning rate of every model but clean_half_lr",
+                                rule=Budgets())
+    pgd_steps: int = setting(5, help="PGD steps of the Adv and IMA trainings",
+                             rule=WholeNumber(1))
+    binary_steps: int = setting(5, help="IMA's bisection steps", rule=WholeNumber(1))
+    seed: int = setting(0, help="training and evaluation seed, the same for every model",
+                        rule=WholeNumber(0))
+    fold: int = setting(0, help="the nnU-Net fold every model trains", rule=WholeNumber(0))
+    jobs: int = setting(1, help="trainings side by side; the CPU cores are shared between them",
+                        rule=WholeNumber(1))
+    device: str = setting("cpu", help="nnUNetv2_train's -device: cpu, cuda or mps",
+                          rule=Text())
+    noise: Sequence[float] = setting((0.0, 4.0, 8.0, 16.0),
+                                     help="evaluation noise levels, L2 in z-score units",
+                                     rule=NoiseLevels())
+    eval_steps: int = setting(100, help="steps of every evaluation attack", rule=WholeNumber(1))
+    attacks: Sequence[str] = setting(
+        ("pgd", "apgd"), rule=Several(Text()),
+        help="nnunet-ima-eval attacks; the table takes the worst per noise level")
+    cases: Sequence[str] = setting(("test",), rule=Several(Text()),
+                                   help="case sets to evaluate, one table each: test, val")
+    max_slices: Optional[int] = setting(12, help="slices evaluated per model and case set",
+                                        rule=WholeNumber(1, words=""), optional=True)
+
+    def __post_init__(self):
+        # Lists as a program or argparse gives them; the options keep tuples (they are frozen).
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
 
     def resume_key(self) -> dict:
         """The options a result depends on (``jobs`` and ``workdir`` do not change results)."""
@@ -167,39 +253,17 @@ CASE_SETS = ("test", "val")
 TRAINING_DEVICES = ("cpu", "cuda", "mps")
 
 
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def check_values(options: AblationOptions) -> None:
     """Refuse option values that no experiment can run with (checks only; reads no files).
 
     Raises:
         UserInputError: naming the option, the value and what it takes.
     """
-    for name in ("epochs", "iterations", "pgd_steps", "binary_steps", "eval_steps", "jobs"):
-        value = getattr(options, name)
-        if not isinstance(value, int) or value < 1:
-            raise UserInputError(f"{_option(name)} must be a whole number >= 1, got {value}")
-    for name in ("val_iterations", "seed", "fold"):
-        value = getattr(options, name)
-        if not isinstance(value, int) or value < 0:
-            raise UserInputError(f"{_option(name)} must be a whole number >= 0, got {value}")
-    if options.max_slices is not None and options.max_slices < 1:
-        raise UserInputError(f"--max-slices must be >= 1, got {options.max_slices}")
-    for name, values in (("adv_eps", options.adv_eps), ("eps_max", [options.eps_max]),
-                         ("initial_lr", [options.initial_lr])):
-        bad = [v for v in values if not (math.isfinite(v) and v > 0)]
-        if bad:
-            raise UserInputError(f"{_option(name)} must be > 0 and finite, got "
-                                 f"{' '.join(f'{v:g}' for v in bad)}")
+    try:
+        validate_declared(options)
+    except InvalidSetting as e:
+        raise UserInputError(e.spelled(flag_name)) from None
     noise = list(options.noise)
-    if not noise or not all(math.isfinite(n) and n >= 0 for n in noise):
-        raise UserInputError(f"--noise levels must be finite and >= 0, got "
-                             f"{' '.join(f'{n:g}' for n in noise)}")
-    if 0 not in noise or max(noise) <= 0:
-        raise UserInputError(f"--noise must hold 0 (the table's clean column) and a level > 0, "
-                             f"got {' '.join(f'{n:g}' for n in noise)}")
     for option, values, known in (("--noise", noise, None), ("--cases", options.cases, CASE_SETS),
                                   ("--attacks", options.attacks, _attack_names())):
         repeated = sorted({f"{v:g}" if isinstance(v, float) else str(v)
@@ -288,8 +352,8 @@ def check_resources(options: AblationOptions, variants: List[Variant], dataset_n
     workdir's disk, or ``options.jobs`` trainings side by side not in memory."""
     from nnunet_ima.nnunet import footprint
     from nnunet_ima.resources import check_disk, check_memory
-    untrained = [v for v in variants if not os.path.isfile(os.path.join(
-        model_folder(options, v, dataset_name), f"fold_{options.fold}", "checkpoint_final.pth"))]
+    untrained = [v for v in variants if not os.path.isfile(
+        final_checkpoint(model_folder(options, v, dataset_name), options.fold))]
     evaluations = len(variants) * len(options.attacks) * len(options.cases)
     if untrained:
         parameters = footprint.network_parameters(preprocessed_folder)
@@ -325,52 +389,67 @@ def record_options(options: AblationOptions) -> None:
 
 def train_all(options: AblationOptions, variants: List[Variant], dataset_name: str,
               env: Dict[str, str]) -> None:
-    """Train every variant not trained yet, ``options.jobs`` at a time."""
+    """Train every variant not trained yet, ``options.jobs`` at a time, each in its own
+    ``nnUNet_results`` (:func:`results_root`)."""
     commands = []
     threads = str(threads_per_job(options.jobs))
     for variant in variants:
-        final = os.path.join(model_folder(options, variant, dataset_name),
-                             f"fold_{options.fold}", "checkpoint_final.pth")
-        if os.path.isfile(final):
+        if os.path.isfile(final_checkpoint(model_folder(options, variant, dataset_name),
+                                           options.fold)):
             print(f"{variant.name}: already trained", flush=True)
             continue
-        config = os.path.join(options.workdir, "configs", f"{variant.name}.json")
-        write_json(config, variant.settings)
         root = results_root(options, variant)
         os.makedirs(root, exist_ok=True)
-        # --c continues a training an earlier run left unfinished.
-        resume = ["--c"] if os.path.isdir(os.path.join(root, dataset_name)) else []
-        commands.append(Command(
-            [console_script("nnUNetv2_train"), dataset_name, "2d", str(options.fold), "-tr",
-             variant.trainer, "-device", options.device, *resume],
-            f"train_{variant.name}",
-            {"nnUNet_results": root, "NNUNET_IMA_CONFIG": config,
-             "nnUNet_n_proc_DA": "0" if options.device == "cpu" else "2",
-             "OMP_NUM_THREADS": threads, "nnUNet_def_n_proc": "1"}))
+        commands.append(training_command(
+            dataset_name, options.fold, variant.trainer, variant.settings,
+            os.path.join(options.workdir, "configs", f"{variant.name}.json"), options.device,
+            options.jobs, f"train_{variant.name}",
+            # continues a training an earlier run left unfinished
+            resume=os.path.isdir(os.path.join(root, dataset_name)),
+            env={"nnUNet_results": root, "OMP_NUM_THREADS": threads, "nnUNet_def_n_proc": "1"}))
     run_side_by_side(commands, os.path.join(options.workdir, "logs"), env, options.jobs)
 
 
+def evaluation_options(options: AblationOptions, variant: Variant, attack: str, cases: str,
+                       dataset_name: str) -> EvalOptions:
+    """The evaluation of one (variant, attack, case set): the model by its folder, every noise
+    level, ``options.eval_steps`` steps and the experiment's seed; ``ensemble`` runs the
+    default members with the gradient-masking checks, as ``nnunet-ima-eval --attack
+    ensemble`` does."""
+    from nnunet_ima.evaluation.ensemble import DEFAULT_ENSEMBLE
+    from nnunet_ima.evaluation.options import EvalOptions
+    from nnunet_ima.evaluation.robustness import AttackSettings
+    ensemble = attack == "ensemble"
+    return EvalOptions(
+        output=eval_folder(options, variant, attack, cases),
+        model_folders=(model_folder(options, variant, dataset_name),), folds=(options.fold,),
+        cases=(cases,), max_slices=options.max_slices or None, noise=tuple(options.noise),
+        attack=AttackSettings(attack="pgd" if ensemble else attack, steps=options.eval_steps,
+                              seed=options.seed),
+        ensemble=tuple(DEFAULT_ENSEMBLE) if ensemble else (), masking_checks=ensemble,
+        device=options.device, progress=False)
+
+
 def evaluate_all(options: AblationOptions, variants: List[Variant], dataset_name: str) -> None:
-    """``nnunet-ima-eval`` on every (variant, attack, case set) not evaluated yet."""
-    from nnunet_ima.evaluation.cli import main as evaluate
+    """Evaluate every (variant, attack, case set) not evaluated yet.
+
+    The models are named by folder and the cases come from the user's ``nnUNet_preprocessed``
+    (the dataset :func:`check_dataset` checked), so nothing of the environment is changed.
+    """
+    from nnunet_ima.evaluation.run import evaluate
     for cases in options.cases:
         for attack in options.attacks:
             for variant in variants:
-                out = eval_folder(options, variant, attack, cases)
-                if os.path.isfile(os.path.join(out, "summary.json")):
+                evaluation = evaluation_options(options, variant, attack, cases, dataset_name)
+                if os.path.isfile(os.path.join(evaluation.output, "summary.json")):
                     continue
-                args = ["-m", model_folder(options, variant, dataset_name),
-                        "-f", str(options.fold), "--cases", cases, "--attack", attack,
-                        "--noise", *[f"{n:g}" for n in options.noise],
-                        "--steps", str(options.eval_steps), "--device", options.device,
-                        "--seed", str(options.seed), "-o", out, "--no-progress"]
-                if options.max_slices:
-                    args += ["--max-slices", str(options.max_slices)]
-                print(f"\n$ nnunet-ima-eval {' '.join(args)}", flush=True)
-                code = evaluate(args)
-                if code:
-                    raise UserInputError(f"nnunet-ima-eval failed for {variant.name} ({attack}, "
-                                         f"{cases}) with exit code {code}")
+                print(f"\nevaluating {variant.name}: {attack}, {cases} cases, "
+                      f"{options.eval_steps} steps -> {evaluation.output}", flush=True)
+                try:
+                    evaluate(evaluation)
+                except UserInputError as e:
+                    raise UserInputError(f"evaluating {variant.name} ({attack}, {cases} "
+                                         f"cases): {e}") from None
 
 
 # ---------------------------------------------------------------------------- results

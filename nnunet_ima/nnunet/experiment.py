@@ -16,17 +16,57 @@ number of threads and on the CPU's instruction set. On a GPU a seeded training i
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from nnunet_ima.nnunet.paths import trainer_dir
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.io import write_json
+from nnunet_ima.nnunet.paths import trainer_dir
 from nnunet_ima.nnunet.pipeline import (Command, console_script, data_augmentation_workers,
                                         run_commands)
 
+if TYPE_CHECKING:  # the evaluator imports torch; the experiment's commands need none of it
+    from nnunet_ima.evaluation.options import EvalOptions
+
 TRAINERS = ("nnUNetTrainerClean", "nnUNetTrainerAdv", "nnUNetTrainerIMA")
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def final_checkpoint(model_folder: str, fold) -> str:
+    """Where ``nnUNetv2_train`` leaves the final checkpoint of ``fold`` in ``model_folder``
+    (``.../Trainer__Plans__2d``): the mark of a finished training."""
+    return os.path.join(model_folder, f"fold_{fold}", "checkpoint_final.pth")
+
+
+def training_command(dataset: str, fold, trainer: str, settings: dict, config: str,
+                     device: str, jobs: int, log_name: str, resume: bool = False,
+                     env: Optional[Mapping[str, str]] = None) -> Command:
+    """``nnUNetv2_train DATASET 2d FOLD -tr TRAINER -device DEVICE`` (``--c`` with ``resume``:
+    continue an unfinished training), with ``settings`` written to ``config`` and given as
+    ``NNUNET_IMA_CONFIG``. ``jobs`` (trainings at once) sets its data-augmentation workers
+    (:func:`~nnunet_ima.nnunet.pipeline.data_augmentation_workers`: none on a CPU, which keeps
+    a seeded training repeatable); ``env`` adds to its environment."""
+    write_json(config, settings)
+    return Command([console_script("nnUNetv2_train"), str(dataset), "2d", str(fold), "-tr",
+                    trainer, "-device", device, *(["--c"] if resume else [])], log_name,
+                   {**(env or {}), "NNUNET_IMA_CONFIG": config,
+                    "nnUNet_n_proc_DA": data_augmentation_workers(device, jobs)})
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set ``values`` in this process's environment while the block runs; restore it after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class CommandFailed(UserInputError):
@@ -107,47 +147,60 @@ class Experiment:
                         "-c", "2d", "-npfp", "1", "-np", "1", "--verify_dataset_integrity"],
                        log_name)
 
+    def model_folder(self, dataset_name: str, trainer: str) -> str:
+        """The model folder of ``trainer`` on ``dataset_name`` in the workdir's results."""
+        return os.path.join(self.folders["nnUNet_results"], dataset_name,
+                            f"{trainer}__nnUNetPlans__2d")
+
+    def model_folders(self, dataset_name: str, trainers: Sequence[str] = TRAINERS
+                      ) -> Tuple[str, ...]:
+        """The model folders of ``trainers`` on ``dataset_name``: what :meth:`evaluate` takes."""
+        return tuple(self.model_folder(dataset_name, t) for t in trainers)
+
     def trained(self, dataset_name: str, trainer: str) -> bool:
         """Whether ``trainer``'s fold 0 of ``dataset_name`` has its final checkpoint."""
-        return os.path.isfile(os.path.join(self.folders["nnUNet_results"], dataset_name,
-                                           f"{trainer}__nnUNetPlans__2d", "fold_0",
-                                           "checkpoint_final.pth"))
+        return os.path.isfile(final_checkpoint(self.model_folder(dataset_name, trainer), 0))
 
     def training_commands(self, dataset_id: int, dataset_name: str,
                           settings: Dict[str, dict], device: str, jobs: int = 1
                           ) -> List[Command]:
-        """``nnUNetv2_train DATASET 2d 0 -tr TRAINER`` for every trainer of ``settings`` not
-        trained yet, each with its settings written to ``WORKDIR/<trainer>.json`` and given as
-        ``NNUNET_IMA_CONFIG``; ``jobs`` (trainings at once) sets their data-augmentation
-        workers (none on a CPU, which keeps a seeded training repeatable)."""
+        """``nnUNetv2_train DATASET 2d 0 -tr TRAINER`` (:func:`training_command`) for every
+        trainer of ``settings`` not trained yet, each with its settings written to
+        ``WORKDIR/<trainer>.json``; ``jobs``: trainings at once."""
         commands = []
         for trainer, trainer_settings in settings.items():
             if self.trained(dataset_name, trainer):
                 print(f"\n{trainer}: already trained, skipped", flush=True)
                 continue
-            config = os.path.join(self.workdir, f"{trainer}.json")
-            with open(config, "w") as f:
-                json.dump(trainer_settings, f, indent=2)
-            commands.append(Command(
-                [console_script("nnUNetv2_train"), str(dataset_id), "2d", "0", "-tr", trainer,
-                 "-device", device], f"train_{trainer}",
-                {"NNUNET_IMA_CONFIG": config,
-                 "nnUNet_n_proc_DA": data_augmentation_workers(device, jobs)}))
+            commands.append(training_command(
+                str(dataset_id), 0, trainer, trainer_settings,
+                os.path.join(self.workdir, f"{trainer}.json"), device, jobs, f"train_{trainer}"))
         return commands
 
-    def evaluate(self, eval_args: List[str]) -> int:
-        """Show and run ``nnunet-ima-eval eval_args`` in this process with the workdir's
-        ``nnUNet_*`` folders set; the environment is restored afterwards. Returns the exit
-        code."""
-        from nnunet_ima.evaluation.cli import main as evaluate
-        print(f"\n$ nnunet-ima-eval {' '.join(eval_args)}", flush=True)
-        saved = {k: os.environ.get(k) for k in self.folders}
-        os.environ.update(self.folders)
-        try:
-            return evaluate(eval_args)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    def evaluate(self, options: EvalOptions) -> dict:
+        """Run the evaluation ``options`` describe (:func:`nnunet_ima.evaluation.run.evaluate`)
+        on models of this workdir, named by folder (:meth:`model_folders`); print its tables.
+        Returns the summary.
+
+        The evaluator finds a model's preprocessed cases under ``$nnUNet_preprocessed``, read
+        when it runs (``nnunet_ima.nnunet.paths``; nothing of nnU-Net's import-time
+        ``nnunetv2.paths`` is used), so the workdir's folder is set for the call and the
+        environment restored after it.
+
+        Raises:
+            UserInputError: models named by dataset and trainer (they would be looked up in the
+                user's ``nnUNet_results``), or any refusal of the evaluator.
+        """
+        from nnunet_ima.evaluation.run import evaluate
+        if not options.model_folders:
+            raise UserInputError("an experiment evaluates its models by folder: give "
+                                 "model_folders (Experiment.model_folders)")
+        print(f"\nevaluating {', '.join(os.path.basename(f) for f in options.model_folders)} "
+              f"-> {options.output}", flush=True)
+        with environment({"nnUNet_preprocessed": self.folders["nnUNet_preprocessed"]}):
+            summary = evaluate(options)
+        for metric in ("tvdi", "adi"):
+            with open(os.path.join(options.output, f"{metric}.md")) as f:
+                print("\n" + f.read(), end="")
+        print(f"\nresults in {os.path.abspath(options.output)}", flush=True)
+        return summary
