@@ -38,8 +38,9 @@ class RecordingMixin:
     def after_step(self, batch, adversarial, adversarial_dice):
         super().after_step(batch, adversarial, adversarial_dice)
         self.cases += [str(k) for k in batch["keys"]]
-        self.recorded_keys += [list(k) for k in (adversarial.keys or [])]
-        self.adversarial_counts.append(0 if adversarial.x is None else int(adversarial.x.shape[0]))
+        evidence = adversarial.evidence
+        self.recorded_keys += [list(k) for k in (evidence.keys if evidence is not None else [])]
+        self.adversarial_counts.append(int(adversarial.x.shape[0]))
 
 
 class nnUNetTrainerIMA_DDPTest(RecordingMixin, nnUNetTrainerIMA):

@@ -14,6 +14,7 @@ from nnunet_ima.nnunet.data import SLICE_KEY
 from nnunet_ima.nnunet.loss import PerSampleDiceCE
 from nnunet_ima.nnunet.settings import (CONFIG_ENV, RECIPES, TrainerSettings, resolve_settings,
                                        settings_from_dict, write_settings)
+from nnunet_ima.nnunet.training_stats import EpochAccumulator
 from nnunet_ima.trainers.nnUNetTrainerIMA import nnUNetTrainerIMA
 from nnunet_ima.trainers.variants.nnUNetTrainerIMA_authors import nnUNetTrainerIMA_authors
 from nnunet_ima.trainers.variants.nnUNetTrainerIMA_eps15 import nnUNetTrainerIMA_eps15
@@ -204,10 +205,10 @@ def test_adversarial_term_two_of_four_cross(recipe, rows, weight):
     result = trainer.adversarial_batch(x, y, clean, batch)
     assert result.x.shape[0] == rows
     assert result.weight == pytest.approx(weight)
-    assert result.crossed_mask.tolist() == [True, True, False, False]
-    assert result.attacked == 4
+    assert result.evidence.crossed.tolist() == [True, True, False, False]
+    assert result.evidence.attacked == 4
     # The crossed slices' points lie at their boundary: sqrt(3) c <= distance <= 2 c.
-    for c, d in zip((0.25, 0.4), result.distance[:2].tolist()):
+    for c, d in zip((0.25, 0.4), result.evidence.distance[:2].tolist()):
         assert 3 ** 0.5 * c - 0.01 <= d <= 2 * c + 0.01
     if recipe == "authors":
         # A slice that did not cross is trained on at its last PGD iterate, on its budget.
@@ -223,9 +224,27 @@ def test_attack_slices_all_attacks_clean_wrong_slices_too():
     for attack_slices, attacked in (("correct", 3), ("all", 4)):
         trainer = _ima_trainer("printed", attack_slices=attack_slices)
         result = trainer.adversarial_batch(x, y, trainer.network(x), batch)
-        assert result.attacked == attacked
-        assert result.clean_correct.tolist() == [False, True, True, True]
-        assert result.crossed == 1  # only a clean-correct slice's crossing counts
+        assert result.evidence.attacked == attacked
+        assert result.evidence.clean_correct.tolist() == [False, True, True, True]
+        assert result.evidence.crossed_correct == 1  # only a clean-correct slice's crossing counts
+
+
+def test_the_margins_change_in_the_end_of_epoch_hook_not_in_the_statistics():
+    """Algorithm 2 runs once, in ``update_margins``; the statistics row only reads what it did."""
+    trainer = _ima_trainer("printed")
+    trainer.current_epoch, trainer._epoch_stats = 0, EpochAccumulator()
+    x, y, batch = _four_slices()
+    adversarial = trainer.adversarial_batch(x, y, trainer.network(x), batch)
+    trainer.after_step(batch, adversarial, torch.zeros(0))
+    assert trainer.margins.epoch == 0 and len(trainer.margins.pending_records()) == 4
+    trainer.update_margins()
+    assert trainer.margins.epoch == 1 and trainer.margins.pending_records() == {}
+    margins = trainer.margins.state_dict()
+    rows = [trainer.epoch_statistics() for _ in range(2)]
+    assert trainer.margins.state_dict() == margins  # the statistics changed nothing
+    for row in rows:  # 2 slices crossed and shrink, 2 did not and expand
+        assert (row["slices_updated"], row["fraction_shrunk"], row["fraction_expanded"]) == \
+            (4, 0.5, 0.5)
 
 
 def test_start_on_the_sphere_of_the_given_radius_inside_the_ball():

@@ -4,11 +4,15 @@ One training step (``train_step``):
 
 1. clean forward in train mode; backward of ``clean_weight * nnU-Net loss`` (this frees the
    clean activations before the attack and lets the attack reuse the clean output);
-2. ``adversarial_batch(...)`` builds the adversarial inputs (PGD at a fixed eps here; BPGD at
-   per-slice margins in ``nnUNetTrainerIMA``) with the network in eval mode, parameters frozen,
-   fp32;
+2. ``adversarial_batch(...)`` builds the adversarial inputs with the core's adversarial step
+   (:mod:`nnunet_ima.adversarial_step`: PGD at a fixed eps here, BPGD at per-slice margins in
+   ``nnUNetTrainerIMA``) with the network in eval mode, parameters frozen, fp32;
 3. adversarial forward; backward of ``adversarial_weight * nnU-Net loss``;
-4. nnU-Net's gradient clipping (12) and optimiser / grad-scaler step.
+4. nnU-Net's gradient clipping (12) and optimiser / grad-scaler step; ``after_step`` (IMA records
+   the margins' evidence).
+
+At the end of an epoch ``update_margins`` runs (IMA's Algorithm 2), then the statistics row of
+``ima_stats.csv`` is written.
 
 Under DDP (``-num_gpus N``) the attack uses the network inside the DDP wrapper, the adversarial
 term uses nnU-Net's loss without its cross-rank batch Dice, and the gradients of both backward
@@ -21,15 +25,15 @@ This file is imported by nnU-Net's trainer lookup as a top-level module: absolut
 """
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
 from time import perf_counter
-from typing import Any, List, Optional
+from typing import Any, List
 
 import torch
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from nnunet_ima.attacks import detach, pgd
+from nnunet_ima.adversarial_step import AdversarialBatch, PGDStep
+from nnunet_ima.attacks import detach
 from nnunet_ima.distributed import gather_objects
 from nnunet_ima.losses import DiceThresholdCorrect
 from nnunet_ima.nnunet.ddp import average_gradients, unwrap_ddp
@@ -37,38 +41,6 @@ from nnunet_ima.nnunet.loss import PerSampleDiceCE
 from nnunet_ima.trainers.nnUNetTrainerClean import nnUNetTrainerClean
 from nnunet_ima.nnunet.training_stats import (STATS_FILENAME, EpochAccumulator, format_for_log,
                                        write_epoch_row)
-
-
-@dataclass
-class AdversarialBatch:
-    """What the attack of one training step produced.
-
-    Attributes:
-        x: ``(M, C, H, W)`` adversarial inputs (``M`` may be 0), or ``None``.
-        target: their labels (a tensor or nnU-Net's deep-supervision list), or ``None``.
-        weight: the weight of their batch-mean nnU-Net loss in the step's total loss.
-        clean_dice: ``(B,)`` slice Dice of the clean output.
-        clean_correct: ``(B,)`` bool, clean Dice >= threshold.
-
-    What IMA's BPGD adds (``None`` for the fixed-budget attack of Adv):
-        keys: the ``B`` slice keys ``(case identifier, slice index)`` of the batch.
-        crossed_mask: ``(B,)`` bool on the CPU, BPGD found a boundary point within the margin.
-        distance: ``(B,)`` float on the CPU, the boundary point's distance (0 where none).
-        attacked: how many slices were attacked (``None``: all ``B``).
-        crossed: how many clean-correct slices crossed (``None``: the adversarial slices whose
-            Dice fell below the threshold).
-    """
-
-    x: Optional[torch.Tensor]
-    target: Any
-    weight: float
-    clean_dice: torch.Tensor
-    clean_correct: torch.Tensor
-    keys: Optional[List[Any]] = None
-    crossed_mask: Optional[torch.Tensor] = None
-    distance: Optional[torch.Tensor] = None
-    attacked: Optional[int] = None
-    crossed: Optional[int] = None
 
 
 # The adversarial term counts as too weak below this weight for this many epochs in a row.
@@ -134,19 +106,19 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
     # ------------------------------------------------------------------ hooks
     def adversarial_batch(self, data: torch.Tensor, target: Any, clean_output: Any,
                           batch: dict) -> AdversarialBatch:
-        """PGD at ``adv_eps`` on every sample of the batch."""
+        """The adversarial term of the step on ``data (B, C, H, W)``: PGD at ``adv_eps`` on every
+        slice, weight ``1 - clean_weight``."""
         s = self.ima_settings
-        clean_dice = self.is_correct.dice(clean_output, target)
-        attack = s.attack
-        x_adv = pgd(self.attack_network, data, target, s.adv_eps, norm=attack.norm,
-                    steps=attack.steps, alpha=attack.alpha, loss=self.attack_loss,
-                    random_start=attack.random_start)
-        return AdversarialBatch(x_adv, target, 1.0 - self.clean_weight, clean_dice,
-                                clean_dice >= s.dice_threshold)
+        step = PGDStep(s.adv_eps, s.attack, weight=1.0 - self.clean_weight, loss=self.attack_loss)
+        return step(self.attack_network, data, target)
 
     def after_step(self, batch: dict, adversarial: AdversarialBatch,
                    adversarial_dice: torch.Tensor) -> None:
         """Called after the optimiser step (IMA records the margins' evidence here)."""
+
+    def update_margins(self) -> None:
+        """The end-of-epoch update of the budgets, before the statistics row (IMA's Algorithm 2;
+        vanilla adversarial training keeps its fixed ``adv_eps``)."""
 
     def epoch_statistics(self) -> dict:
         """The row of ``ima_stats.csv`` for the epoch that just ended."""
@@ -192,12 +164,13 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
         del output
 
         attack_start = perf_counter()
+        clean_dice = self.is_correct.dice(clean_output, target)
         adversarial = self.adversarial_batch(data, target, clean_output, batch)
         attack_seconds = perf_counter() - attack_start
 
         total = self.clean_weight * clean_loss.detach()
         adversarial_dice = torch.zeros(0)
-        if adversarial.x is not None and adversarial.x.shape[0] > 0:
+        if adversarial.x.shape[0] > 0:
             with self._autocast():
                 adv_output = self.attack_network(adversarial.x)
                 adv_loss = self.adversarial_loss(adv_output, adversarial.target)
@@ -210,12 +183,14 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
         self._optimizer_step()
         self.after_step(batch, adversarial, adversarial_dice)
 
-        attacked = data.shape[0] if adversarial.attacked is None else adversarial.attacked
-        crossed = int((adversarial_dice < self.ima_settings.dice_threshold).sum()) \
-            if adversarial.crossed is None else adversarial.crossed
+        threshold = self.ima_settings.dice_threshold
+        evidence = adversarial.evidence
+        if evidence is None:  # a fixed-budget attack: every slice, crossed where Dice fell
+            attacked, crossed = data.shape[0], int((adversarial_dice < threshold).sum())
+        else:
+            attacked, crossed = evidence.attacked, evidence.crossed_correct
         self._epoch_stats.add(
-            clean_dice=adversarial.clean_dice.cpu().numpy(),
-            clean_correct=int(adversarial.clean_correct.sum()),
+            clean_dice=clean_dice.cpu().numpy(), clean_correct=int((clean_dice >= threshold).sum()),
             adv_dice=adversarial_dice.cpu().numpy(), attacked=attacked, crossed=crossed,
             attack_seconds=attack_seconds, step_seconds=perf_counter() - start,
             adv_weight=adversarial.weight if adversarial_dice.numel() > 0 else 0.0)
@@ -228,6 +203,7 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
         self._epoch_stats = EpochAccumulator.merged(gather_objects(self._epoch_stats))
+        self.update_margins()
         row = self.epoch_statistics()
         self.print_to_log_file("adversarial training: " + format_for_log(row))
         self._warn_if_adversarial_term_is_weak(row)

@@ -1,7 +1,8 @@
 """IMA (Increasing-Margin Adversarial training) inside nnU-Net's 2D pipeline.
 
 Each 2D training slice ``(case identifier, slice index)`` has an estimated margin ``E`` in a
-:class:`nnunet_ima.margins.MarginStore`. A training step (Algorithm 1 of the paper):
+:class:`nnunet_ima.margins.MarginStore`. A training step (Algorithm 1 of the paper, the core's
+:class:`nnunet_ima.adversarial_step.IMAStep` with the recipe's choices):
 
 1. the clean output (already computed for the clean loss) splits the batch into slices whose
    hard Dice is >= ``dice_threshold`` ("correct") and the others;
@@ -14,8 +15,9 @@ Each 2D training slice ``(case identifier, slice index)`` has an estimated margi
    ``L = (1 - beta) * loss(X) + beta * loss(X_adv)`` with every attacked slice's point (its
    boundary point, or its last PGD iterate when it did not cross), nnU-Net's loss (deep
    supervision included; ``adversarial_dice`` chooses batch or per-sample Dice);
-4. every slice's outcome is recorded; at the end of the epoch the margins shrink (crossed or
-   clean-wrong) or expand by ``delta`` (Algorithm 2), clipped to ``[0, eps_max]``.
+4. every slice's outcome is recorded (``after_step``); at the end of the epoch
+   (``update_margins``, before the statistics row) the margins shrink (crossed or clean-wrong)
+   or expand by ``delta`` (Algorithm 2), clipped to ``[0, eps_max]``.
 
 The margins are saved beside every checkpoint (``checkpoint_*.margins.json``) and restored by
 ``nnUNetv2_train ... --c``. Under DDP (``-num_gpus N``) the ranks' records are merged at the end
@@ -29,14 +31,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from nnunet_ima.attacks import bpgd, select
+from nnunet_ima.adversarial_step import AdversarialBatch, IMARecipe, IMAStep
 from nnunet_ima.distributed import merge_margin_records
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.nnunet.margin_checkpoint import (load_margins, margins_path, remove_margins,
                                                  save_margins)
 from nnunet_ima.nnunet.resume_state import checkpoint_epoch
 from nnunet_ima.nnunet.data import sample_keys, slice_tracking_loaders
-from nnunet_ima.trainers.nnUNetTrainerAdv import AdversarialBatch, nnUNetTrainerAdv
+from nnunet_ima.trainers.nnUNetTrainerAdv import nnUNetTrainerAdv
 from nnunet_ima.nnunet.training_stats import HISTOGRAM_FILENAME, plot_margin_histogram
 
 
@@ -76,54 +78,24 @@ class nnUNetTrainerIMA(nnUNetTrainerAdv):
         or its last PGD iterate when it did not cross) with weight ``beta``.
         """
         s = self.ima_settings
-        keys = sample_keys(batch)
-        clean_dice = self.is_correct.dice(clean_output, target)
-        correct = clean_dice >= s.dice_threshold
-        batch_size = data.shape[0]
-        crossed = torch.zeros(batch_size, dtype=torch.bool)
-        distance = torch.zeros(batch_size)
-
-        attack = correct if s.attack_slices == "correct" else torch.ones_like(correct)
-        idx = attack.nonzero().flatten()
-        x_adv, target_adv, weight = None, None, 0.0
-        if idx.numel() > 0:
-            eps = self.margins.get([keys[i] for i in idx.tolist()], device=data.device)
-            start_radius = None
-            if s.start_point == "inner_sphere":
-                delta = self.margins.delta
-                start_radius = (eps - delta).clamp_min(delta)
-            attack = s.attack
-            result = bpgd(self.attack_network, data[idx], select(target, idx), eps, self.is_correct,
-                          norm=attack.norm, steps=attack.steps, alpha=attack.alpha,
-                          binary_steps=self.ima.binary_steps, loss=self.attack_loss,
-                          random_start=attack.random_start, boundary=self.ima.boundary,
-                          start_radius=start_radius)
-            found = result.found.cpu()
-            crossed[idx.cpu()] = found
-            distance[idx.cpu()] = result.distance.detach().float().cpu()
-            if s.adversarial_term == "all":
-                x_adv, target_adv, weight = result.x_boundary, select(target, idx), self.ima.beta
-            else:
-                x_adv = result.x_boundary[result.found]
-                target_adv = select(target, idx[result.found])
-                weight = self.ima.beta * int(found.sum()) / batch_size
-        # A clean-wrong slice "crosses" at its start point; the margin store counts it as
-        # clean-wrong (shrink or reset), so only the crossings of clean-correct slices count here.
-        n_crossed = int((crossed & correct.cpu()).sum())
-        return AdversarialBatch(
-            x_adv, target_adv, weight, clean_dice, correct, keys=keys, crossed_mask=crossed,
-            distance=distance, attacked=int(idx.numel()), crossed=n_crossed)
+        step = IMAStep(self.ima, s.attack, self.is_correct, loss=self.attack_loss,
+                       recipe=IMARecipe(s.attack_slices, s.adversarial_term, s.start_point))
+        return step(self.attack_network, data, target, clean_output, sample_keys(batch),
+                    self.margins)
 
     def after_step(self, batch: dict, adversarial: AdversarialBatch,
                    adversarial_dice: torch.Tensor) -> None:
-        self.margins.record(adversarial.keys, adversarial.crossed_mask, adversarial.distance,
-                            adversarial.clean_correct.cpu())
+        adversarial.evidence.record(self.margins)
 
-    def epoch_statistics(self) -> dict:
+    def update_margins(self) -> None:
+        """Algorithm 2 on this epoch's records; ``margin_update`` says what it did."""
         # Under DDP every rank recorded different slices: all take the union, in rank order,
         # so all hold bit-identical margins afterwards (rank 0 writes them).
         merge_margin_records(self.margins)
-        update = self.margins.end_epoch()
+        self.margin_update = self.margins.end_epoch()
+
+    def epoch_statistics(self) -> dict:
+        update = self.margin_update  # of this epoch: update_margins ran before
         row = {"epoch": self.current_epoch, **self._epoch_stats.summary()}
         row.update({
             "margin_mean": update.margin_mean, "margin_q25": update.margin_q25,

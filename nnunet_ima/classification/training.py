@@ -14,14 +14,15 @@ import io
 import os
 import random
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nnunet_ima.attacks import argmax_correct, bpgd, pgd
+from nnunet_ima.adversarial_step import IMAStep, PGDStep
+from nnunet_ima.attacks import argmax_correct
 from nnunet_ima.classification.baselines import BASELINES, BatchContext
 from nnunet_ima.classification.datasets import DatasetSplits, as_float
 from nnunet_ima.classification.settings import TrainConfig
@@ -103,6 +104,17 @@ def _attack_statistics(totals: Dict[str, float], n: int, method: str) -> Dict[st
     return row
 
 
+def adversarial_step(config: TrainConfig,
+                     clamp: Optional[tuple]) -> Union[PGDStep, IMAStep, None]:
+    """The adversarial step of ``adv`` (PGD at ``eps``, the halves of the segmentation baseline)
+    and ``ima`` (Algorithm 1 as printed, argmax correctness); ``None`` for the other methods."""
+    if config.method == "adv":
+        return PGDStep(config.eps, config.attack, weight=0.5, clamp=clamp)
+    if config.method == "ima":
+        return IMAStep(config.ima, config.attack, argmax_correct, clamp=clamp)
+    return None
+
+
 class Trainer:
     """One run in folder ``out``: :meth:`run` trains from its last checkpoint or from scratch.
 
@@ -121,6 +133,7 @@ class Trainer:
         self.save_every, self.progress = save_every, progress
         self.margins: Optional[MarginStore] = (config.ima.make_margin_store(config.epochs)
                                                if config.method == "ima" else None)
+        self.adversarial_step = adversarial_step(config, data.clamp)
         self.history: List[dict] = []
         self.epoch = 0
         self._last_plot = float("-inf")
@@ -157,11 +170,6 @@ class Trainer:
         set_rng_states(state["rng"])
 
     # -------------------------------------------------------------- training
-    def _attack_kwargs(self) -> dict:
-        attack = self.config.attack
-        return {"norm": attack.norm, "steps": attack.steps, "alpha": attack.alpha,
-                "clamp": self.data.clamp}
-
     def train_step(self, x: torch.Tensor, y: torch.Tensor, keys: List[int],
                    generator: torch.Generator) -> Dict[str, float]:
         """One optimiser step on batch ``x (B, ...)``, ``y (B,)``; ``keys`` are the ``B`` sample indices.
@@ -173,8 +181,8 @@ class Trainer:
         if c.method == "ce":
             loss = F.cross_entropy(self.model(x), y)
         elif c.method == "adv":
-            x_adv = pgd(self.model, x, y, c.eps, generator=generator, **self._attack_kwargs())
-            logits_adv = self.model(x_adv)
+            adversarial = self.adversarial_step(self.model, x, y, generator)
+            logits_adv = self.model(adversarial.x)
             # The segmentation baseline's loss (METHOD section 5): clean and adversarial halves.
             loss = (F.cross_entropy(self.model(x), y) + F.cross_entropy(logits_adv, y)) / 2
             stats["adv_wrong"] = float((logits_adv.argmax(1) != y).sum())
@@ -191,26 +199,17 @@ class Trainer:
 
     def _ima_step(self, x, y, keys, generator):
         """METHOD section 3: BPGD at each correct sample's margin, ``ima_loss``, margin records."""
-        ima = self.config.ima
         logits = self.model(x)
         clean_loss = F.cross_entropy(logits, y, reduction="none")
-        correct = argmax_correct(logits.detach(), y)
-        crossed = torch.zeros(len(y), dtype=torch.bool)
-        distance = torch.zeros(len(y))
-        adv_loss = clean_loss.new_zeros(0)
-        idx = correct.nonzero().flatten()
-        if idx.numel():
-            eps = self.margins.get([keys[i] for i in idx.tolist()], device=x.device)
-            result = bpgd(self.model, x[idx], y[idx], eps, argmax_correct,
-                          binary_steps=ima.binary_steps, boundary=ima.boundary,
-                          generator=generator, **self._attack_kwargs())
-            crossed[idx.cpu()] = result.found.cpu()
-            distance[idx.cpu()] = result.distance.detach().cpu().float()
-            if result.found.any():
-                adv_loss = F.cross_entropy(self.model(result.x_boundary[result.found]),
-                                           y[idx[result.found]], reduction="none")
-        self.margins.record(keys, crossed, distance, correct.cpu())
-        return ima_loss(clean_loss, adv_loss, ima.beta), {"crossed": float(crossed.sum())}
+        adversarial = self.adversarial_step(self.model, x, y, logits.detach(), keys, self.margins,
+                                            generator)
+        adv_loss = F.cross_entropy(self.model(adversarial.x), adversarial.target,
+                                   reduction="none") if adversarial.x.shape[0] \
+            else clean_loss.new_zeros(0)
+        evidence = adversarial.evidence
+        evidence.record(self.margins)
+        return (ima_loss(clean_loss, adv_loss, self.config.ima.beta),
+                {"crossed": float(evidence.crossed_correct)})
 
     def train_epoch(self) -> dict:
         """One pass over the training samples; returns the epoch's history row."""
