@@ -200,7 +200,8 @@ class IMAStep:
             if recipe.start_point == "inner_sphere":
                 delta = margins.delta
                 start_radius = (eps - delta).clamp_min(delta)
-            result = bpgd(network, x[idx], select(y, idx), eps, self.is_correct,
+            y_attacked = select(y, idx)
+            result = bpgd(network, x[idx], y_attacked, eps, self.is_correct,
                           norm=attack.norm, steps=attack.steps, alpha=attack.alpha,
                           binary_steps=ima.binary_steps, loss=self.loss,
                           random_start=attack.random_start, clamp=self.clamp,
@@ -209,7 +210,7 @@ class IMAStep:
             crossed[idx.cpu()] = found
             distance[idx.cpu()] = result.distance.detach().float().cpu()
             if recipe.adversarial_term == "all":
-                x_adv, target_adv, weight = result.x_boundary, select(y, idx), ima.beta
+                x_adv, target_adv, weight = result.x_boundary, y_attacked, ima.beta
             else:
                 x_adv = result.x_boundary[result.found]
                 target_adv = select(y, idx[result.found])
