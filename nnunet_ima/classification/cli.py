@@ -21,11 +21,11 @@ import torch
 
 from nnunet_ima import installed_version
 from nnunet_ima.classification.compare import compare, run_name
-from nnunet_ima.classification.datasets import DATASETS, FASHION_MNIST_DEFAULT_ROOT, MOONS_NOISE
+from nnunet_ima.classification.datasets import FASHION_MNIST_DEFAULT_ROOT, MOONS_NOISE
 from nnunet_ima.classification.evaluate import (DEFAULT_BATCH_SIZE, DEFAULT_STEPS, EvalOptions,
                                                 evaluate_runs)
 from nnunet_ima.classification.margins_report import DEFAULT_QUANTILE, margin_report
-from nnunet_ima.classification.models import DEFAULT_MODEL, MODELS
+from nnunet_ima.classification.models import DEFAULT_MODEL
 from nnunet_ima.classification.robust_eval import ATTACK_LOSSES
 from nnunet_ima.classification.runs import SMALL_MODEL_PARAMETERS, ExecutionOptions, train_run
 from nnunet_ima.classification.settings import (BASELINE_METHODS, METHODS, PAPER_SETTINGS,
@@ -34,9 +34,9 @@ from nnunet_ima.classification.spsa import SPSASettings
 from nnunet_ima.classification.strong_attacks import ATTACKS, StrongAttackSettings
 from nnunet_ima.classification.tables import markdown_table
 from nnunet_ima.classification.training import FINAL
-from nnunet_ima.classification.training_options import (add_attack_and_ima_options,
-                                                        attack_and_ima_values, in_option_names)
-from nnunet_ima.declared import InvalidSetting
+from nnunet_ima.classification.training_options import (add_config_options, config_values,
+                                                        in_option_names)
+from nnunet_ima.declared import InvalidSetting, add_option, field_default
 from nnunet_ima.devices import add_device_argument, resolve_device
 from nnunet_ima.errors import UserInputError, run_command
 from nnunet_ima.help_format import DefaultsHelpFormatter
@@ -54,14 +54,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------- train
-def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a classifier (ce, adv, ima or a baseline)",
-                       formatter_class=DefaultsHelpFormatter,
-                       description="Train with clean cross-entropy (ce), vanilla PGD adversarial "
-                                   "training (adv), IMA, or the baselines trades, mma, ddn, fat, "
-                                   "gairat. Defaults are the paper's settings of the dataset.")
-    p.add_argument("--dataset", required=True, choices=DATASETS, help="the dataset to train on")
-    p.add_argument("--method", default="ima", choices=METHODS, help="the training method")
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    add_option(p, TrainConfig, "dataset", required=True)
+    add_option(p, TrainConfig, "method", default="ima")
     p.add_argument("-o", "--output", required=True,
                    help="run folder; a folder holding a checkpoint of the same settings is resumed")
     resume = p.add_mutually_exclusive_group()
@@ -74,37 +69,10 @@ def add_train_parser(sub) -> None:
 
 def add_training_options(p: argparse.ArgumentParser, batch_option: str = "--batch-size") -> None:
     """The training settings shared by `train` and `compare` (all but dataset, method and
-    output folder). ``batch_option``: the name of the training batch size (`compare` calls it
+    output folder), generated from :class:`TrainConfig` (:func:`add_config_options`).
+    ``batch_option``: the name of the training batch size (`compare` calls it
     ``--train-batch-size``: there ``--batch-size`` is the evaluation's, as in `eval`)."""
-    p.add_argument("--data-root", help="dataset folder (fashion-mnist: default "
-                                       f"{FASHION_MNIST_DEFAULT_ROOT}; svhn, cifar10, covid-ct: required)")
-    p.add_argument("--model", choices=sorted(MODELS), help="default: the paper's model of the dataset")
-    p.add_argument("--epochs", type=int, help="default: the paper's (moons 30, fashion-mnist 60, ...)")
-    p.add_argument(batch_option, dest="batch_size", type=int,
-                   help="training batch size (default: the paper's, 128; covid-ct 32)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0, help="initialisation, sample order, attack starts")
-    p.add_argument("--data-seed", type=int, default=0,
-                   help="validation hold-out, COVID-19 split and Moons points")
-    p.add_argument("--eps", type=float,
-                   help="adv: the fixed PGD budget (required); trades, mma (its d_max), ddn (its "
-                        "max norm), fat, gairat: the training budget (default: the dataset's "
-                        "eps_max, as in the paper's comparison)")
-    add_attack_and_ima_options(p)
-    p.add_argument("--trades-beta", type=float, default=6.0,
-                   help="trades: weight of the KL term")
-    p.add_argument("--mma-clean-weight", type=float, default=1 / 3,
-                   help="mma: weight of the whole batch's clean loss (default 1/3)")
-    p.add_argument("--ddn-steps", type=int, default=100, help="ddn: DDN iterations")
-    p.add_argument("--ddn-gamma", type=float, default=0.05,
-                   help="ddn: norm change per iteration")
-    p.add_argument("--gairat-lambda", type=float, default=-1.0,
-                   help="gairat: lambda of the weight function")
-    p.add_argument("--gairat-begin-epoch", type=int,
-                   help="gairat: first epoch (0-based) with reweighting (default: half the epochs)")
-    p.add_argument("--max-train", type=int, help="train on the first N training samples only")
-    p.add_argument("--moons-noise", type=float, default=MOONS_NOISE,
-                   help="make_moons noise")
+    add_config_options(p, batch_option)
     p.add_argument("--save-every", type=int, default=0,
                    help="also keep checkpoint_epoch_N.pt every N epochs (default: never)")
     _common(p)
@@ -130,19 +98,15 @@ def config_from_args(args) -> TrainConfig:
     """
     paper = PAPER_SETTINGS[args.dataset]
     values = dict(
-        attack_and_ima_values(args),
-        dataset=args.dataset, model=args.model or DEFAULT_MODEL[args.dataset], method=args.method,
+        config_values(args), dataset=args.dataset, method=args.method,
+        model=args.model or DEFAULT_MODEL[args.dataset],
         epochs=args.epochs if args.epochs is not None else paper.epochs,
         batch_size=args.batch_size if args.batch_size is not None else paper.batch_size,
-        lr=args.lr, seed=args.seed, data_seed=args.data_seed,
         eps=_training_eps(args, paper.eps_max),
         eps_max=(args.eps_max if args.eps_max is not None else paper.eps_max)
         if args.method == "ima" else None,
-        max_train=args.max_train, data_root=_data_root(args.dataset, args.data_root),
-        moons_noise=args.moons_noise if args.dataset == "moons" else MOONS_NOISE,
-        trades_beta=args.trades_beta, mma_clean_weight=args.mma_clean_weight,
-        ddn_steps=args.ddn_steps, ddn_gamma=args.ddn_gamma, gairat_lambda=args.gairat_lambda,
-        gairat_begin_epoch=args.gairat_begin_epoch)
+        data_root=_data_root(args.dataset, args.data_root),
+        moons_noise=args.moons_noise if args.dataset == "moons" else MOONS_NOISE)
     try:
         return TrainConfig.from_flat(values).validate()
     except InvalidSetting as e:
@@ -177,24 +141,15 @@ def run_train(args) -> int:
 
 
 # ----------------------------------------------------------------------------------- eval
-def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="robust accuracy under 100-PGD (cross-entropy and margin "
-                                    "loss), optionally APGD and SPSA",
-                       formatter_class=DefaultsHelpFormatter,
-                       description="The paper's evaluation: per noise level, 100-step PGD (step "
-                                   "noise/10, random start) maximising the cross-entropy and, "
-                                   "separately, the margin loss; optionally also AutoAttack's "
-                                   "APGD-CE / APGD-DLR (torchattacks) and the gradient-free SPSA. "
-                                   "A test sample is robust only if it is classified correctly "
-                                   "and every attack fails. A warning flags noise levels where "
-                                   "PGD is more than 2 points above a stronger attack (gradient "
-                                   "masking).")
+def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="run folders written by `train`")
-    p.add_argument("--norm", default="l2", choices=NORMS, help="attack norm")
+    p.add_argument("--norm", default=field_default(EvalOptions, "norm"), choices=NORMS,
+                   help="attack norm")
     add_attack_options(p)
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="test samples per attack batch")
-    p.add_argument("--seed", type=int, default=0, help="random starts of the attacks")
+    p.add_argument("--seed", type=int, default=field_default(EvalOptions, "seed"),
+                   help="random starts of the attacks")
     p.add_argument("-o", "--output", metavar="FOLDER",
                    help="also write the markdown table to FOLDER/table_<norm>.md (created if "
                         "missing; each run's own results are always in RUN/eval_<norm>.json)")
@@ -209,7 +164,9 @@ def add_attack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attacks", nargs="+", default=list(ATTACK_LOSSES), choices=list(ATTACKS),
                    help="attacks whose worst case is reported: ce, margin (PGD losses), apgd-ce, "
                         "apgd-dlr (>= 3 classes; both need torchattacks), spsa")
-    p.add_argument("--apgd-restarts", type=int, default=1, help="APGD random restarts")
+    p.add_argument("--apgd-restarts", type=int,
+                   default=field_default(StrongAttackSettings, "apgd_restarts"),
+                   help="APGD random restarts")
     spsa_defaults = SPSASettings()
     p.add_argument("--spsa-iterations", type=int, default=spsa_defaults.iterations,
                    help="SPSA Adam steps")
@@ -258,9 +215,7 @@ def run_eval(args) -> int:
 
 
 # -------------------------------------------------------------------------------- margins
-def add_margins_parser(sub) -> None:
-    p = sub.add_parser("margins", help="the margin distribution of an IMA run and the eps it suggests",
-                       formatter_class=DefaultsHelpFormatter)
+def add_margins_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="an IMA run folder")
     p.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
                    help="suggested eps = this quantile of the margins in [delta, eps_max)")
@@ -286,19 +241,8 @@ def run_margins(args) -> int:
 
 
 # -------------------------------------------------------------------------------- compare
-def add_compare_parser(sub) -> None:
-    p = sub.add_parser("compare", help="train several methods on one dataset and tabulate their "
-                                       "robustness (the paper's comparison)",
-                       formatter_class=DefaultsHelpFormatter,
-                       description="Train every --methods with the same settings (the paper's "
-                                   "for the dataset unless given), evaluate each under the "
-                                   "--attacks at every noise level of every --eval-norms, and "
-                                   "write DIR/table_<norm>.md and DIR/curves_<norm>.png. adv and "
-                                   "the baselines train at --eps, default the dataset's eps_max. "
-                                   "A rerun resumes: finished trainings are kept and an "
-                                   "evaluation is redone only when its settings changed or the "
-                                   "model is newer than it.")
-    p.add_argument("--dataset", required=True, choices=DATASETS, help="the dataset to train on")
+def add_compare_options(p: argparse.ArgumentParser) -> None:
+    add_option(p, TrainConfig, "dataset", required=True)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="methods to train and compare (default: all, %(default)s)")
     p.add_argument("-o", "--output", required=True,
@@ -336,6 +280,34 @@ def run_compare(args) -> int:
 
 
 # ----------------------------------------------------------------------------------- main
+# command -> (its line in the list of commands, its description or None, what adds its
+# options, what runs it)
+COMMANDS = {
+    "train": ("train a classifier (ce, adv, ima or a baseline)",
+              "Train with clean cross-entropy (ce), vanilla PGD adversarial training (adv), IMA, "
+              "or the baselines trades, mma, ddn, fat, gairat. Defaults are the paper's settings "
+              "of the dataset.", add_train_options, run_train),
+    "eval": ("robust accuracy under 100-PGD (cross-entropy and margin loss), optionally APGD and "
+             "SPSA",
+             "The paper's evaluation: per noise level, 100-step PGD (step noise/10, random "
+             "start) maximising the cross-entropy and, separately, the margin loss; optionally "
+             "also AutoAttack's APGD-CE / APGD-DLR (torchattacks) and the gradient-free SPSA. A "
+             "test sample is robust only if it is classified correctly and every attack fails. "
+             "A warning flags noise levels where PGD is more than 2 points above a stronger "
+             "attack (gradient masking).", add_eval_options, run_eval),
+    "margins": ("the margin distribution of an IMA run and the eps it suggests", None,
+                add_margins_options, run_margins),
+    "compare": ("train several methods on one dataset and tabulate their robustness (the "
+                "paper's comparison)",
+                "Train every --methods with the same settings (the paper's for the dataset "
+                "unless given), evaluate each under the --attacks at every noise level of every "
+                "--eval-norms, and write DIR/table_<norm>.md and DIR/curves_<norm>.png. adv and "
+                "the baselines train at --eps, default the dataset's eps_max. A rerun resumes: "
+                "finished trainings are kept and an evaluation is redone only when its settings "
+                "changed or the model is newer than it.", add_compare_options, run_compare),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-ima-classify",
                                      formatter_class=DefaultsHelpFormatter,
@@ -343,10 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "robustness evaluation for image classification")
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
-    add_eval_parser(sub)
-    add_margins_parser(sub)
-    add_compare_parser(sub)
+    for name, (help_text, description, add_options, _) in COMMANDS.items():
+        add_options(sub.add_parser(name, help=help_text, description=description,
+                                   formatter_class=DefaultsHelpFormatter))
     return parser
 
 
@@ -355,11 +326,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     resume from their checkpoints when the same command is run again)."""
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
-    commands = {"train": run_train, "eval": run_eval, "margins": run_margins,
-                "compare": run_compare}
     try:
         return run_command(f"nnunet-ima-classify {args.command}",
-                           lambda: commands[args.command](args))
+                           lambda: COMMANDS[args.command][3](args))
     finally:
         torch.set_num_threads(threads)  # main() may run inside another program (or a test)
 

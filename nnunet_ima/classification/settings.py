@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional
 
-from nnunet_ima.classification.datasets import DATASETS, MOONS_NOISE
+from nnunet_ima.classification.datasets import DATASETS, FASHION_MNIST_DEFAULT_ROOT, MOONS_NOISE
+from nnunet_ima.classification.models import MODELS
 from nnunet_ima.config import AttackConfig, IMAConfig
-from nnunet_ima.declared import FlatKeys, InvalidSetting, declaration, field_default
+from nnunet_ima.declared import (METADATA_KEY, Choice, Count, FlatKeys, Integer, InvalidSetting,
+                                 OpenUnitInterval, Text, UnitInterval, declaration,
+                                 field_default, setting)
 from nnunet_ima.errors import UserInputError
 
 METHODS = ("ce", "adv", "ima", "trades", "mma", "ddn", "fat", "gairat")
@@ -37,16 +40,30 @@ PAPER_SETTINGS: Dict[str, PaperSetting] = {
 assert set(PAPER_SETTINGS) == set(DATASETS)
 
 
-def _number(name: str, value: Any, minimum: float, strict: bool, integer: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and integer:
-        ok = float(value).is_integer()
-    if ok:
-        ok = value > minimum if strict else value >= minimum
-    if not ok:
-        relation = ">" if strict else ">="
-        kind = "an integer" if integer else "a number"
-        raise InvalidSetting(name, f"must be {kind} {relation} {minimum:g}, got {value!r}")
+@dataclass(frozen=True)
+class Number:
+    """A finite number > ``minimum`` (``strict``) or >= it; with ``integer`` a whole one.
+    ``words`` replaces what the message calls it (``a number``, ``an integer``)."""
+
+    minimum: float
+    strict: bool = False
+    integer: bool = False
+    words: Optional[str] = None
+    value_type: type = float
+
+    def check(self, name: str, value: Any) -> None:
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value))
+        if ok and self.integer:
+            ok = float(value).is_integer()
+        if ok:
+            ok = value > self.minimum if self.strict else value >= self.minimum
+        if not ok:
+            kind = self.words if self.words is not None else \
+                ("an integer" if self.integer else "a number")
+            relation = ">" if self.strict else ">="
+            raise InvalidSetting(name, " ".join(filter(None, (
+                "must be", kind, f"{relation} {self.minimum:g}, got {value!r}"))))
 
 
 # The flat keys of config.json that are fields of the attack and IMA parts; the others are
@@ -64,6 +81,12 @@ FLAT_KEYS = FlatKeys(
 # MMA's margin search bisects like IMA's BPGD, with the same key: binary_steps is
 # ima.binary_steps in a run with IMA settings and mma_binary_steps in the others.
 _SHARED_BISECTION = ("binary_steps", "mma_binary_steps")
+
+
+def _method_of(name: str) -> Optional[str]:
+    """The method that alone reads field ``name`` (``trades_beta``: ``trades``), else ``None``."""
+    prefix = name.split("_", 1)[0]
+    return prefix if prefix in METHODS and prefix != name else None
 
 
 @dataclass(frozen=True)
@@ -86,81 +109,79 @@ class TrainConfig:
     ``null``), and ``binary_steps`` is ``mma_binary_steps``.
     """
 
-    dataset: str
-    model: str
-    method: str
-    epochs: int
-    batch_size: int
-    lr: float = 1e-3
-    seed: int = 0
-    data_seed: int = 0
+    dataset: str = setting(help="the dataset to train on", rule=Choice(DATASETS))
+    model: str = setting(help="the network", rule=Choice(tuple(sorted(MODELS))))
+    method: str = setting(help="the training method", rule=Choice(METHODS))
+    epochs: int = setting(help="training epochs", rule=Count(1))
+    batch_size: int = setting(help="training batch size", rule=Count(1))
+    lr: float = setting(1e-3, help="Adam learning rate", rule=Number(0, strict=True))
+    seed: int = setting(0, help="initialisation, sample order, attack starts", rule=Integer())
+    data_seed: int = setting(0, help="validation hold-out, COVID-19 split and Moons points",
+                             rule=Integer())
     attack: AttackConfig = AttackConfig()
-    eps: Optional[float] = None          # adv and the baselines: the fixed budget
+    eps: Optional[float] = setting(
+        None, rule=Number(0, strict=True), optional=True,
+        help="adv: the fixed PGD budget (required); trades, mma (its d_max), ddn (its max "
+             "norm), fat, gairat: the training budget (default: the dataset's eps_max, as in "
+             "the paper's comparison)")
     ima: Optional[IMAConfig] = None
-    max_train: Optional[int] = None
-    data_root: Optional[str] = None
-    moons_noise: float = MOONS_NOISE
-    trades_beta: float = 6.0
-    mma_clean_weight: float = 1 / 3
-    mma_binary_steps: int = field_default(IMAConfig, "binary_steps")
-    ddn_steps: int = 100
-    ddn_gamma: float = 0.05
-    gairat_lambda: float = -1.0
-    gairat_begin_epoch: Optional[int] = None   # None: epochs // 2
+    max_train: Optional[int] = setting(None, help="train on the first N training samples only",
+                                       rule=Count(1), optional=True)
+    data_root: Optional[str] = setting(
+        None, rule=Text(), optional=True,
+        help=f"dataset folder (fashion-mnist: default {FASHION_MNIST_DEFAULT_ROOT}; svhn, "
+             f"cifar10, covid-ct: required)")
+    moons_noise: float = setting(MOONS_NOISE, help="make_moons noise",
+                                 rule=Number(0, words=""))
+    trades_beta: float = setting(6.0, help="trades: weight of the KL term",
+                                 rule=Number(0, strict=True))
+    mma_clean_weight: float = setting(
+        1 / 3, help="mma: weight of the whole batch's clean loss (default 1/3)",
+        rule=UnitInterval())
+    mma_binary_steps: int = setting(
+        field_default(IMAConfig, "binary_steps"), rule=declaration(IMAConfig, "binary_steps").rule,
+        help="mma: bisection steps of the margin search (written as binary_steps)")
+    ddn_steps: int = setting(100, help="ddn: DDN iterations", rule=Count(1))
+    ddn_gamma: float = setting(0.05, help="ddn: norm change per iteration",
+                               rule=OpenUnitInterval())
+    gairat_lambda: float = setting(-1.0, help="gairat: lambda of the weight function",
+                                   rule=Number(-math.inf, strict=True))
+    gairat_begin_epoch: Optional[int] = setting(
+        None, help="gairat: first epoch (0-based) with reweighting (default: half the epochs)",
+        rule=Count(0), optional=True)
 
     def __post_init__(self):
         FLAT_KEYS.check_parts(self, optional=("ima",))
 
     def validate(self) -> "TrainConfig":
-        """Check what the parts cannot check alone (ranges of the own fields, what each method
-        needs); returns ``self``.
+        """Check what the parts cannot check alone: the own fields by their declared rules (a
+        field of one method, ``<method>_...``, only in a run of that method), and what each
+        method needs; returns ``self``.
 
         Raises:
             InvalidSetting: named by the flat key at fault (the ``config.json`` key), other keys
                 referred to as ``{key}`` (a command line spells them as its options).
         """
-        if self.dataset not in DATASETS:
-            raise InvalidSetting("dataset", f"must be one of {', '.join(DATASETS)}, "
-                                            f"got {self.dataset!r}")
-        if self.method not in METHODS:
-            raise InvalidSetting("method", f"must be one of {', '.join(METHODS)}, "
-                                           f"got {self.method!r}")
-        _number("epochs", self.epochs, 1, strict=False, integer=True)
-        _number("batch_size", self.batch_size, 1, strict=False, integer=True)
-        _number("lr", self.lr, 0, strict=True)
-        if self.max_train is not None:
-            _number("max_train", self.max_train, 1, strict=False, integer=True)
-        if self.method == "adv":
-            if self.eps is None:
-                raise InvalidSetting("method", "adv needs {eps}, the budget of its PGD attack "
-                                               "(e.g. {eps} 0.3 for moons)")
-            _number("eps", self.eps, 0, strict=True)
-        if self.method in BASELINE_METHODS:
-            if self.eps is None:
-                raise InvalidSetting("method", f"{self.method} needs {{eps}}, its training budget")
-            _number("eps", self.eps, 0, strict=True)
-        if self.method == "trades":
-            _number("trades_beta", self.trades_beta, 0, strict=True)
-        if self.method == "mma":
-            if not 0 <= self.mma_clean_weight <= 1:
-                raise InvalidSetting("mma_clean_weight", f"must lie in [0, 1], "
-                                                         f"got {self.mma_clean_weight!r}")
-            declaration(IMAConfig, "binary_steps").check("binary_steps", self.mma_binary_steps)
-        if self.method == "ddn":
-            if self.attack.norm != "l2":
-                raise InvalidSetting("method", "ddn is an L2 method (DDN searches minimal L2 "
-                                               "perturbations); use {norm} l2")
-            _number("ddn_steps", self.ddn_steps, 1, strict=False, integer=True)
-            if not 0 < self.ddn_gamma < 1:
-                raise InvalidSetting("ddn_gamma", f"must lie in (0, 1), got {self.ddn_gamma!r}")
-        if self.method == "gairat":
-            _number("gairat_lambda", self.gairat_lambda, -math.inf, strict=True)
-            if self.gairat_begin_epoch is not None:
-                _number("gairat_begin_epoch", self.gairat_begin_epoch, 0, strict=False,
-                        integer=True)
-            if self.attack.steps < 2:
-                raise InvalidSetting("method", "gairat needs {pgd_steps} >= 2 (its geometry "
-                                               "values count PGD steps)")
+        shared, mma = _SHARED_BISECTION
+        for f in fields(self):
+            declared = f.metadata.get(METADATA_KEY)
+            if declared is None or _method_of(f.name) not in (None, self.method):
+                continue
+            try:
+                declared.check(f.name, getattr(self, f.name))
+            except InvalidSetting as e:  # MMA's bisection steps are binary_steps in the file
+                raise e.renamed(lambda name: shared if name == mma else name) from None
+        if self.method == "adv" and self.eps is None:
+            raise InvalidSetting("method", "adv needs {eps}, the budget of its PGD attack "
+                                           "(e.g. {eps} 0.3 for moons)")
+        if self.method in BASELINE_METHODS and self.eps is None:
+            raise InvalidSetting("method", f"{self.method} needs {{eps}}, its training budget")
+        if self.method == "ddn" and self.attack.norm != "l2":
+            raise InvalidSetting("method", "ddn is an L2 method (DDN searches minimal L2 "
+                                           "perturbations); use {norm} l2")
+        if self.method == "gairat" and self.attack.steps < 2:
+            raise InvalidSetting("method", "gairat needs {pgd_steps} >= 2 (its geometry "
+                                           "values count PGD steps)")
         if self.method == "ima" and self.ima is None:
             raise InvalidSetting("method", "ima needs {eps_max}")
         return self

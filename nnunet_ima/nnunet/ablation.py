@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnunet_ima.declared import (InvalidSetting, Several, Text, flag_name, setting,
-                                 validate_declared)
+from nnunet_ima.declared import (Count, InvalidSetting, Positive, Rule, Several, Text, flag_name,
+                                 setting, validate_declared)
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.io import read_json, write_json, write_text
 from nnunet_ima.metrics import robustness_auc
@@ -74,27 +74,28 @@ class Variant:
 # ---------------------------------------------------------------------------- options
 # The rules of the options, worded as the command has always refused them.
 @dataclass(frozen=True)
-class WholeNumber:
-    """An integer >= ``minimum`` (``True`` / ``False`` are not numbers)."""
+class Worded:
+    """``rule`` (:mod:`nnunet_ima.declared`), its refusal worded ``"<problem>, got <value>"``."""
 
-    minimum: int
-    words: str = "a whole number "
-    value_type: type = int
+    rule: Rule
+    problem: str
 
-    def check(self, name: str, value: Any) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < self.minimum:
-            raise InvalidSetting(name, f"must be {self.words}>= {self.minimum}, got {value}")
-
-
-@dataclass(frozen=True)
-class Budgets:
-    """A finite number > 0."""
-
-    value_type: type = float
+    @property
+    def value_type(self) -> type:
+        return self.rule.value_type
 
     def check(self, name: str, value: Any) -> None:
-        if not (_is_number(value) and math.isfinite(value) and value > 0):
-            raise InvalidSetting(name, f"must be > 0 and finite, got {_shown([value])}")
+        try:
+            self.rule.check(name, value)
+        except InvalidSetting:
+            raise InvalidSetting(name, f"{self.problem}, got {_shown([value])}") from None
+
+
+def _whole(minimum: int) -> Worded:
+    return Worded(Count(minimum), f"must be a whole number >= {minimum}")
+
+
+BUDGET = Worded(Positive(), "must be > 0 and finite")
 
 
 @dataclass(frozen=True)
@@ -138,35 +139,35 @@ class AblationOptions:
         help=f"models to train; 'adv' is one model per --adv-eps; authors-<factor> / "
              f"printed+<factor> with factor in {', '.join(FACTORS)}")
     adv_eps: Sequence[float] = setting((4.0, 8.0, 16.0), help="budgets of the Adv models",
-                                       rule=Several(Budgets()))
-    eps_max: float = setting(16.0, help="eps_max of every IMA model", rule=Budgets())
-    epochs: int = setting(10, help="training epochs of every model", rule=WholeNumber(1))
-    iterations: int = setting(10, help="training iterations per epoch", rule=WholeNumber(1))
+                                       rule=Several(BUDGET))
+    eps_max: float = setting(16.0, help="eps_max of every IMA model", rule=BUDGET)
+    epochs: int = setting(10, help="training epochs of every model", rule=_whole(1))
+    iterations: int = setting(10, help="training iterations per epoch", rule=_whole(1))
     val_iterations: int = setting(2, help="validation iterations per epoch",
-                                  rule=WholeNumber(0))
+                                  rule=_whole(0))
     initial_lr: float = setting(0.01, help="learning rate of every model but clean_half_lr",
-                                rule=Budgets())
+                                rule=BUDGET)
     pgd_steps: int = setting(5, help="PGD steps of the Adv and IMA trainings",
-                             rule=WholeNumber(1))
-    binary_steps: int = setting(5, help="IMA's bisection steps", rule=WholeNumber(1))
+                             rule=_whole(1))
+    binary_steps: int = setting(5, help="IMA's bisection steps", rule=_whole(1))
     seed: int = setting(0, help="training and evaluation seed, the same for every model",
-                        rule=WholeNumber(0))
-    fold: int = setting(0, help="the nnU-Net fold every model trains", rule=WholeNumber(0))
+                        rule=_whole(0))
+    fold: int = setting(0, help="the nnU-Net fold every model trains", rule=_whole(0))
     jobs: int = setting(1, help="trainings side by side; the CPU cores are shared between them",
-                        rule=WholeNumber(1))
+                        rule=_whole(1))
     device: str = setting("cpu", help="nnUNetv2_train's -device: cpu, cuda or mps",
                           rule=Text())
     noise: Sequence[float] = setting((0.0, 4.0, 8.0, 16.0),
                                      help="evaluation noise levels, L2 in z-score units",
                                      rule=NoiseLevels())
-    eval_steps: int = setting(100, help="steps of every evaluation attack", rule=WholeNumber(1))
+    eval_steps: int = setting(100, help="steps of every evaluation attack", rule=_whole(1))
     attacks: Sequence[str] = setting(
         ("pgd", "apgd"), rule=Several(Text()),
         help="nnunet-ima-eval attacks; the table takes the worst per noise level")
     cases: Sequence[str] = setting(("test",), rule=Several(Text()),
                                    help="case sets to evaluate, one table each: test, val")
     max_slices: Optional[int] = setting(12, help="slices evaluated per model and case set",
-                                        rule=WholeNumber(1, words=""), optional=True)
+                                        rule=Worded(Count(1), "must be >= 1"), optional=True)
 
     def __post_init__(self):
         # Lists as a program or argparse gives them; the options keep tuples (they are frozen).
