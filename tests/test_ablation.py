@@ -145,3 +145,75 @@ def test_ablation_runs_end_to_end_and_resumes(nnunet_workspace, tmp_path):
     assert "nnUNetv2_train" not in again.stdout and "already trained" in again.stdout
     refused = ws.run(command[:-2] + ["--epochs", "2"], check=False)
     assert refused.returncode == 2 and "differing: ['epochs']" in refused.stderr
+
+
+def test_trainings_are_built_as_the_experiment_builds_them(tmp_path, monkeypatch):
+    """One builder of nnUNetv2_train commands: the ablation's and the experiment's trainings get
+    the same data-augmentation workers; each ablation model its own results folder and
+    settings file."""
+    from nnunet_ima.nnunet import ablation
+    from nnunet_ima.nnunet.experiment import Experiment
+    from nnunet_ima.nnunet.pipeline import data_augmentation_workers
+    options = _options(tmp_path, variants=["clean", "ima_authors"], jobs=2, device="cuda")
+    variants = build_variants(options)
+    ran = []
+    monkeypatch.setattr(ablation, "run_side_by_side", lambda commands, *a: ran.extend(commands))
+    ablation.train_all(options, variants, "Dataset990_SyntheticOrgan", {})
+    (experiments,) = Experiment(str(tmp_path / "work")).training_commands(
+        990, "Dataset990_SyntheticOrgan", {"nnUNetTrainerClean": {}}, "cuda", jobs=2)
+    assert [c.args[1:] for c in ran] == [
+        ["Dataset990_SyntheticOrgan", "2d", "0", "-tr", v.trainer, "-device", "cuda"]
+        for v in variants]
+    for command, variant in zip(ran, variants):
+        assert command.env["nnUNet_n_proc_DA"] == experiments.env["nnUNet_n_proc_DA"] == \
+            data_augmentation_workers("cuda", 2)
+        assert command.env["nnUNet_results"] == ablation.results_root(options, variant)
+        with open(command.env["NNUNET_IMA_CONFIG"]) as f:
+            assert json.load(f) == variant.settings
+
+
+def test_evaluations_are_library_calls_that_leave_the_environment_alone(tmp_path, monkeypatch):
+    from nnunet_ima.evaluation import run
+    from nnunet_ima.evaluation.ensemble import DEFAULT_ENSEMBLE
+    from nnunet_ima.evaluation.options import EvalOptions
+    from nnunet_ima.nnunet.ablation import evaluate_all
+    options = _options(tmp_path, variants=["clean"], attacks=["apgd", "ensemble"],
+                       cases=["test", "val"], max_slices=None)
+    variants = build_variants(options)
+    calls, environment = [], dict(os.environ)
+
+    def evaluate(evaluation):
+        calls.append(evaluation)
+        os.makedirs(evaluation.output)
+        with open(os.path.join(evaluation.output, "summary.json"), "w") as f:
+            f.write("{}")
+        return {}
+    monkeypatch.setattr(run, "evaluate", evaluate)
+    evaluate_all(options, variants, "Dataset990_SyntheticOrgan")
+    assert dict(os.environ) == environment
+    single = EvalOptions(output="x", dataset="990")
+    assert [(c.cases, c.attack.attack, c.ensemble, c.masking_checks) for c in calls] == [
+        (("test",), "apgd", single.ensemble, single.masking_checks),
+        (("test",), "pgd", tuple(DEFAULT_ENSEMBLE), True),
+        (("val",), "apgd", single.ensemble, single.masking_checks),
+        (("val",), "pgd", tuple(DEFAULT_ENSEMBLE), True)]
+    folder = model_folder(options, variants[0], "Dataset990_SyntheticOrgan")
+    assert all(c.model_folders == (folder,) and c.folds == (0,) and c.max_slices is None
+               and c.noise == tuple(options.noise) and c.attack.steps == options.eval_steps
+               and c.device == "cpu" and not c.progress for c in calls)
+    assert calls[0].output == eval_folder(options, variants[0], "apgd", "test")
+    evaluate_all(options, variants, "Dataset990_SyntheticOrgan")  # every one is done
+    assert len(calls) == 4
+
+
+def test_the_command_line_options_are_the_declared_ones(monkeypatch):
+    import dataclasses
+    from nnunet_ima.cli import build_parser
+    argv = ["ablation", "-d", "990", "--workdir", "w"]
+    args = build_parser("ablation").parse_args(argv)
+    assert AblationOptions(**{f.name: getattr(args, f.name)
+                              for f in dataclasses.fields(AblationOptions)}) == \
+        AblationOptions(dataset="990", workdir="w")
+    field = next(f for f in dataclasses.fields(AblationOptions) if f.name == "eval_steps")
+    monkeypatch.setattr(field, "default", 7)
+    assert build_parser("ablation").parse_args(argv).eval_steps == 7

@@ -173,6 +173,43 @@ def test_demo_trainings_find_the_trainers_without_the_users_export(tmp_path, mon
     assert Experiment(str(tmp_path)).env["nnUNet_extTrainer"] == trainer_dir()
 
 
+def test_an_experiment_evaluates_its_own_models_and_leaves_the_environment(tmp_path,
+                                                                          monkeypatch, capsys):
+    """The library call with the workdir's nnU-Net folders in the options, its tables shown."""
+    from nnunet_ima.errors import UserInputError
+    from nnunet_ima.evaluation import run
+    from nnunet_ima.evaluation.options import EvalOptions
+    from nnunet_ima.nnunet.experiment import Experiment
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "users_own"))
+    environment = dict(os.environ)
+    experiment = Experiment(str(tmp_path / "work"))
+    seen = []
+
+    def evaluate(options):
+        seen.append(options)
+        os.makedirs(options.output)
+        for metric in ("tvdi", "adi"):
+            with open(os.path.join(options.output, f"{metric}.md"), "w") as f:
+                f.write(f"| {metric} table |\n")
+        return {"models": {}}
+    monkeypatch.setattr(run, "evaluate", evaluate)
+    folders = experiment.model_folders("Dataset990_SyntheticOrgan")
+    out = str(tmp_path / "robustness")
+    assert experiment.evaluate(EvalOptions(output=out, model_folders=folders,
+                                           device="cpu")) == {"models": {}}
+    (options,) = seen
+    assert options.model_folders == folders and options.output == out
+    assert options.nnunet_preprocessed == experiment.folders["nnUNet_preprocessed"]
+    assert [os.path.basename(f) for f in folders] == \
+        [f"{t}__nnUNetPlans__2d" for t in ("nnUNetTrainerClean", "nnUNetTrainerAdv",
+                                            "nnUNetTrainerIMA")]
+    assert dict(os.environ) == environment
+    printed = capsys.readouterr().out
+    assert "| tvdi table |" in printed and "| adi table |" in printed
+    with pytest.raises(UserInputError, match="by folder"):
+        experiment.evaluate(EvalOptions(output=out, dataset="990", device="cpu"))
+
+
 # ------------------------------------------------------------------------------- ablation
 @pytest.fixture
 def no_training(monkeypatch):

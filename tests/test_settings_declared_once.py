@@ -245,6 +245,36 @@ def test_generated_options_follow_the_declarations(monkeypatch):
     assert _options("train")["--beta"].default == 0.25
 
 
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_the_run_options_follow_trainconfigs_declarations(monkeypatch, command):
+    """TrainConfig's own fields make their options too: no default is written twice."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "trades_beta")
+    monkeypatch.setattr(field, "default", 2.5)
+    options = _options(command)
+    assert options["--trades-beta"].default == 2.5
+    assert options["--trades-beta"].help == declaration(TrainConfig, "trades_beta").help
+    assert (options["--lr"].default, options["--moons-noise"].type, options["--seed"].type) == \
+        (TrainConfig.__dataclass_fields__["lr"].default, float, int)
+    assert tuple(options["--model"].choices) == declaration(TrainConfig, "model").choices
+    assert options["--epochs"].default is None  # the paper's for the dataset
+
+
+def test_a_methods_own_settings_are_checked_in_its_runs(tmp_path):
+    """validate() checks TrainConfig's fields by their declared rules, a field of one method
+    (``ddn_gamma``) only in a run of that method, as before the rules were declared."""
+    ce = config_from_args(_train_args(tmp_path, "--dataset", "moons", "--method", "ce",
+                                      "--ddn-gamma", "2"))
+    assert ce.ddn_gamma == 2
+    for flags, message in (
+            (["--method", "ddn", "--ddn-gamma", "2"], "--ddn-gamma must lie strictly between"),
+            (["--method", "mma", "--binary-steps", "-1"],
+             "--binary-steps: binary_steps must be an integer >= 0, got -1"),
+            (["--max-train", "0"], "--max-train must be an integer >= 1, got 0")):
+        with pytest.raises(UserInputError) as e:
+            config_from_args(_train_args(tmp_path, "--dataset", "moons", *flags))
+        assert str(e.value).startswith(message)
+
+
 def test_help_shows_the_declared_help_and_choices(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])

@@ -421,14 +421,14 @@ def evaluation_options(options: AblationOptions, variant: Variant, attack: str, 
     from nnunet_ima.evaluation.options import EvalOptions
     from nnunet_ima.evaluation.robustness import AttackSettings
     ensemble = attack == "ensemble"
+    members = {"ensemble": tuple(DEFAULT_ENSEMBLE), "masking_checks": True} if ensemble else {}
     return EvalOptions(
         output=eval_folder(options, variant, attack, cases),
         model_folders=(model_folder(options, variant, dataset_name),), folds=(options.fold,),
         cases=(cases,), max_slices=options.max_slices or None, noise=tuple(options.noise),
         attack=AttackSettings(attack="pgd" if ensemble else attack, steps=options.eval_steps,
                               seed=options.seed),
-        ensemble=tuple(DEFAULT_ENSEMBLE) if ensemble else (), masking_checks=ensemble,
-        device=options.device, progress=False)
+        device=options.device, progress=False, **members)
 
 
 def evaluate_all(options: AblationOptions, variants: List[Variant], dataset_name: str) -> None:

@@ -16,9 +16,9 @@ number of threads and on the CPU's instruction set. On a GPU a seeded training i
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import os
-from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.io import write_json
@@ -52,21 +52,6 @@ def training_command(dataset: str, fold, trainer: str, settings: dict, config: s
                     trainer, "-device", device, *(["--c"] if resume else [])], log_name,
                    {**(env or {}), "NNUNET_IMA_CONFIG": config,
                     "nnUNet_n_proc_DA": data_augmentation_workers(device, jobs)})
-
-
-@contextlib.contextmanager
-def environment(values: Mapping[str, str]) -> Iterator[None]:
-    """Set ``values`` in this process's environment while the block runs; restore it after."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class CommandFailed(UserInputError):
@@ -179,17 +164,13 @@ class Experiment:
 
     def evaluate(self, options: EvalOptions) -> dict:
         """Run the evaluation ``options`` describe (:func:`nnunet_ima.evaluation.run.evaluate`)
-        on models of this workdir, named by folder (:meth:`model_folders`); print its tables.
-        Returns the summary.
-
-        The evaluator finds a model's preprocessed cases under ``$nnUNet_preprocessed``, read
-        when it runs (``nnunet_ima.nnunet.paths``; nothing of nnU-Net's import-time
-        ``nnunetv2.paths`` is used), so the workdir's folder is set for the call and the
-        environment restored after it.
+        on models of this workdir, named by folder (:meth:`model_folders`), with the
+        workdir's ``nnUNet_preprocessed`` and ``nnUNet_results`` (passed in the options: the
+        environment of this process is not changed); print its tables. Returns the summary.
 
         Raises:
-            UserInputError: models named by dataset and trainer (they would be looked up in the
-                user's ``nnUNet_results``), or any refusal of the evaluator.
+            UserInputError: models named by dataset and trainer (a dataset id would be looked
+                up in the user's nnU-Net folders), or any refusal of the evaluator.
         """
         from nnunet_ima.evaluation.run import evaluate
         if not options.model_folders:
@@ -197,8 +178,9 @@ class Experiment:
                                  "model_folders (Experiment.model_folders)")
         print(f"\nevaluating {', '.join(os.path.basename(f) for f in options.model_folders)} "
               f"-> {options.output}", flush=True)
-        with environment({"nnUNet_preprocessed": self.folders["nnUNet_preprocessed"]}):
-            summary = evaluate(options)
+        summary = evaluate(dataclasses.replace(
+            options, nnunet_preprocessed=self.folders["nnUNet_preprocessed"],
+            nnunet_results=self.folders["nnUNet_results"]))
         for metric in ("tvdi", "adi"):
             with open(os.path.join(options.output, f"{metric}.md")) as f:
                 print("\n" + f.read(), end="")
