@@ -206,8 +206,9 @@ def test_an_experiment_evaluates_its_own_models_and_leaves_the_environment(tmp_p
     assert dict(os.environ) == environment
     printed = capsys.readouterr().out
     assert "| tvdi table |" in printed and "| adi table |" in printed
-    with pytest.raises(UserInputError, match="by folder"):
+    with pytest.raises(UserInputError, match="by its full name"):
         experiment.evaluate(EvalOptions(output=out, dataset="990", device="cpu"))
+    assert len(seen) == 1
 
 
 # ------------------------------------------------------------------------------- ablation

@@ -164,25 +164,26 @@ class Experiment:
 
     def evaluate(self, options: EvalOptions) -> dict:
         """Run the evaluation ``options`` describe (:func:`nnunet_ima.evaluation.run.evaluate`)
-        on models of this workdir, named by folder (:meth:`model_folders`), with the
-        workdir's ``nnUNet_preprocessed`` and ``nnUNet_results`` (passed in the options: the
-        environment of this process is not changed); print its tables. Returns the summary.
+        with the workdir's ``nnUNet_preprocessed`` and ``nnUNet_results``, passed in the
+        options (the environment of this process is not changed), and print its tables.
+        Returns the summary.
+
+        The models are named by folder (:meth:`model_folders`) or by the dataset's full name
+        and their trainers.
 
         Raises:
-            UserInputError: models named by dataset and trainer (a dataset id would be looked
-                up in the user's nnU-Net folders), or any refusal of the evaluator.
+            UserInputError: a dataset id (it would be looked up in the user's nnU-Net folders),
+                or any refusal of the evaluator.
         """
+        from nnunet_ima.evaluation.report import print_tables
         from nnunet_ima.evaluation.run import evaluate
-        if not options.model_folders:
-            raise UserInputError("an experiment evaluates its models by folder: give "
-                                 "model_folders (Experiment.model_folders)")
-        print(f"\nevaluating {', '.join(os.path.basename(f) for f in options.model_folders)} "
-              f"-> {options.output}", flush=True)
+        if options.dataset and not options.dataset.startswith("Dataset"):
+            raise UserInputError(f"an experiment names its dataset by its full name "
+                                 f"(DatasetXXX_Name), not {options.dataset!r}")
+        models = [os.path.basename(f) for f in options.model_folders] or list(options.trainers)
+        print(f"\nevaluating {', '.join(models)} -> {options.output}", flush=True)
         summary = evaluate(dataclasses.replace(
             options, nnunet_preprocessed=self.folders["nnUNet_preprocessed"],
             nnunet_results=self.folders["nnUNet_results"]))
-        for metric in ("tvdi", "adi"):
-            with open(os.path.join(options.output, f"{metric}.md")) as f:
-                print("\n" + f.read(), end="")
-        print(f"\nresults in {os.path.abspath(options.output)}", flush=True)
+        print_tables(options.output)
         return summary
