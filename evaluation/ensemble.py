@@ -8,6 +8,10 @@ costs less than the sum of its parts. A member's own column holds its counts on 
 attacked and the worst case so far on the slices it skipped (AutoAttack's convention), so it is
 "the ensemble up to this member" on skipped slices.
 
+A single attack is an ensemble of one member, named ``None`` (:data:`SINGLE`): the attack
+settings as given, its parts and records without a member name. The evaluator has one loop
+(:func:`iter_ensemble`) for both.
+
 Two worst cases, one per metric, because TVDI pools TP / FP / FN over slices:
 
 * ADI and per-slice values: per slice, the member with the lowest slice Dice (ties: the one
@@ -49,8 +53,14 @@ DEFAULT_ENSEMBLE = ("pgd", "segpgd", "apgd-mask-ce", "apgd-bal-mask-ce", "apgd-j
 """PGD on Dice + CE, SegPGD, and APGD with SEA's three losses at SEA's shrinking radius."""
 
 
-def check_members(members: Sequence[str]) -> None:
+SINGLE: Tuple[Optional[str]] = (None,)
+"""The members of a single attack: one, ``None``, the attack settings themselves."""
+
+
+def check_members(members: Sequence[Optional[str]]) -> None:
     """``ValueError`` naming the unknown or repeated members."""
+    if tuple(members) == SINGLE:
+        return
     unknown = [m for m in members if m not in MEMBERS]
     if unknown:
         raise ValueError(f"unknown ensemble member(s) {unknown}; choose from {list(MEMBERS)}")
@@ -58,8 +68,11 @@ def check_members(members: Sequence[str]) -> None:
         raise ValueError(f"ensemble members must be distinct and at least one, got {list(members)}")
 
 
-def member_settings(base: AttackSettings, member: str) -> AttackSettings:
-    """``base`` (norm, steps, alpha, random start, batch size, seed) with ``member``'s attack."""
+def member_settings(base: AttackSettings, member: Optional[str]) -> AttackSettings:
+    """``base`` (norm, steps, alpha, random start, batch size, seed) with ``member``'s attack;
+    ``base`` itself for the member ``None`` of a single attack."""
+    if member is None:
+        return base
     attack, loss = MEMBERS[member]
     return replace(base, attack=attack, loss=loss)
 
@@ -157,6 +170,8 @@ def combine(members: Dict[str, NoiseResult], attacked: Dict[str, int],
             seconds: Dict[str, float]) -> EnsembleLevel:
     """The :class:`EnsembleLevel` of finished member results (in ensemble order)."""
     results = list(members.values())
+    if len(results) == 1:  # one member is its own worst case, by either metric
+        return EnsembleLevel(dict(members), dict(attacked), dict(seconds), results[0], results[0])
     return EnsembleLevel(dict(members), dict(attacked), dict(seconds),
                          select(results, lowest_dice_choice(results)),
                          select(results, lowest_tvdi_choice(results)))
@@ -171,17 +186,23 @@ def _subset(result: NoiseResult, idx: Sequence[int], part: NoiseResult) -> Noise
     return NoiseResult(list(result.cases), list(result.slices), tp, fp, fn, example)
 
 
-MemberDone = Callable[[float, str, NoiseResult, int, float], None]
+MemberDone = Callable[[float, Optional[str], NoiseResult, int, float], None]
 """``(noise, member, result, slices attacked, seconds)``: called as each member finishes."""
 
 
+Finished = Dict[Tuple[float, Optional[str]], Tuple[NoiseResult, int, float]]
+"""Member results of an interrupted run: ``(noise, member) -> (result, slices attacked,
+seconds)``."""
+
+
 def iter_ensemble(model: LoadedModel, samples: List[SliceSample], noise_levels: Sequence[float],
-                  base: AttackSettings, members: Sequence[str], device: torch.device,
-                  finished: Optional[Dict[Tuple[float, str], Tuple[NoiseResult, int, float]]] = None,
+                  base: AttackSettings, members: Sequence[Optional[str]], device: torch.device,
+                  finished: Optional[Finished] = None,
                   on_member_done: Optional[MemberDone] = None,
                   progress: Optional[tqdm] = None) -> Iterator[Tuple[float, EnsembleLevel]]:
     """Run the ensemble on ``samples`` at each noise level (ascending); yields
-    ``(noise, EnsembleLevel)``.
+    ``(noise, EnsembleLevel)``. ``members``: names of :data:`MEMBERS`, or :data:`SINGLE` for
+    ``base`` alone.
 
     ``finished``: member results of an interrupted run, ``(noise, member) -> (result, attacked,
     seconds)``, reused instead of recomputed. Noise 0 is the clean prediction, shared by all

@@ -183,6 +183,49 @@ def check_model_folder(folder: str) -> None:
                                  f"nnU-Net model folder")
 
 
+def fold_number(fold):
+    """nnU-Net's spelling of a fold: an int, or ``"all"``."""
+    if fold == "all":
+        return "all"
+    try:
+        return int(fold)
+    except (TypeError, ValueError):
+        raise UserInputError(f"a fold is a number or 'all', got {fold!r}") from None
+
+
+def checked_model_folder(folder: str, fold, checkpoint: str) -> Tuple[str, str, dict]:
+    """Everything about a model that can be checked before its weights are read: the folder,
+    the checkpoint file of ``fold`` (``checkpoint``: ``final``, ``best``, ``latest`` or the file
+    name), a 2D configuration in ``plans.json``. Both inference paths load through it.
+
+    Returns:
+        ``(checkpoint path, configuration, plans)``.
+
+    Raises:
+        UserInputError: naming what is missing or wrong and the fix.
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    try:
+        checkpoint = checkpoint_choice(checkpoint)
+    except ValueError as e:
+        raise UserInputError(str(e)) from None
+    check_model_folder(folder)
+    path = os.path.join(folder, f"fold_{fold}", CHECKPOINTS[checkpoint])
+    if not os.path.isfile(path):
+        raise UserInputError(missing_checkpoint_message(folder, fold, checkpoint))
+    configuration = configuration_of(folder)
+    plans = read_json(os.path.join(folder, "plans.json"), "is the model folder complete?")
+    if configuration not in plans.get("configurations", {}):
+        raise UserInputError(f"configuration {configuration!r} is not in {folder}/plans.json")
+    patch_size = PlansManager(plans).get_configuration(configuration).patch_size
+    if len(patch_size) != 2:
+        raise UserInputError(f"{folder} is a 3D configuration ({configuration}, patch "
+                             f"{list(patch_size)}): nnunet-ima-eval attacks 2D models (-c 2d), "
+                             f"and --inference predictor supports 2D configurations only")
+    return path, configuration, plans
+
+
 def load_model(folder: str, fold, checkpoint: str, device: torch.device,
                name: str = None) -> LoadedModel:
     """Load ``folder/fold_{fold}/checkpoint_{checkpoint}.pth`` with the architecture of its plans;
@@ -191,22 +234,11 @@ def load_model(folder: str, fold, checkpoint: str, device: torch.device,
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    check_model_folder(folder)
-    if checkpoint not in CHECKPOINTS:
-        raise UserInputError(f"--checkpoint must be one of {sorted(CHECKPOINTS)}, got {checkpoint!r}")
-    path = os.path.join(folder, f"fold_{fold}", CHECKPOINTS[checkpoint])
-    if not os.path.isfile(path):
-        raise UserInputError(missing_checkpoint_message(folder, fold, checkpoint))
-    configuration = configuration_of(folder)
-    plans = read_json(os.path.join(folder, "plans.json"), "is the model folder complete?")
+    path, configuration, plans = checked_model_folder(folder, fold, checkpoint)
     dataset_json = read_json(os.path.join(folder, "dataset.json"),
                              "is the model folder complete?")
     plans_manager = PlansManager(plans)
-    if configuration not in plans["configurations"]:
-        raise UserInputError(f"configuration {configuration!r} is not in {folder}/plans.json")
     config = plans_manager.get_configuration(configuration)
-    if len(config.patch_size) != 2:
-        raise UserInputError(f"{folder} is a 3D model; nnunet-ima-eval attacks 2D models (-c 2d)")
     label_manager = plans_manager.get_label_manager(dataset_json)
     if label_manager.has_regions:
         raise UserInputError(f"{folder} was trained on regions; only label-based models are supported")

@@ -2,21 +2,68 @@
 
 ``nnunet-ima-eval`` builds it once from its command line; :func:`.run.evaluate` and the steps
 it calls read it (and nothing else), so a program can run the same evaluation without argparse.
+Options with a default are declared once, in their field (:func:`nnunet_ima.declared.setting`):
+the command line builds its options from them. An instance checks itself on construction and
+refuses bad input with the message the command line gives (a :class:`UserInputError`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
-from nnunet_ima.devices import default_device
+from nnunet_ima.declared import (Choice, Flag, InvalidSetting, Several, Text, UnitInterval,
+                                 flag_name, setting, validate_declared)
+from nnunet_ima.devices import default_device, resolve_device
+from nnunet_ima.errors import UserInputError
 
+from nnunet_ima.evaluation.ensemble import MEMBERS, SINGLE
 from nnunet_ima.evaluation.masking import MaskingSettings
+from nnunet_ima.evaluation.models import CHECKPOINTS, checkpoint_choice
 from nnunet_ima.evaluation.robustness import AttackSettings
-from nnunet_ima.evaluation.training_cases import Fold
+from nnunet_ima.evaluation.training_cases import Fold, parse_fold
 
 INFERENCE_PATHS = ("network", "predictor")
 
 DEFAULT_NOISE = (0.0, 5.0, 15.0, 25.0)  # the paper's Heart levels (METHOD section 6)
+
+# The command-line spelling of the fields whose option is not ``flag_name(field)``.
+OPTION_NAMES = {"folds": "-f", "model_folders": "-m", "loss": "--attack-loss",
+                "slices": "--masking-slices", "queries": "--masking-queries",
+                "random_start": "--no-random-start", "progress": "--no-progress"}
+
+
+def option_name(name: str) -> str:
+    """The command-line option of field ``name`` (of :class:`EvalOptions` or its parts)."""
+    return OPTION_NAMES.get(name, flag_name(name))
+
+
+@dataclass(frozen=True)
+class FoldNumber:
+    """nnU-Net's fold: a number >= 0 or ``"all"`` (:func:`.training_cases.parse_fold`)."""
+
+    value_type: type = str
+
+    def check(self, name: str, value: Any) -> None:
+        try:
+            if parse_fold(str(value)) != value:
+                raise ValueError(f"a fold is a number >= 0 or 'all', got {value!r}")
+        except ValueError as e:
+            raise InvalidSetting(name, f"holds a bad fold: {e}") from None
+
+
+@dataclass(frozen=True)
+class NoiseLevels:
+    """A tuple of finite numbers >= 0, at least one (a command line takes them as
+    ``nargs="+"``)."""
+
+    value_type: type = float
+
+    def check(self, name: str, value: Any) -> None:
+        bad = [n for n in value if isinstance(n, bool) or not isinstance(n, (int, float))
+               or not (math.isfinite(n) and n >= 0)]
+        if bad or not value:
+            raise InvalidSetting(name, f"levels must be finite and >= 0, got {bad or []}")
 
 
 @dataclass(frozen=True)
@@ -30,7 +77,8 @@ class EvalOptions:
             under ``nnUNet_results``; unused when ``model_folders`` is given.
         model_folders: model folders (``.../Trainer__Plans__2d``) instead of nnU-Net names.
         folds: nnU-Net folds (numbers or ``"all"``); with several, each fold is one model.
-        checkpoint: ``final``, ``best`` or ``latest``.
+        checkpoint: ``final``, ``best`` or ``latest`` (or nnU-Net's file name,
+            ``checkpoint_best.pth``, kept as ``best``).
         cases: ``test``, ``val`` and/or case identifiers; empty: ``test`` when
             ``test_cases.json`` exists, else ``val`` (with ``images``: every case there).
         allow_train_cases: score cases that a model's fold trained on (refused otherwise).
@@ -42,42 +90,122 @@ class EvalOptions:
         attack: the attack and its options; its seed also draws the ``max_slices`` slices.
         ensemble: members of :data:`.ensemble.MEMBERS` to run in turn, the headline being their
             per-slice worst case (``attack`` then gives only the shared norm, steps, alpha,
-            random start, batch size and seed); empty: ``attack`` alone.
+            random start, batch size and seed); empty: ``attack`` alone, an ensemble of that
+            one member (:attr:`members`).
         masking_checks: run the gradient-masking checks of :mod:`.masking` after the attacks,
             with ``masking`` (slices, queries).
         inference: ``network`` (the 2D network on whole slices, padded to its stride) or
             ``predictor`` (nnU-Net's sliding-window predictor, :mod:`.predictor_path`, with
             ``tile_step_size`` and mirroring unless ``disable_tta``).
         device: torch device name (``cpu``, ``cuda``, ``cuda:1``, ...).
+        nnunet_results, nnunet_preprocessed: nnU-Net's folders of trained models and of
+            preprocessed data; ``None``: those the environment variables ``nnUNet_results`` and
+            ``nnUNet_preprocessed`` name (as nnU-Net reads them). A program that keeps its own
+            folders passes them here instead of setting the environment.
         overwrite: discard results in ``output`` made with other options instead of refusing.
         progress: show a progress bar.
+
+    Raises:
+        UserInputError: on construction, a bad value or combination (the message names the
+            command-line option).
     """
 
     output: str
-    dataset: Optional[str] = None
-    trainers: Tuple[str, ...] = ("nnUNetTrainer",)
-    plans: str = "nnUNetPlans"
-    configuration: str = "2d"
+    dataset: Optional[str] = setting(None, rule=Text(), optional=True,
+                                     help="dataset id or name, e.g. 2 or Dataset002_Heart")
+    trainers: Tuple[str, ...] = setting(("nnUNetTrainer",), rule=Several(Text()),
+                                        help="trainer names; one model per trainer")
+    plans: str = setting("nnUNetPlans", rule=Text(), help="plans identifier")
+    configuration: str = setting("2d", rule=Text(), help="nnU-Net configuration")
     model_folders: Tuple[str, ...] = ()
-    folds: Tuple[Fold, ...] = (0,)
-    checkpoint: str = "final"
+    folds: Tuple[Fold, ...] = setting(
+        (0,), rule=Several(FoldNumber()),
+        help="folds (numbers and/or 'all'); with several, each fold is one model, named "
+             "TRAINER_foldK")
+    checkpoint: str = setting("final", rule=Choice(tuple(CHECKPOINTS)),
+                              help="final, best or latest, or nnU-Net's file name "
+                                   "(checkpoint_best.pth, ...)")
     cases: Tuple[str, ...] = ()
     allow_train_cases: bool = False
     images: Optional[str] = None
     labels: Optional[str] = None
     include_empty: bool = False
     max_slices: Optional[int] = None
-    noise: Tuple[float, ...] = DEFAULT_NOISE
+    noise: Tuple[float, ...] = setting(DEFAULT_NOISE, rule=NoiseLevels(),
+                                       help="noise levels (0 = clean), in z-score units")
     attack: AttackSettings = AttackSettings()
-    ensemble: Tuple[str, ...] = ()
-    masking_checks: bool = False
+    ensemble: Tuple[str, ...] = setting(
+        (), rule=Several(Choice(tuple(MEMBERS)), minimum=0),
+        help=f"members of --attack ensemble, in order ({', '.join(MEMBERS)}); apgd-* use SEA's "
+             f"losses and shrinking radius")
+    masking_checks: bool = setting(False, rule=Flag(),
+                                   help="run the gradient-masking checks after the attacks")
     masking: MaskingSettings = MaskingSettings()
-    inference: str = "network"
-    tile_step_size: float = 0.5
+    inference: str = setting(
+        "network", rule=Choice(INFERENCE_PATHS),
+        help="network: the 2D network on whole slices (padded to its stride); predictor: what "
+             "nnUNetv2_predict computes, nnU-Net's sliding-window tiles with Gaussian weights "
+             "and mirroring, differentiated end to end (nnU-Net finds this package's trainers "
+             "in nnUNet_extTrainer; unset, the evaluator sets it)")
+    tile_step_size: float = setting(0.5, rule=UnitInterval(),
+                                    help="predictor: nnUNetv2_predict's -step_size")
     disable_tta: bool = False
     device: str = field(default_factory=default_device)
+    nnunet_results: Optional[str] = None
+    nnunet_preprocessed: Optional[str] = None
     overwrite: bool = False
     progress: bool = True
+
+    def __post_init__(self):
+        for name in ("trainers", "model_folders", "folds", "cases", "noise", "ensemble"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.dataset, int) and not isinstance(self.dataset, bool):
+            object.__setattr__(self, "dataset", str(self.dataset))  # an id, as -d takes it
+        try:
+            object.__setattr__(self, "checkpoint", checkpoint_choice(self.checkpoint))
+        except ValueError as e:
+            raise UserInputError(f"{option_name('checkpoint')}: {e}") from None
+        self._check()
+
+    def _check(self) -> None:
+        if self.max_slices is not None and self.max_slices < 1:
+            raise UserInputError(f"--max-slices must be >= 1, got {self.max_slices}")
+        if len(set(self.ensemble)) != len(self.ensemble):
+            raise UserInputError(f"--ensemble names a member more than once: "
+                                 f"{list(self.ensemble)}")
+        if not 0 < self.tile_step_size <= 1:
+            raise UserInputError(f"--tile-step-size must lie in (0, 1], got "
+                                 f"{self.tile_step_size}")
+        try:
+            validate_declared(self)
+        except InvalidSetting as e:
+            raise UserInputError(e.spelled(option_name)) from None
+        if bool(self.images) != bool(self.labels):
+            raise UserInputError("--images and --labels go together (labels are needed for "
+                                 "Dice)")
+        resolve_device(self.device)
+        if not self.model_folders and not self.dataset:
+            raise UserInputError("name the models: -d DATASET -tr TRAINER ... or -m FOLDER ...")
+        if self.model_folders and self.dataset:
+            raise UserInputError("name the models either by -d/-tr/-p/-c or by -m FOLDER, not "
+                                 "both")
+        repeated = sorted({str(f) for f in self.folds if self.folds.count(f) > 1})
+        if repeated:
+            raise UserInputError(f"-f names fold {', '.join(repeated)} more than once")
+        if self.images and self.cases and set(self.cases) & {"test", "val"}:
+            raise UserInputError("--cases test/val select preprocessed cases; with --images give "
+                                 "case identifiers of the images folder, or no --cases for all "
+                                 "of them")
+        for name, cls in (("attack", AttackSettings), ("masking", MaskingSettings)):
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(f"EvalOptions.{name} must be a {cls.__name__}, got "
+                                f"{getattr(self, name)!r}")
+
+    @property
+    def members(self) -> Tuple[Optional[str], ...]:
+        """The attacks run in turn: the ensemble's members, or :data:`.ensemble.SINGLE` (the
+        ``attack`` alone)."""
+        return self.ensemble or SINGLE
 
     @property
     def noise_levels(self) -> List[float]:

@@ -38,12 +38,10 @@ import torch
 from torch import nn
 
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.io import read_json
 from nnunet_ima.nnunet.paths import trainer_dir
 
-from nnunet_ima.evaluation.models import (CHECKPOINTS, LoadedModel, check_model_folder,
-                                          checkpoint_choice, configuration_of,
-                                          missing_checkpoint_message)
+from nnunet_ima.evaluation.models import (CHECKPOINTS, LoadedModel, checked_model_folder,
+                                          checkpoint_choice, configuration_of, fold_number)
 from nnunet_ima.evaluation.provenance import check_unchanged, checkpoint_identity
 
 # nnU-Net's Gaussian for tile weights (_internal_predict_sliding_window_return_logits).
@@ -283,45 +281,6 @@ def segmentation(model: LoadedModel, x: torch.Tensor,
         return model.network(x).argmax(dim=1)
 
 
-def _checkpoint_name(checkpoint: str) -> str:
-    """``best`` or ``checkpoint_best.pth`` -> ``best`` (likewise final, latest)."""
-    try:
-        return checkpoint_choice(checkpoint)
-    except ValueError as e:
-        raise UserInputError(str(e)) from None
-
-
-def _fold_number(fold):
-    """nnU-Net's spelling of a fold: an int, or ``"all"``."""
-    if fold == "all":
-        return "all"
-    try:
-        return int(fold)
-    except (TypeError, ValueError):
-        raise UserInputError(f"a fold is a number or 'all', got {fold!r}") from None
-
-
-def _check_model_folder(model_folder: str, fold, checkpoint: str) -> str:
-    """Everything that can be checked before nnU-Net loads anything; returns the checkpoint's
-    path. A 3D configuration is refused here, from plans.json, without reading the weights."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    check_model_folder(model_folder)
-    path = os.path.join(model_folder, f"fold_{fold}", CHECKPOINTS[checkpoint])
-    if not os.path.isfile(path):
-        raise UserInputError(missing_checkpoint_message(model_folder, fold, checkpoint))
-    configuration = configuration_of(model_folder)
-    plans = read_json(os.path.join(model_folder, "plans.json"), "is the model folder complete?")
-    if configuration not in plans.get("configurations", {}):
-        raise UserInputError(f"configuration {configuration!r} is not in {model_folder}/plans.json")
-    patch_size = PlansManager(plans).get_configuration(configuration).patch_size
-    if len(patch_size) != 2:
-        raise UserInputError(f"{model_folder} is a 3D configuration ({configuration}, patch "
-                             f"{list(patch_size)}): --inference predictor supports 2D "
-                             f"configurations")
-    return path
-
-
 @contextlib.contextmanager
 def package_trainers_findable():
     """nnU-Net's predictor finds a model's trainer class by name, outside its own trainers only
@@ -367,11 +326,11 @@ def load_predictor_network(model_folder: str, fold, checkpoint: str, device: tor
     """
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    checkpoint = _checkpoint_name(checkpoint)
     if not 0 < tile_step_size <= 1:
         raise UserInputError(f"the tile step size must be in (0, 1], got {tile_step_size}")
-    fold = _fold_number(fold)
-    _check_model_folder(model_folder, fold, checkpoint)
+    fold = fold_number(fold)
+    checked_model_folder(model_folder, fold, checkpoint)
+    checkpoint = checkpoint_choice(checkpoint)
     device = torch.device(device)
     # nnUNetPredictor sets cudnn.benchmark for CUDA devices; the evaluator chooses its own
     # cuDNN settings (full_precision), so loading must not change them.
@@ -418,9 +377,8 @@ def load_predictor_model(model_folder: str, fold, checkpoint: str, device: torch
     """:func:`load_predictor_network` wrapped as the evaluator's model: the same fields as
     :func:`nnunet_ima.evaluation.models.load_model` fills (name, classes, ignore label, plans,
     checkpoint digest, ...), with ``network`` the sliding-window network."""
-    checkpoint = _checkpoint_name(checkpoint)
-    fold = _fold_number(fold)
-    path = _check_model_folder(model_folder, fold, checkpoint)
+    fold = fold_number(fold)
+    path = checked_model_folder(model_folder, fold, checkpoint)[0]
     identity = checkpoint_identity(path)
     network = load_predictor_network(model_folder, fold, checkpoint, device,
                                      use_mirroring=use_mirroring, tile_step_size=tile_step_size,

@@ -41,14 +41,12 @@ def noise_key(noise: float) -> str:
     return f"{noise:g}"
 
 
-def part_path(out: str, model: str, noise: float) -> str:
+def part_path(out: str, model: str, noise: float, member: Optional[str] = None) -> str:
+    """The part of one (model, noise level), and of one ensemble ``member`` (``None``: the
+    single attack's)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model)
-    return os.path.join(out, "parts", f"{safe}__noise{noise_key(noise)}.npz")
-
-
-def member_part_path(out: str, model: str, noise: float, member: str) -> str:
-    """The part of one ensemble member at one (model, noise level)."""
-    return part_path(out, model, noise)[:-len(".npz")] + f"__{member}.npz"
+    suffix = f"__{member}" if member is not None else ""
+    return os.path.join(out, "parts", f"{safe}__noise{noise_key(noise)}{suffix}.npz")
 
 
 def save_part(path: str, result: NoiseResult, meta: Optional[dict] = None,
@@ -264,3 +262,11 @@ def write_outputs(out: str, summary: dict, rows: List[dict], noise_levels: Seque
     for metric in ("tvdi", "adi"):
         write_text(os.path.join(out, f"{metric}.md"),
                    markdown_table(summary, metric, noise_levels))
+
+
+def print_tables(output: str) -> None:
+    """Print the TVDI and ADI tables of a finished evaluation in ``output``, and where it is."""
+    for metric in ("tvdi", "adi"):
+        with open(os.path.join(output, f"{metric}.md")) as f:
+            print("\n" + f.read(), end="")
+    print(f"\nresults in {os.path.abspath(output)}")

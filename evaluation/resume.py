@@ -2,7 +2,9 @@
 finished (model, noise) parts from ``OUT/parts``; another configuration is refused (or, with
 ``--overwrite``, replaces the old results) so that results of other settings are never mixed.
 
-A part is taken only if its own record (:mod:`.provenance`) equals the one this run would
+A single attack and an ensemble resume alike: a part per (model, noise level, member), the
+single attack's one member unnamed (:data:`.ensemble.SINGLE`). A part is taken only if its own
+record (:mod:`.provenance`) equals the one this run would
 write; any other part (another model's, other settings', other slices', a part without a record)
 is recomputed, and the run says so.
 """
@@ -17,11 +19,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.io import write_text
 
+from nnunet_ima.evaluation.ensemble import SINGLE
 from nnunet_ima.evaluation.models import LoadedModel
 from nnunet_ima.evaluation.provenance import (PartRecords, compared_config, differences,
                                               record_mismatch)
-from nnunet_ima.evaluation.report import (CONFIG_FILENAME, load_part, load_part_record,
-                                          noise_key, part_path)
+from nnunet_ima.evaluation.report import (CONFIG_FILENAME, load_part, load_part_meta,
+                                          load_part_record, noise_key, part_path)
 from nnunet_ima.evaluation.robustness import NoiseResult
 from nnunet_ima.evaluation.samples import SliceSample
 
@@ -85,27 +88,45 @@ def part_label(model: str, noise: float, member: Optional[str] = None) -> str:
     return f"{model} at noise {noise_key(noise)}" + (f" ({member})" if member else "")
 
 
+def member_record(records: PartRecords, model: str, noise: float,
+                  members: Sequence[Optional[str]], member: Optional[str]) -> dict:
+    """The record of a member's part: a member attacks only the slices the members before it
+    left unbroken, so they are part of what produced it (none for a single attack)."""
+    return records.record(model, noise, member, members[:list(members).index(member)])
+
+
+FinishedPart = Tuple[NoiseResult, int, float]
+"""A part of an interrupted run: its result, the slices its member attacked, its seconds."""
+
+
 def finished_parts(out: str, models: Sequence[LoadedModel],
                    samples: Dict[str, List[SliceSample]], noise: Sequence[float],
-                   records: PartRecords
-                   ) -> Tuple[Dict[str, Dict[float, NoiseResult]], List[StalePart]]:
-    """The results in ``out/parts`` of a resumable folder, ``{model name: {noise: result}}``,
-    and the parts there that are not this run's (to recompute). ``records``: the run's
-    :class:`.provenance.PartRecords`."""
-    results: Dict[str, Dict[float, NoiseResult]] = {m.name: {} for m in models}
+                   records: PartRecords, members: Sequence[Optional[str]] = SINGLE
+                   ) -> Tuple[Dict[str, Dict[float, Dict[Optional[str], FinishedPart]]],
+                              List[StalePart]]:
+    """The parts in ``out/parts`` of a resumable folder that are this run's, ``{model name:
+    {noise: {member: (result, attacked, seconds)}}}``, and the ones that are not (to
+    recompute). ``records``: the run's :class:`.provenance.PartRecords`; ``members``: the
+    ensemble's (:data:`.ensemble.SINGLE` for a single attack, whose parts carry no member)."""
+    finished: Dict[str, Dict[float, Dict[Optional[str], FinishedPart]]] = {}
     stale: List[StalePart] = []
     for m in models:
         keys = [s.key for s in samples[m.name]]
+        finished[m.name] = {}
         for n in noise:
-            path = part_path(out, m.name, n)
-            if not os.path.isfile(path):
-                continue
-            result, reason = reusable_part(path, records.record(m.name, n), keys)
-            if result is None:
-                stale.append(StalePart(path, part_label(m.name, n), reason))
-            else:
-                results[m.name][n] = result
-    return results, stale
+            for member in members:
+                path = part_path(out, m.name, n, member)
+                if not os.path.isfile(path):
+                    continue
+                result, reason = reusable_part(
+                    path, member_record(records, m.name, n, members, member), keys)
+                if result is None:
+                    stale.append(StalePart(path, part_label(m.name, n, member), reason))
+                    continue
+                meta = load_part_meta(path)
+                finished[m.name].setdefault(n, {})[member] = (
+                    result, int(meta.get("attacked", 0)), float(meta.get("seconds", 0.0)))
+    return finished, stale
 
 
 def report_stale(stale: Sequence[StalePart]) -> None:
@@ -136,13 +157,23 @@ def prepare_output(out: str, config: dict, resume: bool, stale: Sequence[StalePa
     write_text(os.path.join(out, CONFIG_FILENAME), json.dumps(config, indent=2))
 
 
-def report_reused(out: str, results: Dict[str, Dict[float, NoiseResult]], total: int) -> None:
-    """One line naming the (model, noise) results a resumed run took from ``out/parts`` rather
-    than recomputing them (a resume is otherwise silent, and looks like a too-fast run)."""
-    reused = {name: sorted(levels) for name, levels in results.items() if levels}
-    count = sum(len(levels) for levels in reused.values())
-    if count:
-        listed = "; ".join(f"{name} at noise {' '.join(noise_key(n) for n in levels)}"
-                           for name, levels in reused.items())
-        print(f"resuming: reused {count} of {total} (model, noise) results from "
-              f"{os.path.join(out, 'parts')}: {listed}", flush=True)
+def report_reused(out: str, finished: Dict[str, Dict[float, Dict[Optional[str], FinishedPart]]],
+                  total: int) -> None:
+    """One line naming the parts (:func:`finished_parts`) a resumed run took from ``out/parts``
+    rather than recomputing them (a resume is otherwise silent, and looks like a too-fast run).
+    ``total``: the parts of a single attack's run; an ensemble's are not counted ahead (a
+    member's part at noise 0 is shared)."""
+    def level(noise: float, members) -> str:
+        named = [m for m in members if m is not None]
+        return noise_key(noise) + (f" ({', '.join(named)})" if named else "")
+    listed = {name: [level(n, members) for n, members in sorted(levels.items())]
+              for name, levels in finished.items() if levels}
+    count = sum(len(members) for levels in finished.values() for members in levels.values())
+    if not count:
+        return
+    single = all(m is None for levels in finished.values() for members in levels.values()
+                 for m in members)
+    counted = f"{count} of {total} (model, noise)" if single else f"{count} (model, noise, attack)"
+    print(f"resuming: reused {counted} results from {os.path.join(out, 'parts')}: "
+          + "; ".join(f"{name} at noise {' '.join(levels)}" for name, levels in listed.items()),
+          flush=True)

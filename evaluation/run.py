@@ -5,22 +5,23 @@ The output folder is locked for the whole run (:mod:`.lock`: one evaluation at a
 settings) before anything is written; then each (model, noise level) is attacked and saved as a
 part, with the record of what produced it (:mod:`.provenance`), as soon as it is done, so that
 an interrupted run resumes from the parts that are its own (:mod:`.resume`).
+
+A single attack is an ensemble of one member (:data:`.ensemble.SINGLE`): both run through
+:func:`.ensemble.iter_ensemble`, save a part per (model, noise level, member) and resume alike.
 """
 from __future__ import annotations
 
 import os
 import sys
-from collections import Counter
 from functools import partial
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
 from nnunet_ima.io import check_output_folder
 
-from nnunet_ima.evaluation.ensemble import member_settings
-from nnunet_ima.evaluation.ensemble_run import attack_with_ensemble, finished_members
+from nnunet_ima.evaluation.ensemble import EnsembleLevel, iter_ensemble, member_settings
 from nnunet_ima.evaluation.lock import output_lock
 from nnunet_ima.evaluation.masking import run_masking_checks
 from nnunet_ima.evaluation.models import LoadedModel, load_models
@@ -30,16 +31,19 @@ from nnunet_ima.evaluation.predictor_path import load_predictor_model
 from nnunet_ima.evaluation.preflight import preflight_models
 from nnunet_ima.evaluation.provenance import (PartRecords, clear_checkpoint_hashes, produced_by,
                                               slices_digest)
-from nnunet_ima.evaluation.report import part_path, per_slice_rows, save_part, summarise, write_outputs
-from nnunet_ima.evaluation.resume import (can_resume, finished_parts, prepare_output,
-                                          report_reused, report_stale)
-from nnunet_ima.evaluation.robustness import NoiseResult, full_precision, iter_levels
+from nnunet_ima.evaluation.report import (noise_key, part_path, per_slice_rows, save_part,
+                                          summarise, summarise_ensemble, write_outputs)
+from nnunet_ima.evaluation.resume import (FinishedPart, can_resume, finished_parts, member_record,
+                                          prepare_output, report_reused, report_stale)
+from nnunet_ima.evaluation.robustness import NoiseResult, full_precision
 from nnunet_ima.evaluation.run_config import run_config
 from nnunet_ima.evaluation.samples import SliceSample
 from nnunet_ima.evaluation.selection import (cases_to_score, check_training_cases, model_folders,
                                              samples_by_model)
 
 Results = Dict[str, Dict[float, NoiseResult]]  # {model name: {noise level: result}}
+Levels = Dict[str, Dict[float, EnsembleLevel]]  # {model name: {noise level: the members' level}}
+Finished = Dict[str, Dict[float, Dict[Optional[str], FinishedPart]]]  # finished_parts' shape
 
 
 def evaluate(options: EvalOptions) -> dict:
@@ -86,14 +90,11 @@ def _evaluate(options: EvalOptions) -> dict:
     config = run_config(options, models, samples, train_cases_scored)
     records = _part_records(options, config, models, samples)
     resume = can_resume(options.output, config, options.overwrite)
-    results: Results = {m.name: {} for m in models}
-    members: dict = {}
+    finished: Finished = {m.name: {} for m in models}
     stale = []
-    if resume and options.ensemble:
-        members, stale = finished_members(options.output, models, samples, noise,
-                                          options.ensemble, records)
-    elif resume:
-        results, stale = finished_parts(options.output, models, samples, noise, records)
+    if resume:
+        finished, stale = finished_parts(options.output, models, samples, noise, records,
+                                         options.members)
     # Only now, with every input checked, does anything get written.
     prepare_output(options.output, config, resume, stale)
     for m in models:
@@ -101,15 +102,14 @@ def _evaluate(options: EvalOptions) -> dict:
         print(f"{m.name}: {len(samples[m.name])} slices of {n_cases} case{'s' * (n_cases != 1)} "
               f"({' '.join(config['models'][m.name]['case_source'])})", flush=True)
     report_stale(stale)
+    report_reused(options.output, finished, len(models) * len(noise))
+    levels = _attack(models, samples, noise, options, device, finished, records)
+    results: Results = {name: {n: level.worst for n, level in by_noise.items()}
+                        for name, by_noise in levels.items()}
     if options.ensemble:
-        ensemble = attack_with_ensemble(models, samples, noise, options, device, members,
-                                        records)
-        results = ensemble.worst
-        summary = {"config": config, "models": ensemble.summaries(models),
-                   "ensemble": ensemble.summary(models)}
+        summary = {"config": config, "models": _ensemble_entries(levels, models),
+                   "ensemble": _ensemble_summary(levels, models, options.ensemble)}
     else:
-        report_reused(options.output, results, len(models) * len(noise))
-        _attack_missing(models, samples, noise, results, options, device, records)
         summary = {"config": config,
                    "models": {m.name: summarise(results[m.name], m.class_names) for m in models}}
     if options.masking_checks:
@@ -121,34 +121,71 @@ def _evaluate(options: EvalOptions) -> dict:
     return summary
 
 
-def _attack_missing(models: Sequence[LoadedModel], samples: Dict[str, List[SliceSample]],
-                    noise: Sequence[float], results: Results, options: EvalOptions,
-                    device: torch.device, records: PartRecords) -> None:
-    """Attack every (model, noise level) missing from ``results``, adding it there and saving
-    it as a part with its record as soon as it is done; then say how often levels shared a
-    batch."""
-    todo = [(m, [n for n in noise if n not in results[m.name]]) for m in models]
-    todo = [(m, pending) for m, pending in todo if pending]
-    total = sum(len(samples[m.name]) * len(pending) for m, pending in todo)
-    packing = {m.name: Counter() for m in models}
-    with tqdm(total=total, desc="attacking slices", unit="slice",
+def _attack(models: Sequence[LoadedModel], samples: Dict[str, List[SliceSample]],
+            noise: Sequence[float], options: EvalOptions, device: torch.device,
+            finished: Finished, records: PartRecords) -> Levels:
+    """Run the members of ``options`` (one for a single attack) on every model at every noise
+    level, reusing the parts ``finished`` (of :func:`.resume.finished_parts`); each new member
+    result is saved as a part with its record as soon as it is done."""
+    members = options.members
+    attacked_levels = [n for n in noise if n > 0]
+    total = sum(len(samples[m.name]) * ((0.0 in noise) + len(attacked_levels) * len(members))
+                for m in models)
+    levels: Levels = {}
+    desc = "attacking slices" + (" (ensemble)" if options.ensemble else "")
+    with tqdm(total=total, desc=desc, unit="slice",
               disable=not options.progress or total == 0) as bar:
-        for m, pending in todo:
+        for m in models:
+            n_slices = len(samples[m.name])
             bar.set_postfix_str(m.name)
-            # A part per level as soon as the level is done (levels finish in order).
-            for n, result in iter_levels(m, samples[m.name], pending, options.attack, device, bar,
-                                         packing[m.name]):
-                save_part(part_path(options.output, m.name, n), result,
-                          record=records.record(m.name, n))
-                results[m.name][n] = result
-    _report_packing(packing)
+            done = {(n, member): part for n, by_member in finished.get(m.name, {}).items()
+                    for member, part in by_member.items()}
+            # Noise 0 is one clean pass, saved as the first member's part.
+            bar.update(n_slices * sum(1 for n, member in done if n > 0 or member == members[0]))
+
+            def save(n: float, member: Optional[str], result: NoiseResult, attacked: int,
+                     seconds: float, model: LoadedModel = m, count: int = n_slices) -> None:
+                # A single attack's part holds its counts and record only, as it always has.
+                meta = None if member is None else {"attacked": attacked, "seconds": seconds}
+                save_part(part_path(options.output, model.name, n, member), result, meta,
+                          record=member_record(records, model.name, n, members, member))
+                if n > 0:
+                    bar.update(count - attacked)   # the skipped slices: already at Dice 0
+
+            levels[m.name] = dict(iter_ensemble(m, samples[m.name], noise, options.attack,
+                                                members, device, done, save, bar))
+    return levels
+
+
+def _ensemble_entries(levels: Levels, models: Sequence[LoadedModel]) -> dict:
+    """``summary["models"]`` under an ensemble: the headline entry of every model."""
+    return {m.name: summarise_ensemble(
+                {n: level.worst for n, level in levels[m.name].items()},
+                {n: level.worst_tvdi for n, level in levels[m.name].items()},
+                m.class_names)
+            for m in models}
+
+
+def _ensemble_summary(levels: Levels, models: Sequence[LoadedModel],
+                      members: Sequence[str]) -> dict:
+    """``summary["ensemble"]``: the members, each one's own entry, slices and seconds."""
+    per_attack, attacked, seconds = {}, {}, {}
+    for m in models:
+        by_noise = levels[m.name]
+        per_attack[m.name] = {
+            member: summarise({n: level.members[member] for n, level in by_noise.items()},
+                              m.class_names)
+            for member in members}
+        attacked[m.name] = {noise_key(n): level.attacked for n, level in by_noise.items()}
+        seconds[m.name] = {noise_key(n): level.seconds for n, level in by_noise.items()}
+    return {"members": list(members), "per_attack": per_attack, "attacked": attacked,
+            "seconds": seconds}
 
 
 def _masking_checks(models: Sequence[LoadedModel], samples: Dict[str, List[SliceSample]],
                     results: Results, options: EvalOptions, device: torch.device) -> dict:
     """The gradient-masking checks of every model; prints what fired on stderr."""
-    attack = (member_settings(options.attack, options.ensemble[0]) if options.ensemble
-              else options.attack)
+    attack = member_settings(options.attack, options.members[0])
     checks = {}
     for m in models:
         report = run_masking_checks(m, samples[m.name], results[m.name], attack, options.masking,
@@ -160,13 +197,3 @@ def _masking_checks(models: Sequence[LoadedModel], samples: Dict[str, List[Slice
             print(f"{m.name}: gradient-masking checks passed (black box, monotonicity, "
                   f"unbounded)", flush=True)
     return checks
-
-
-def _report_packing(packing: Dict[str, Counter]) -> None:
-    for name, count in packing.items():
-        if count["packed"] or count["declined"]:
-            batches = "batch" if count["packed"] == 1 else "batches"
-            print(f"{name}: {count['packed']} attack {batches} held several noise levels"
-                  + (f", {count['declined']} packs ran one level per batch (the kernels round "
-                     f"differently at the larger batch size)" if count["declined"] else ""),
-                  flush=True)

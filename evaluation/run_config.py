@@ -25,7 +25,7 @@ def model_config(model: LoadedModel, options: EvalOptions, samples: List[SliceSa
     hit = [c for c in train_cases_scored if c in scored]  # all-background cases drop out
     if hit:
         entry["train_cases_scored"] = hit
-    note = training_cases_note(model)
+    note = training_cases_note(model, options)
     if note:
         entry["training_cases_note"] = note
     return entry

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.nnunet.paths import dataset_name, require_folder
@@ -21,7 +21,7 @@ from nnunet_ima.evaluation.training_cases import (TrainingCases, refusal_message
 
 def model_folders(options: EvalOptions) -> List[str]:
     """The absolute model folders: ``options.model_folders``, or one per trainer under
-    ``$nnUNet_results/<dataset>``.
+    ``<nnUNet_results>/<dataset>`` (``options.nnunet_results``, else ``$nnUNet_results``).
 
     Raises:
         UserInputError: a folder is named twice, or ``nnUNet_results`` is needed and not set.
@@ -29,7 +29,7 @@ def model_folders(options: EvalOptions) -> List[str]:
     if options.model_folders:
         folders = [os.path.abspath(f) for f in options.model_folders]
     else:
-        results = require_folder("nnUNet_results")
+        results = _nnunet_folder(options.nnunet_results, "nnUNet_results")
         name = dataset_name(options.dataset)
         folders = [os.path.join(results, name, f"{t}__{options.plans}__{options.configuration}")
                    for t in options.trainers]
@@ -38,8 +38,18 @@ def model_folders(options: EvalOptions) -> List[str]:
     return folders
 
 
-def _preprocessed_dataset(model: LoadedModel) -> str:
-    return os.path.join(require_folder("nnUNet_preprocessed"), model.dataset_name)
+def _nnunet_folder(given: Optional[str], variable: str) -> str:
+    """An nnU-Net folder given in the options, else the one the environment ``variable`` names."""
+    if given is None:
+        return require_folder(variable)
+    if not os.path.isdir(given):
+        raise UserInputError(f"{variable} folder {given} does not exist")
+    return given
+
+
+def _preprocessed_dataset(model: LoadedModel, options: EvalOptions) -> str:
+    return os.path.join(_nnunet_folder(options.nnunet_preprocessed, "nnUNet_preprocessed"),
+                        model.dataset_name)
 
 
 def _fold_folder(model: LoadedModel) -> str:
@@ -52,7 +62,7 @@ def case_source(model: LoadedModel, options: EvalOptions) -> List[str]:
     for ``--images``, else ``--cases`` with its default filled in (e.g. ``["test"]``)."""
     if options.images:
         return ["raw"]
-    return resolve_case_source(_preprocessed_dataset(model), options.cases)
+    return resolve_case_source(_preprocessed_dataset(model, options), options.cases)
 
 
 def cases_to_score(model: LoadedModel, options: EvalOptions) -> List[str]:
@@ -62,12 +72,12 @@ def cases_to_score(model: LoadedModel, options: EvalOptions) -> List[str]:
     if options.images:
         return list(select_raw_cases(options.images, options.labels, model.dataset_json,
                                      options.cases))
-    return cases_from_source(_preprocessed_dataset(model), options.cases, model.fold,
+    return cases_from_source(_preprocessed_dataset(model, options), options.cases, model.fold,
                              _fold_folder(model))
 
 
-def _fold_training_cases(model: LoadedModel) -> TrainingCases:
-    return training_cases(_preprocessed_dataset(model), model.data_identifier, model.fold,
+def _fold_training_cases(model: LoadedModel, options: EvalOptions) -> TrainingCases:
+    return training_cases(_preprocessed_dataset(model, options), model.data_identifier, model.fold,
                           _fold_folder(model))
 
 
@@ -76,7 +86,7 @@ def _training_cases(model: LoadedModel, options: EvalOptions) -> TrainingCases:
     can be scored without the preprocessed dataset; then the check cannot be made, which is
     said rather than hidden."""
     try:
-        return _fold_training_cases(model)
+        return _fold_training_cases(model, options)
     except UserInputError as e:
         if not options.images:
             raise
@@ -85,12 +95,12 @@ def _training_cases(model: LoadedModel, options: EvalOptions) -> TrainingCases:
         return TrainingCases([])
 
 
-def training_cases_note(model: LoadedModel) -> str:
+def training_cases_note(model: LoadedModel, options: EvalOptions) -> str:
     """How ``model``'s training cases were known, for the tables' footnote, where not from a
     training record that matches today's split; ``""`` otherwise (or when they could not be
     known, which :func:`check_training_cases` has said)."""
     try:
-        return _fold_training_cases(model).note
+        return _fold_training_cases(model, options).note
     except UserInputError:
         return ""
 
@@ -118,7 +128,8 @@ def _load_samples(model: LoadedModel, cases: List[str], options: EvalOptions
                                   model.configuration, model.dataset_json, options.include_empty,
                                   cases, model.ignore_label)
     else:
-        samples = load_preprocessed_slices(_preprocessed_dataset(model), model.data_identifier,
+        samples = load_preprocessed_slices(_preprocessed_dataset(model, options),
+                                           model.data_identifier,
                                            cases, options.include_empty, model.ignore_label)
     if not samples:
         raise UserInputError("no test slices: the cases have no foreground (use --include-empty)")

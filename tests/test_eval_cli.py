@@ -114,10 +114,10 @@ def test_attack_lowers_dice_and_more_steps_never_help(nnunet_workspace, trained_
 def test_interrupted_run_resumes_to_the_same_summary(nnunet_workspace, trained_clean_model, tmp_path,
                                                      monkeypatch, capsys):
     ws = nnunet_workspace
-    common = ("--noise", "0", "3", "6", "--max-slices", "5", "--steps", "4", "--level-batching", "on")
+    common = ("--noise", "0", "3", "6", "--max-slices", "5", "--steps", "4")
     assert main(_args(ws, tmp_path / "full", *common)) == 0
 
-    # Killed while writing the third part (noise 6, attacked in one batch with noise 3).
+    # Killed while writing the third part (noise 6).
     original = run.save_part
     calls = []
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_ima.evaluation import ensemble_run
+from nnunet_ima.evaluation import run
 from nnunet_ima.evaluation.cli import main
 
 MEMBERS = ("pgd", "segpgd", "apgd-js")
@@ -51,7 +51,7 @@ def test_ensemble_worst_case_is_never_above_a_member_and_resumes(nnunet_workspac
     assert len(os.listdir(tmp_path / "full" / "parts")) == 7
 
     # Killed while saving the fourth member result: the rerun recomputes only what is missing.
-    original = ensemble_run.save_part
+    original = run.save_part
     calls = []
 
     def crash_on_fourth(*a, **k):
@@ -59,9 +59,9 @@ def test_ensemble_worst_case_is_never_above_a_member_and_resumes(nnunet_workspac
         if len(calls) == 4:
             raise KeyboardInterrupt
         return original(*a, **k)
-    monkeypatch.setattr(ensemble_run, "save_part", crash_on_fourth)
+    monkeypatch.setattr(run, "save_part", crash_on_fourth)
     assert main(_args(ws, tmp_path / "resumed", *common)) == 130
-    monkeypatch.setattr(ensemble_run, "save_part", original)
+    monkeypatch.setattr(run, "save_part", original)
     capsys.readouterr()
     assert main(_args(ws, tmp_path / "resumed", *common)) == 0
     assert "resuming: reused 3 (model, noise, attack) results" in capsys.readouterr().out

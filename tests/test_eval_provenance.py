@@ -88,9 +88,9 @@ def test_a_setting_that_changes_the_number_changes_the_record(change, field):
 
 def test_what_does_not_change_the_number_leaves_the_record_alone():
     expected = _records().record("IMA", 5.0)
-    # Packing levels never changes a result (it is probed bit for bit); the device, the
-    # progress bar, the noise list and the masking checks are not part of a part's number.
-    same = _records(_options(level_batching="on", progress=False, noise=(0, 5, 9),
+    # The device, the progress bar, the noise list and the masking checks are not part of a
+    # part's number.
+    same = _records(_options(progress=False, noise=(0, 5, 9),
                              masking_checks=True), device="cuda").record("IMA", 5.0)
     assert record_mismatch(same, expected) is None
     assert same["produced_by"]["device"] == "cuda"
