@@ -9,7 +9,7 @@ It runs the same commands a user runs on a real dataset, printing each one:
 4. ``nnUNetv2_train ... -tr nnUNetTrainerClean / nnUNetTrainerAdv / nnUNetTrainerIMA`` with a
    short schedule written to an ``NNUNET_IMA_CONFIG`` file,
 5. the evaluation of ``nnunet-ima-eval`` on the three models, called as a library
-   (``evaluate(EvalOptions(...))``, the command it equals printed), and its TVDI and ADI tables.
+   (``evaluate(EvalOptions(...))``), which prints the TVDI and ADI tables.
 
 Everything lives under ``--workdir`` (its own ``nnUNet_raw/preprocessed/results``); a finished
 step is skipped when the demo is run again with the same options (``demo_options.json`` records
@@ -191,33 +191,17 @@ def run(args: argparse.Namespace) -> int:
         experiment.run(command)
 
     out = os.path.join(experiment.workdir, "robustness")
-    evaluate_models(experiment, args, out)
+    experiment.evaluate(evaluation_options(args, out))
     print(f"\nDemo finished in {(time.time() - start) / 60:.1f} min. Results: {out}/ "
           f"(summary.json, tvdi.md, adi.md, curves.png, examples.png)")
     return 0
 
 
-def evaluation_options(args: argparse.Namespace, experiment: Experiment, out: str
-                       ) -> "EvalOptions":
-    """The demo's evaluation: fold 0 of the three trainers in the workdir, on the CPU, into
-    ``out``."""
+def evaluation_options(args: argparse.Namespace, out: str) -> "EvalOptions":
+    """The demo's evaluation: fold 0 of the three trainers, on the CPU, into ``out`` (the
+    experiment passes its own nnU-Net folders)."""
     from nnunet_ima.evaluation.options import EvalOptions
     from nnunet_ima.evaluation.robustness import AttackSettings
     return EvalOptions(output=out, dataset=DATASET_NAME, trainers=tuple(TRAINERS), folds=(0,),
                        noise=tuple(args.noise), attack=AttackSettings(steps=args.eval_steps),
-                       max_slices=args.max_slices, device="cpu",
-                       nnunet_results=experiment.folders["nnUNet_results"],
-                       nnunet_preprocessed=experiment.folders["nnUNet_preprocessed"])
-
-
-def evaluate_models(experiment: Experiment, args: argparse.Namespace, out: str) -> None:
-    """Evaluate the three models, printing the ``nnunet-ima-eval`` command it equals, then the
-    tables."""
-    from nnunet_ima.evaluation.report import print_tables
-    from nnunet_ima.evaluation.run import evaluate
-    options = evaluation_options(args, experiment, out)
-    print(f"\n$ nnunet-ima-eval -d {DATASET_ID} -c 2d -f 0 -tr {' '.join(TRAINERS)} --noise "
-          f"{' '.join(f'{n:g}' for n in options.noise)} --steps {options.attack.steps} "
-          f"--max-slices {options.max_slices} --device cpu -o {out}", flush=True)
-    evaluate(options)
-    print_tables(out)
+                       max_slices=args.max_slices, device="cpu")
