@@ -1,9 +1,9 @@
 """The per-slice losses of the ensemble's APGD members: SEA's (Croce, Singh and Hein, ECCV 2024).
 
 Each maps ``logits (B, K, H, W)`` and ``target (B, 1, H, W)`` (or ``(B, H, W)``) integer labels
-to ``(B,)``, the mean over the slice's scored pixels (ignore-label and negative-label pixels
-count in neither the sum nor the number of pixels). Which pixels are "correct" is read off the
-logits (argmax) and is not differentiated.
+to ``(B,)``, the mean over the slice's scored pixels (ignore-label pixels count in neither the
+sum nor the number of pixels; nnU-Net's ``-1`` is background, see :mod:`nnunet_ima.label_mask`).
+Which pixels are "correct" is read off the logits (argmax) and is not differentiated.
 
 * ``mask_ce``: the cross-entropy of the pixels still classified correctly. Once a pixel is
   wrong it stops pulling on the gradient, so the attack spends its budget on the pixels it has
@@ -19,31 +19,14 @@ logits (argmax) and is not differentiated.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
+from nnunet_ima.label_mask import label_map, scored_labels, scored_mean
+
 SegmentationLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def scored_labels(logits: torch.Tensor, target: torch.Tensor, ignore_label: Optional[int]
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(B, H, W)`` labels with unscored pixels set to 0, and the ``(B, H, W)`` scored mask
-    (ignore-label pixels and nnU-Net's ``-1`` outside the cropped region are not scored)."""
-    if target.dim() == logits.dim():
-        target = target[:, 0]
-    target = target.long()
-    scored = target >= 0
-    if ignore_label is not None:
-        scored &= target != ignore_label
-    return torch.where(scored, target, torch.zeros_like(target)), scored
-
-
-def slice_mean(pixel_loss: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    """``(B, H, W)`` -> ``(B,)``: the mean over each slice's scored pixels (0 with none)."""
-    axes = tuple(range(1, pixel_loss.dim()))
-    return (pixel_loss * scored).sum(axes) / scored.sum(axes).clamp_min(1).to(pixel_loss.dtype)
 
 
 def masked_ce(logits: torch.Tensor, target: torch.Tensor,
@@ -54,13 +37,13 @@ def masked_ce(logits: torch.Tensor, target: torch.Tensor,
 
 def _masked_ce(logits: torch.Tensor, target: torch.Tensor, ignore_label: Optional[int],
                balanced: bool) -> torch.Tensor:
-    labels, scored = scored_labels(logits, target, ignore_label)
+    labels, scored = scored_labels(label_map(target, logits), ignore_label)
     pixel_ce = F.cross_entropy(logits, labels, reduction="none")
     with torch.no_grad():
         weight = ((logits.argmax(dim=1) == labels) & scored).to(pixel_ce.dtype)
         if balanced:
             weight = weight * class_balance_weights(labels, scored, logits.shape[1]).to(weight)
-    return slice_mean(pixel_ce * weight, scored)
+    return scored_mean(pixel_ce * weight, scored)
 
 
 def class_balance_weights(labels: torch.Tensor, scored: torch.Tensor,
@@ -84,7 +67,7 @@ def js_divergence(logits: torch.Tensor, target: torch.Tensor,
                   ignore_label: Optional[int] = None) -> torch.Tensor:
     """``(B,)`` mean over scored pixels of ``JS(softmax(logits), onehot(target))``, summed over
     classes: ``(KL(p || m) + KL(q || m)) / 2`` with ``m = (p + q) / 2``, in ``[0, log 2]``."""
-    labels, scored = scored_labels(logits, target, ignore_label)
+    labels, scored = scored_labels(label_map(target, logits), ignore_label)
     p = logits.softmax(dim=1)                                                     # (B, K, H, W)
     q = F.one_hot(labels, logits.shape[1]).movedim(-1, 1).to(p.dtype)
     m = (p + q) / 2
@@ -94,7 +77,7 @@ def js_divergence(logits: torch.Tensor, target: torch.Tensor,
                        torch.zeros_like(p))
     kl_q = torch.where(q > 0, q * (-log_m), torch.zeros_like(q))   # q is 0 or 1: q log q = 0
     pixel_js = (kl_p + kl_q).sum(dim=1) / 2
-    return slice_mean(pixel_js, scored)
+    return scored_mean(pixel_js, scored)
 
 
 JS_MAXIMUM = math.log(2)

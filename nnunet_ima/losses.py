@@ -6,6 +6,7 @@ from typing import Any, Optional
 import torch
 
 from nnunet_ima.attacks import argmax_correct  # noqa: F401  (re-exported: the classification predicate)
+from nnunet_ima.label_mask import label_map, scored_label_maps
 from nnunet_ima.metrics import ABSENT_CLASS_RULES, SLICE_REDUCTIONS, slice_dice
 
 
@@ -59,9 +60,12 @@ class DiceThresholdCorrect:
         absent: ``"one"`` (classes absent from both are left out; an empty slice scores 1) or
             ``"zero"`` (every class counts, absent ones score 0; an empty slice scores 0 and is
             never correct), see :mod:`nnunet_ima.metrics`.
+        ignore_label: the dataset's ignore label, whose pixels count nowhere; ``-1`` (nnU-Net's
+            outside the nonzero region) is background (:mod:`nnunet_ima.label_mask`).
     """
 
-    def __init__(self, threshold: float = 0.6, reduce: str = "mean", absent: str = "one"):
+    def __init__(self, threshold: float = 0.6, reduce: str = "mean", absent: str = "one",
+                 ignore_label: Optional[int] = None):
         self.threshold = check_threshold(threshold)
         if reduce not in SLICE_REDUCTIONS:
             raise ValueError(f"reduce must be one of {SLICE_REDUCTIONS}, got {reduce!r}")
@@ -69,12 +73,15 @@ class DiceThresholdCorrect:
             raise ValueError(f"absent must be one of {ABSENT_CLASS_RULES}, got {absent!r}")
         self.reduce = reduce
         self.absent = absent
+        self.ignore_label = ignore_label
 
     def dice(self, output: Any, target: Any) -> torch.Tensor:
         """``(B,)`` slice Dice of the full-resolution prediction."""
         logits = _full_resolution(output)
-        labels = _full_resolution(target)
-        return slice_dice(logits.argmax(dim=1), labels, logits.shape[1], self.reduce,
+        pred, labels = scored_label_maps(logits.argmax(dim=1),
+                                         label_map(_full_resolution(target), logits),
+                                         self.ignore_label)
+        return slice_dice(pred, labels, logits.shape[1], self.reduce,
                           self.absent).to(logits.device)
 
     def __call__(self, output: Any, target: Any) -> torch.Tensor:

@@ -71,3 +71,47 @@ def test_losses_are_per_slice():
         assert torch.allclose(batch, alone)
     with pytest.raises(ValueError, match="loss must be one of"):
         sea_loss("dice", None)
+
+
+# ----------------------------------------------------------------------------- the label mask
+# nnunet_ima.label_mask: nnU-Net's -1 (outside the nonzero region) is background, the ignore
+# label counts nowhere.
+
+def test_minus_one_is_background_and_the_ignore_label_is_unscored_in_every_loss():
+    # Pixels: background right (2 vs 0), -1 outside the crop (right as background: 2 vs 0),
+    # the ignore label 2 (would be wrong and expensive if scored), foreground right (0 vs 1).
+    logits = _logits((2.0, 0.0), (2.0, 0.0), (0.0, 9.0), (0.0, 1.0))
+    target = torch.tensor([[[0, -1, 2, 1]]])
+    ce_bg = math.log(1 + math.exp(-2.0))
+    ce_fg = math.log(1 + math.exp(-1.0))
+    # 3 scored pixels, classes (0, 0, 1): balance weights 1 - 2/3 and 1 - 1/3.
+    assert masked_ce(logits, target, ignore_label=2).item() == \
+        pytest.approx((2 * ce_bg + ce_fg) / 3)
+    assert balanced_masked_ce(logits, target, ignore_label=2).item() == pytest.approx(
+        (2 * ce_bg / 3 + 2 * ce_fg / 3) / 3)
+    as_background = torch.tensor([[[0, 0, 2, 1]]])
+    for name in ("mask_ce", "bal_mask_ce", "js"):
+        loss = sea_loss(name, ignore_label=2)
+        assert torch.equal(loss(logits, target), loss(logits, as_background)), name
+
+
+def test_js_divergence_skips_the_ignore_label():
+    # The (0, 0) pixel of label 0 as in the hand computation above; the ignore label's pixel
+    # (confidently wrong, JS = log 2 if scored) leaves the sum and the count.
+    logits = _logits((0.0, 0.0), (-60.0, 60.0))
+    kl_p = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    kl_q = math.log(1 / 0.75)
+    assert js_divergence(logits, torch.tensor([[[0, 3]]]), ignore_label=3).item() == \
+        pytest.approx((kl_p + kl_q) / 2)
+    assert js_divergence(logits, torch.tensor([[[0, 0]]])).item() == \
+        pytest.approx(((kl_p + kl_q) / 2 + JS_MAXIMUM) / 2)
+
+
+def test_a_slice_without_scored_pixels_scores_zero_and_pulls_nothing():
+    logits = _logits((1.0, 0.0), (0.0, 1.0)).requires_grad_(True)
+    target = torch.tensor([[[2, 2]]])
+    for name in ("mask_ce", "bal_mask_ce", "js"):
+        value = sea_loss(name, ignore_label=2)(logits, target)
+        assert value.tolist() == [0.0], name
+        (grad,) = torch.autograd.grad(value.sum(), logits)
+        assert grad.abs().max() == 0, name

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nnunet_ima.label_mask import label_map, scored_labels, scored_mean
+
 SMOOTH = 1e-5
 
 
@@ -40,21 +42,13 @@ def dice_ce_per_sample(logits: torch.Tensor, target: torch.Tensor,
     Args:
         logits: ``(B, C, H, W)`` network output.
         target: ``(B, 1, H, W)`` or ``(B, H, W)`` integer label map.
-        ignore_label: pixels with this label count in neither term.
+        ignore_label: pixels with this label count in neither term; nnU-Net's ``-1``
+            outside the nonzero region is background (:mod:`nnunet_ima.label_mask`).
     """
-    if target.dim() == logits.dim():
-        target = target[:, 0]
-    target = target.long()
-    axes = tuple(range(1, target.dim()))
-    if ignore_label is not None:
-        valid = target != ignore_label
-        target = torch.where(valid, target, torch.zeros_like(target))
-    else:
-        valid = torch.ones_like(target, dtype=torch.bool)
-    valid_f = valid.to(logits.dtype)
+    target, scored = scored_labels(label_map(target, logits), ignore_label)
+    valid_f = scored.to(logits.dtype)
 
-    ce_map = F.cross_entropy(logits, target, reduction="none")
-    ce = (ce_map * valid_f).sum(axes) / valid_f.sum(axes).clamp_min(1)
+    ce = scored_mean(F.cross_entropy(logits, target, reduction="none"), scored)
 
     probs = torch.softmax(logits, dim=1)[:, 1:]
     onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
