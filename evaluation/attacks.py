@@ -3,17 +3,16 @@
 All three take per-sample budgets ``eps`` ``(B,)`` and a start offset ``start`` ``(B, C, H, W)``
 with ``||start[i]|| <= eps[i]`` (``None``: start at ``x``). The caller draws the offset so that
 one slice attacked at several noise levels in one batch starts exactly where it starts when each
-level runs alone (one seeded generator per level, see ``robustness.py``); the core's
-:func:`nnunet_ima.attacks.run_pgd` draws its start inside the loop from one generator, which is
-why the iteration is spelled out here. Every quantity is per sample: a slice's iterates do not
-depend on the other slices of the batch.
+level runs alone (one seeded generator per level, see ``robustness.py``) and hands it to the
+core's PGD loop as its start (:func:`nnunet_ima.attacks.run_pgd`). Every quantity is per sample:
+a slice's iterates do not depend on the other slices of the batch.
 
-* ``pgd``: ``x_t = x + P(x_{t-1} + s * h(grad L(x_{t-1})) - x)``, ``s = alpha * eps / steps``,
-  ``t = 1..steps``; ``h`` the unit-L2 gradient or its sign (Linf), ``P`` the projection onto the
-  eps-ball (:mod:`nnunet_ima.norms`). The same operations in the same order as the core's
-  ``run_pgd`` without ``stop_if``, so it returns the core's bits for the same start.
-* ``segpgd``: the same iteration on SegPGD's loss (Gu et al., ECCV 2022, Eq. 4-5): at step ``t``
-  of ``T``, ``L = ((1 - lambda_t) * sum_{correct} CE_j + lambda_t * sum_{wrong} CE_k) / N`` with
+* ``pgd``: the core's loop, ``x_t = x + P(x_{t-1} + s * h(grad L(x_{t-1})) - x)``,
+  ``s = alpha * eps / steps``, ``t = 1..steps``; ``h`` the unit-L2 gradient or its sign (Linf),
+  ``P`` the projection onto the eps-ball (:mod:`nnunet_ima.norms`).
+* ``segpgd``: the same loop with a loss schedule, SegPGD's loss (Gu et al., ECCV 2022,
+  Eq. 4-5): at step ``t`` of ``T``,
+  ``L = ((1 - lambda_t) * sum_{correct} CE_j + lambda_t * sum_{wrong} CE_k) / N`` with
   ``lambda_t = (t - 1) / (2 T)`` (0 at the first step, ``(T - 1) / (2T) < 1/2`` at the last),
   "correct" judged on the prediction of the current iterate ``x_{t-1}``, and ``N`` the pixels
   of the slice that are scored (the paper's ``H x W``; ignore-label pixels excluded).
@@ -39,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_ima.attacks import run_pgd, start_point
+from nnunet_ima.label_mask import label_map, scored_labels, scored_mean
 from nnunet_ima.model_mode import attack_mode
-from nnunet_ima.norms import as_eps_tensor, check_norm, project, steepest_ascent_direction
-
-from nnunet_ima.evaluation.segmentation_losses import scored_labels, slice_mean
+from nnunet_ima.norms import (as_eps_tensor, check_norm, per_sample_view, project,
+                              steepest_ascent_direction)
 
 ATTACKS = ("pgd", "segpgd", "apgd", "apgd_sea")
 
@@ -56,49 +56,7 @@ ScoreFn = Callable[[torch.Tensor, Any], torch.Tensor]
 """``score(logits (B, K, H, W), target) -> (B,)``, what the attack wants low (the slice Dice)."""
 
 
-def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` -> ``(B, 1, ..., 1)`` to scale a ``(B, ...)`` tensor per sample."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
-def _start(x: torch.Tensor, start: Optional[torch.Tensor]) -> torch.Tensor:
-    if start is None:
-        return x.clone()
-    if start.shape != x.shape:
-        raise ValueError(f"start must have the shape of x {tuple(x.shape)}, "
-                         f"got {tuple(start.shape)}")
-    return x + start.to(x)
-
-
 # ----------------------------------------------------------------------------- PGD and SegPGD
-
-def projected_ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
-                     start: Optional[torch.Tensor], *, norm: str, steps: int, alpha: float,
-                     loss_at: Callable[[int], LossFn]) -> torch.Tensor:
-    """``steps`` PGD steps of size ``alpha * eps / steps`` from ``x + start``.
-
-    Args:
-        x: ``(B, C, H, W)`` clean slices; y: ``(B, 1, H, W)`` label maps.
-        eps: ``(B,)`` budgets; start: ``(B, C, H, W)`` offset inside the ball, or ``None``.
-        loss_at: ``t -> loss`` for step ``t = 1..steps`` (PGD: always the same loss).
-
-    Returns:
-        ``(B, C, H, W)`` the last iterate.
-    """
-    norm = check_norm(norm)
-    x = x.detach()
-    eps = as_eps_tensor(eps, x)
-    step_size = alpha * eps / max(steps, 1)
-    x_cur = _start(x, start)
-    with attack_mode(model):
-        for t in range(1, steps + 1):
-            x_grad = x_cur.clone().requires_grad_(True)
-            per_sample = loss_at(t)(model(x_grad), y)
-            (grad,) = torch.autograd.grad(per_sample.sum(), x_grad)
-            stepped = x_cur + _per_sample(step_size, x) * steepest_ascent_direction(grad, norm)
-            x_cur = x + project(stepped - x, eps, norm)
-    return x_cur.detach()
-
 
 def segpgd_lambda(t: int, steps: int) -> float:
     """SegPGD's weight of the wrongly classified pixels at step ``t`` of ``steps`` (1-based):
@@ -113,10 +71,10 @@ def segpgd_loss(logits: torch.Tensor, target: torch.Tensor, lam: float,
     """SegPGD's loss per slice (Gu et al., Eq. 4).
 
     ``((1 - lam) * sum of the CE of correctly classified pixels + lam * sum of the CE of wrongly
-    classified pixels) / number of scored pixels``. Pixels with ``ignore_label``, or a negative
-    label (nnU-Net's ``-1`` outside the cropped region when it has not been mapped to
-    background), count in neither sum nor in the count. Which pixels are correct is read off
-    ``logits`` (argmax), not differentiated.
+    classified pixels) / number of scored pixels``. Pixels with ``ignore_label`` count in
+    neither sum nor in the count; nnU-Net's ``-1`` outside the cropped region is background
+    (:mod:`nnunet_ima.label_mask`). Which pixels are correct is read off ``logits`` (argmax),
+    not differentiated.
 
     Args:
         logits: ``(B, K, H, W)``; target: ``(B, 1, H, W)`` or ``(B, H, W)`` integer labels.
@@ -124,24 +82,32 @@ def segpgd_loss(logits: torch.Tensor, target: torch.Tensor, lam: float,
     Returns:
         ``(B,)``.
     """
-    safe, valid = scored_labels(logits, target, ignore_label)
+    safe, valid = scored_labels(label_map(target, logits), ignore_label)
     pixel_ce = F.cross_entropy(logits, safe, reduction="none")
     with torch.no_grad():
         correct = logits.argmax(dim=1) == safe
         weight = torch.where(correct, 1.0 - lam, lam).to(pixel_ce.dtype)
-    return slice_mean(pixel_ce * weight, valid)
+    return scored_mean(pixel_ce * weight, valid)
 
 
 def segpgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
            start: Optional[torch.Tensor], *, norm: str, steps: int, alpha: float,
            ignore_label: Optional[int] = None) -> torch.Tensor:
-    """SegPGD: :func:`projected_ascent` on :func:`segpgd_loss` with ``lambda_t`` of step ``t``.
-    Shapes as in :func:`projected_ascent`; returns the last iterate."""
+    """SegPGD: the core's PGD loop (:func:`nnunet_ima.attacks.run_pgd`) from ``x + start`` on
+    :func:`segpgd_loss` with ``lambda_t`` of step ``t``.
+
+    Args:
+        x: ``(B, C, H, W)`` clean slices; y: ``(B, 1, H, W)`` label maps.
+        eps: ``(B,)`` budgets; start: ``(B, C, H, W)`` offset inside the ball, or ``None``.
+
+    Returns:
+        ``(B, C, H, W)`` the last iterate.
+    """
     def loss_at(t: int) -> LossFn:
         lam = segpgd_lambda(t, steps)
         return lambda logits, target: segpgd_loss(logits, target, lam, ignore_label)
-    return projected_ascent(model, x, y, eps, start, norm=norm, steps=steps, alpha=alpha,
-                            loss_at=loss_at)
+    return run_pgd(model, x, y, eps, norm=norm, steps=steps, alpha=alpha, random_start=False,
+                   start=start, loss_schedule=loss_at).x_adv
 
 
 # ----------------------------------------------------------------------------- APGD
@@ -237,7 +203,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
         return value, grad
 
     with attack_mode(model):
-        x_k = _start(x, start)
+        x_k = start_point(x, start)
         f_k, g_k = evaluate(x_k, steps > 0)
         x_prev = x_k
         eta = APGD_FIRST_STEP * eps
@@ -249,7 +215,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
         f_best_at_checkpoint = f_best.clone()
         halved_at_checkpoint = torch.zeros_like(f_k, dtype=torch.bool)
         for k in range(steps):
-            z = ball(x_k + _per_sample(eta, x) * steepest_ascent_direction(g_k, norm))
+            z = ball(x_k + per_sample_view(eta, x) * steepest_ascent_direction(g_k, norm))
             if k == 0:
                 x_new = z
             else:
@@ -260,7 +226,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
             x_best[better] = x_new[better]
             f_best = torch.where(better, f_new, f_best)
             if g_new is not None:
-                g_best = torch.where(_per_sample(better, x), g_new, g_best)
+                g_best = torch.where(per_sample_view(better, x), g_new, g_best)
             x_prev, x_k, f_k, g_k = x_k, x_new, f_new, g_new
             if k + 1 in checkpoints:
                 since = k + 1 - last_checkpoint
@@ -269,10 +235,10 @@ def apgd(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
                 halve = few_increases | stalled
                 eta = torch.where(halve, eta / 2, eta)
                 # Restart from the best point (its gradient was kept with it).
-                x_k = torch.where(_per_sample(halve, x), x_best, x_k)
+                x_k = torch.where(per_sample_view(halve, x), x_best, x_k)
                 f_k = torch.where(halve, f_best, f_k)
                 if g_k is not None:
-                    g_k = torch.where(_per_sample(halve, x), g_best, g_k)
+                    g_k = torch.where(per_sample_view(halve, x), g_best, g_k)
                 increases.zero_()
                 last_checkpoint = k + 1
                 f_best_at_checkpoint = f_best.clone()
@@ -327,8 +293,8 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
     :func:`apgd_shrinking_radius` and needs ``score``.
     """
     if name == "pgd":
-        return projected_ascent(model, x, y, eps, start, norm=norm, steps=steps, alpha=alpha,
-                                loss_at=lambda t: loss)
+        return run_pgd(model, x, y, eps, norm=norm, steps=steps, alpha=alpha, loss=loss,
+                       random_start=False, start=start).x_adv
     if name == "segpgd":
         return segpgd(model, x, y, eps, start, norm=norm, steps=steps, alpha=alpha,
                       ignore_label=ignore_label)

@@ -3,7 +3,7 @@ test_attacks_torchattacks.py)."""
 import pytest
 import torch
 
-from nnunet_ima.attacks import argmax_correct, bpgd, margin_loss, pgd, run_pgd
+from nnunet_ima.attacks import argmax_correct, bpgd, margin_loss, pgd, run_pgd, start_offset
 from nnunet_ima.losses import DiceThresholdCorrect
 from nnunet_ima.norms import per_sample_norm
 
@@ -209,3 +209,57 @@ def test_nan_input_and_mismatched_labels_raise(cnn_batch):
         bpgd(model, x, y, 0.5, boundary="nearest")
     with pytest.raises(ValueError, match="dice_threshold must lie strictly between 0 and 1"):
         DiceThresholdCorrect(1.0)
+
+
+# ----------------------------------------------------------------------------- start and schedule
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_a_given_start_is_the_random_start_drawn_outside(cnn_batch, norm):
+    """``start`` (advertorch's ``delta_init``): the loop from an offset drawn by the caller gives
+    the bits of the loop that draws the same offset itself."""
+    model, x, y = cnn_batch
+    eps = torch.tensor([0.0, 0.1, 0.5, 1.0, 2.0, 0.3], dtype=torch.float64)
+    inside = run_pgd(model, x, y, eps, norm=norm, steps=4, clamp=(0.0, 1.0),
+                     generator=torch.Generator().manual_seed(7))
+    offset = start_offset(x, eps, norm, generator=torch.Generator().manual_seed(7))
+    outside = run_pgd(model, x, y, eps, norm=norm, steps=4, clamp=(0.0, 1.0), start=offset)
+    assert torch.equal(inside.x_adv, outside.x_adv)
+    radius = torch.full((6,), 0.2, dtype=torch.float64)
+    on_sphere = run_pgd(model, x, y, eps, norm=norm, steps=4, start_radius=radius,
+                        generator=torch.Generator().manual_seed(7))
+    drawn = start_offset(x, eps, norm, radius, torch.Generator().manual_seed(7))
+    assert torch.equal(on_sphere.x_adv, run_pgd(model, x, y, eps, norm=norm, steps=4,
+                                                start=drawn).x_adv)
+    # steps=0 returns the start point itself.
+    assert torch.equal(run_pgd(model, x, y, eps, norm=norm, steps=0, start=offset).x_adv,
+                       x + offset)
+
+
+def test_the_loss_schedule_gives_step_t_its_loss(cnn_batch):
+    model, x, y = cnn_batch
+    asked = []
+
+    def schedule(t):
+        asked.append(t)
+        return margin_loss
+
+    scheduled = run_pgd(model, x, y, 0.5, steps=3, loss_schedule=schedule,
+                        generator=torch.Generator().manual_seed(0))
+    assert asked == [1, 2, 3]
+    plain = run_pgd(model, x, y, 0.5, steps=3, loss=margin_loss,
+                    generator=torch.Generator().manual_seed(0))
+    assert torch.equal(scheduled.x_adv, plain.x_adv)
+    # A schedule that changes the objective changes the iterates.
+    switched = run_pgd(model, x, y, 0.5, steps=3, generator=torch.Generator().manual_seed(0),
+                       loss_schedule=lambda t: margin_loss if t == 1 else
+                       (lambda out, lab: -margin_loss(out, lab)))
+    assert not torch.equal(switched.x_adv, plain.x_adv)
+
+
+def test_a_start_of_another_shape_or_with_a_radius_is_refused(cnn_batch):
+    model, x, y = cnn_batch
+    with pytest.raises(ValueError, match="start must have the shape of x"):
+        run_pgd(model, x, y, 0.5, start=torch.zeros(6, 1, 8))
+    with pytest.raises(ValueError, match="pass one of them"):
+        run_pgd(model, x, y, 0.5, start=torch.zeros_like(x),
+                start_radius=torch.full((6,), 0.1, dtype=torch.float64))
