@@ -1,8 +1,10 @@
 """The ablation experiment: its variants, its resume key, its table and its picture."""
 import csv
+import math
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import _bin
@@ -67,10 +69,27 @@ def test_a_workdir_made_with_other_options_is_refused(tmp_path):
         check_options(_options(tmp_path, adv_eps=[0.0]))
 
 
-def _fake_results(options, variants, numbers):
-    """Write the files the report reads: each model's summary.json per attack, ima_stats.csv."""
+# Two cases of two slices each; a slice's counts move its Dice by these points, which add up to
+# 0, so the pooled TVDI of all four is the model's number and the draws still vary.
+SLICES = (("c1", 0, 5), ("c1", 1, -5), ("c2", 0, 3), ("c2", 1, -3))
+
+
+def _save_counts(folder, model, noise, percent, spread=1):
+    """The evaluator's part of one (model, noise level): one class, slice ``i`` with TP
+    ``percent + spread * d_i`` and FP = FN = ``100 - TP``, so the pooled TVDI is ``percent``."""
+    from nnunet_ima.evaluation.report import part_path, save_part
+    from nnunet_ima.evaluation.robustness import NoiseResult
+    tp = np.array([[round(percent) + spread * d] for _, _, d in SLICES])
+    save_part(part_path(folder, model, noise), NoiseResult(
+        [c for c, _, _ in SLICES], [i for _, i, _ in SLICES], tp, 100 - tp, 100 - tp, {}))
+
+
+def _fake_results(options, variants, numbers, spread=None):
+    """Write the files the report reads: each model's summary.json and per-slice counts per
+    attack, ima_stats.csv. ``numbers``: name -> (clean TVDI, robust TVDI, adversarial weight),
+    or seed -> name -> those; ``spread``: name -> how far its slices lie from its number."""
     for v in variants:
-        clean, robust, weight = numbers[v.name]
+        clean, robust, weight = numbers.get(v.seed, numbers)[v.name]
         for attack in options.attacks:
             # APGD is 1 point stronger than PGD at every noise level > 0.
             drop = 1.0 if attack == "apgd" else 0.0
@@ -81,6 +100,9 @@ def _fake_results(options, variants, numbers):
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, "summary.json"), "w") as f:
                 json.dump({"models": {v.trainer: {"noise": levels}}}, f)
+            for n in options.noise:
+                _save_counts(out, v.trainer, n, 100 * levels[f"{n:g}"]["tvdi"],
+                             (spread or {}).get(v.name, 1))
         fold = os.path.join(model_folder(options, v, "Dataset990_SyntheticOrgan"), "fold_0")
         os.makedirs(fold, exist_ok=True)
         if v.kind != "clean":
@@ -114,7 +136,7 @@ def test_report_by_hand(tmp_path):
     assert dominated_by(worse, [rows["adv4"], rows["adv8"]]) == ["adv4", "adv8"]
 
     text = write_report(options, variants, "Dataset990_SyntheticOrgan")
-    table = text.splitlines()
+    table = text.split("\n\n")[1].splitlines()  # the table of the means; its intervals follow
     assert "| ima_authors | 85.00 | 84.00 | 49.00 | 49.00 | 58.00 |" in "\n".join(table)
     assert table[-1].endswith("| none |")
     assert os.path.isfile(os.path.join(options.workdir, "ablation.png"))
@@ -217,3 +239,178 @@ def test_the_command_line_options_are_the_declared_ones(monkeypatch):
     field = next(f for f in dataclasses.fields(AblationOptions) if f.name == "eval_steps")
     monkeypatch.setattr(field, "default", 7)
     assert build_parser("ablation").parse_args(argv).eval_steps == 7
+
+
+def test_seeds_train_every_variant_once_per_seed_beside_the_first(tmp_path, monkeypatch):
+    """The models of --seed, their settings files and evaluations are where a one-seed run puts
+    them; another seed's in seed<s>/; every model is evaluated with --seed."""
+    from nnunet_ima.nnunet import ablation
+    options = _options(tmp_path, variants=["clean", "adv"], adv_eps=[4.0], seed=3, seeds=[3, 1])
+    one = _options(tmp_path, variants=["clean", "adv"], adv_eps=[4.0], seed=3)
+    variants = build_variants(options)
+    assert [(v.name, v.seed) for v in variants] == [("clean", 3), ("adv4", 3), ("clean", 1),
+                                                    ("adv4", 1)]
+    assert all(settings_from_dict(v.settings).seed == v.seed for v in variants)
+    assert variants[:2] == build_variants(one)
+    dataset = "Dataset990_SyntheticOrgan"
+    assert model_folder(options, variants[0], dataset) == model_folder(one, variants[0], dataset)
+    assert ablation.results_root(options, variants[2]) == \
+        os.path.join(options.workdir, "seed1", "results", "clean")
+    assert eval_folder(options, variants[3], "pgd", "test") == \
+        os.path.join(options.workdir, "seed1", "eval", "test", "pgd", "adv4")
+    evaluations = [ablation.evaluation_options(options, v, "pgd", "test", dataset)
+                   for v in variants]
+    assert {e.attack.seed for e in evaluations} == {3}
+    assert len({e.output for e in evaluations}) == 4
+
+    ran = []
+    monkeypatch.setattr(ablation, "run_side_by_side", lambda commands, *a: ran.extend(commands))
+    ablation.train_all(options, variants, dataset, {})
+    assert [c.log_name for c in ran] == ["train_clean", "train_adv4", "train_clean_seed1",
+                                         "train_adv4_seed1"]
+    assert ran[2].env["NNUNET_IMA_CONFIG"] == \
+        os.path.join(options.workdir, "seed1", "configs", "clean.json")
+    assert [c.env["nnUNet_results"] for c in ran] == [ablation.results_root(options, v)
+                                                       for v in variants]
+
+
+def test_a_workdir_of_one_seed_takes_more_seeds_and_keeps_its_key(tmp_path):
+    key = _options(tmp_path).resume_key()
+    assert key["seed"] == 0 and "seeds" not in key and "bootstrap" not in key
+    assert _options(tmp_path, seeds=[2, 0, 1], bootstrap=50).resume_key() == key
+    assert _options(tmp_path).training_seeds == (0,)
+    assert _options(tmp_path, seed=4).training_seeds == (4,)
+    check_options(_options(tmp_path))
+    check_options(_options(tmp_path, seeds=[0, 1, 2], bootstrap=50))
+    with pytest.raises(UserInputError, match=r"differing: \['seed'\]"):
+        check_options(_options(tmp_path, seed=1, seeds=[0, 1]))
+    with pytest.raises(UserInputError, match="--seeds names 1 more than once"):
+        check_options(_options(tmp_path, seeds=[0, 1, 1]))
+    with pytest.raises(UserInputError, match="--seeds must be a whole number >= 0, got -1"):
+        check_options(_options(tmp_path, seeds=[0, -1]))
+    with pytest.raises(UserInputError, match="--bootstrap must be a whole number >= 1"):
+        check_options(_options(tmp_path, bootstrap=0))
+
+
+def test_report_of_two_seeds_by_hand(tmp_path):
+    """Means over the seeds in the first table; in the second, intervals and differences paired
+    against adv8 (the best TVDI AUC). Every slice of a model differs from its number by the
+    same points in every model, so a paired difference is the same in every draw: its
+    bootstrap interval has no width, though each model's own interval does."""
+    options = _options(tmp_path, variants=["clean", "adv", "ima_authors"], adv_eps=[4.0, 8.0],
+                       noise=[0.0, 4.0, 8.0], seeds=[0, 1], bootstrap=300)
+    variants = build_variants(options)
+    numbers = {0: {"clean": (90.0, 10.0, 0.0), "adv4": (88.0, 40.0, 0.5),
+                   "adv8": (80.0, 60.0, 0.5), "ima_authors": (85.0, 50.0, 0.5)},
+               1: {"clean": (90.0, 10.0, 0.0), "adv4": (86.0, 42.0, 0.5),
+                   "adv8": (80.0, 58.0, 0.5), "ima_authors": (87.0, 50.0, 0.5)}}
+    _fake_results(options, variants, numbers)
+    text = write_report(options, variants, "Dataset990_SyntheticOrgan")
+    means, intervals = text.split("\n\nIntervals")
+    # AUC over noise 0, 4, 8 with APGD's (robust - 1): (clean + 3 (robust - 1)) / 4; ima_authors
+    # (85 + 147) / 4 = 58 and (87 + 147) / 4 = 58.5; adv8 64.25 and 62.75.
+    assert "| ima_authors | 86.00 | 85.00 | 49.00 | 49.00 | 58.25 |" in means
+    assert "| adv8 | 80.00 | 79.00 | 58.00 | 58.00 | 63.50 |" in means
+    statistics = ablation_statistics(options, variants)
+    assert statistics.reference == "adv8" and statistics.seeds == (0, 1)
+    assert (statistics.cases, statistics.slices, statistics.draws) == (2, 4, 300)
+    ima = statistics.rows["ima_authors"]
+    assert ima.per_seed == {0: {"clean_tvdi": pytest.approx(85.0), "auc_tvdi": pytest.approx(58.0)},
+                            1: {"clean_tvdi": pytest.approx(87.0), "auc_tvdi": pytest.approx(58.5)}}
+    assert ima.clean_tvdi.mean == pytest.approx(86.0)
+    assert ima.clean_tvdi.low < 84 and ima.clean_tvdi.high > 88   # slices 3 to 5 points apart
+    # t interval over the seeds: 86 -+ 12.706 * sd(85, 87) / sqrt(2) = 86 -+ 12.706
+    assert (ima.clean_tvdi.seed_low, ima.clean_tvdi.seed_high) == pytest.approx(
+        (86 - 12.706, 86 + 12.706))
+    d = ima.clean_difference
+    assert (d.mean, d.low, d.high) == pytest.approx((6.0, 6.0, 6.0)) and not d.excludes_zero
+    # clean: +10 on both seeds; its AUC difference -35 and -33.5: -34.25 -+ 12.706 * 1.0607 / 1.414
+    clean = statistics.rows["clean"]
+    assert (clean.clean_difference.seed_low, clean.clean_difference.seed_high) == \
+        pytest.approx((10.0, 10.0))
+    assert clean.auc_difference.seed_high == pytest.approx(-34.25 + 12.706 * 0.75, abs=1e-3)
+    assert statistics.rows["adv8"].clean_difference is None
+    assert "| clean | 90.00 [" in intervals and \
+        "| +10.00 [+10.00, +10.00] seeds [+10.00, +10.00] * |" in intervals
+    assert "| +6.00 [+6.00, +6.00] seeds [-6.71, +18.71] |" in intervals
+    assert "| adv8 |" in intervals and "| reference | reference |" in intervals
+    with open(os.path.join(options.workdir, "ablation.json")) as f:
+        saved = json.load(f)["cases"]["test"]
+    assert saved[0]["name"] == "clean" and saved[0]["reference"] == "adv8"
+    assert saved[3]["statistics"]["clean_difference"]["mean"] == pytest.approx(6.0)
+    assert os.path.isfile(os.path.join(options.workdir, "ablation.png"))
+
+
+def ablation_statistics(options, variants):
+    from nnunet_ima.nnunet.ablation import collect_statistics
+    return collect_statistics(options, variants, "test")
+
+
+def test_one_seed_gives_bootstrap_intervals_only(tmp_path):
+    options = _options(tmp_path, variants=["clean", "adv"], adv_eps=[4.0], noise=[0.0, 4.0],
+                       bootstrap=200)
+    variants = build_variants(options)
+    _fake_results(options, variants, {"clean": (90.0, 10.0, 0.0), "adv4": (88.0, 40.0, 0.5)},
+                  spread={"clean": 2})
+    statistics = ablation_statistics(options, variants)
+    clean = statistics.rows["clean"]
+    assert math.isnan(clean.clean_tvdi.seed_low) and math.isnan(clean.auc_tvdi.seed_high)
+    # clean's slices lie twice as far from its number as adv4's: the difference varies by draw,
+    # over 0 for clean TVDI (+2 and a slice 3 or 5 points away), not for the AUC (-14)
+    d, auc = clean.clean_difference, clean.auc_difference
+    assert d.low < 0 < 2.0 < d.high and not d.excludes_zero
+    assert auc.low < -14.0 < auc.high < 0 and auc.excludes_zero
+    text = write_report(options, variants, "Dataset990_SyntheticOrgan")
+    assert "seeds [" not in text and "1 seed (0)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| clean | 90.00 [")]
+    assert len(rows) == 1 and "| +2.00 [" in rows[0] and rows[0].count(" *") == 1
+    assert rows[0].endswith("] * |")
+
+
+def test_slice_counts_of_an_ensemble_are_its_lowest_tvdi_choice(tmp_path):
+    """Per slice the member that scores worse; noise 0 is the first member's clean pass."""
+    from nnunet_ima.evaluation.report import part_path, save_part
+    from nnunet_ima.evaluation.robustness import NoiseResult
+    from nnunet_ima.nnunet.ablation import slice_counts
+
+    def part(noise, member, tp):
+        tp = np.array([[t] for t in tp])
+        save_part(part_path(str(tmp_path), "m", noise, member),
+                  NoiseResult(["c1", "c2"], [0, 0], tp, 100 - tp, 100 - tp, {}))
+    with open(tmp_path / "summary.json", "w") as f:
+        json.dump({"models": {"m": {"noise": {"0": {}, "4": {}}}},
+                   "ensemble": {"members": ["pgd", "apgd"]}}, f)
+    part(0.0, "pgd", [95, 90])
+    part(4.0, "pgd", [90, 10])
+    with pytest.raises(UserInputError, match=r"m__noise4__apgd\.npz is missing.*delete"):
+        slice_counts(str(tmp_path))
+    part(4.0, "apgd", [20, 80])
+    counts = slice_counts(str(tmp_path))
+    assert counts[0.0].tp[:, 0].tolist() == [95, 90]
+    assert counts[4.0].tp[:, 0].tolist() == [20, 10]
+
+
+def test_evaluations_on_other_slices_are_refused(tmp_path):
+    options = _options(tmp_path, variants=["clean", "adv"], adv_eps=[4.0], noise=[0.0, 4.0],
+                       attacks=["pgd"], bootstrap=10)
+    variants = build_variants(options)
+    _fake_results(options, variants, {"clean": (90.0, 10.0, 0.0), "adv4": (88.0, 40.0, 0.5)})
+    from nnunet_ima.evaluation.report import part_path, save_part
+    from nnunet_ima.evaluation.robustness import NoiseResult
+    out = eval_folder(options, variants[1], "pgd", "test")
+    tp = np.array([[50], [50]])
+    save_part(part_path(out, variants[1].trainer, 4.0),
+              NoiseResult(["c1", "c3"], [0, 0], tp, tp, tp, {}))
+    with pytest.raises(UserInputError, match="evaluated on other slices"):
+        ablation_statistics(options, variants)
+
+
+def test_the_command_line_takes_seeds_and_explains_the_intervals():
+    from nnunet_ima.cli import build_parser
+    parser = build_parser("ablation")
+    args = parser.parse_args(["ablation", "-d", "990", "--workdir", "w", "--seeds", "0", "1",
+                              "2", "--bootstrap", "500"])
+    assert (tuple(args.seeds), args.bootstrap) == ((0, 1, 2), 500)
+    shown = " ".join(parser.commands["ablation"].format_help().split())
+    assert "--seeds SEEDS [SEEDS ...]" in shown and "95 % bootstrap interval" in shown
+    assert "paired difference against the Adv model with the best TVDI AUC" in shown

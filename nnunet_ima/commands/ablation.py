@@ -23,6 +23,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    **({"required": True} if f.name in _REQUIRED else {}))
     parser.add_argument("--stop-after", choices=("train", "report"), default="report",
                         help="train only, or train, evaluate and report")
+    parser.epilog = (
+        "ablation.md holds, per case set, the means over the seeds and then their intervals: "
+        "clean TVDI and TVDI AUC with a 95 % bootstrap interval over the evaluated cases and "
+        "their slices (cases drawn with replacement, then slices within each drawn case; "
+        "--bootstrap draws), with several --seeds also a 95 % t interval over the seeds, and "
+        "each model's paired difference against the Adv model with the best TVDI AUC (the same "
+        "seeds, slices and draws), marked * where its intervals exclude 0. The bootstrap says "
+        "how far another sample of cases like these could move a number, not how it would "
+        "change on other data: with a few cases, or one subject cut into cases, the intervals "
+        "are wide or say little about new subjects (docs/benchmarks.md).")
 
 
 def run(args: argparse.Namespace) -> int:

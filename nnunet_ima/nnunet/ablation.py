@@ -1,6 +1,6 @@
 """The ablation experiment: which reading of IMA makes it beat vanilla adversarial training.
 
-On one planned and split nnU-Net dataset, with one schedule and one seed, it trains
+On one planned and split nnU-Net dataset, with one schedule and one or more seeds, it trains
 
 * ``clean`` (plain nnU-Net) and ``clean_half_lr`` (half the learning rate: IMA's clean term has
   weight ``1 - beta``, so a weak adversarial term makes IMA train like this);
@@ -12,10 +12,17 @@ On one planned and split nnU-Net dataset, with one schedule and one seed, it tra
   term (``printed+term``);
 
 each as a real ``nnUNetv2_train`` in its own ``nnUNet_results`` folder (side by side with
-``jobs``), then attacks every model with the evaluator of ``nnunet-ima-eval``
-(:func:`nnunet_ima.evaluation.run.evaluate`; PGD and APGD by default) and writes one table and
-one picture. Everything is resumable: a trained model, and each (model,
-attack, case set) evaluation, is reused when the command runs again with the same options.
+``jobs``), once per seed, then attacks every model with the evaluator of ``nnunet-ima-eval``
+(:func:`nnunet_ima.evaluation.run.evaluate`; PGD and APGD by default) and writes, per case set,
+a table of the means over the seeds, a table of their intervals and paired differences
+(:mod:`nnunet_ima.statistics`, from the evaluations' per-slice counts) and one picture.
+Everything is resumable: a trained model, and each (model, attack, case set) evaluation, is
+reused when the command runs again with the same options.
+
+The models trained with ``seed`` (the evaluation seed) and their evaluations sit where a
+one-seed run puts them, those of the other ``seeds`` in ``seed<s>/`` beside them, so a workdir
+made with one seed takes more seeds later. Every model is evaluated with ``seed``: the same
+slices and the same attack starts for all of them.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ import csv
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -37,9 +44,12 @@ from nnunet_ima.nnunet.experiment import final_checkpoint, training_command
 from nnunet_ima.nnunet.pipeline import run_side_by_side, threads_per_job
 from nnunet_ima.nnunet.settings import RECIPES, settings_from_dict
 from nnunet_ima.nnunet.training_stats import STATS_FILENAME
+from nnunet_ima.statistics import (Estimate, case_slice_draws, estimate, paired_difference,
+                                   tvdi_draws)
 
 if TYPE_CHECKING:  # the evaluator imports torch; checking the options needs none of it
     from nnunet_ima.evaluation.options import EvalOptions
+    from nnunet_ima.evaluation.robustness import NoiseResult
 
 OPTIONS_FILENAME = "ablation_options.json"
 TABLE_FILENAME = "ablation.md"
@@ -63,12 +73,24 @@ DEFAULT_VARIANTS = ("clean", "clean_half_lr", "adv", "ima_printed", "ima_authors
 
 @dataclass(frozen=True)
 class Variant:
-    """One model of the experiment: a trainer class and its ``NNUNET_IMA_CONFIG`` settings."""
+    """One model of the experiment: a trainer class and its ``NNUNET_IMA_CONFIG`` settings (the
+    training seed among them); a variant trained with several seeds is one Variant per seed."""
 
     name: str
     trainer: str
     settings: Dict[str, object]
     kind: str  # "clean", "adv" or "ima"
+    # "" for the evaluation seed (the folders of a one-seed run), "seed<s>" for the others.
+    seed_folder: str = ""
+
+    @property
+    def seed(self) -> int:
+        return int(self.settings["seed"])
+
+    @property
+    def label(self) -> str:
+        """The variant's name, with its seed where it is not the evaluation seed."""
+        return f"{self.name} (seed {self.seed})" if self.seed_folder else self.name
 
 
 # ---------------------------------------------------------------------------- options
@@ -150,8 +172,14 @@ class AblationOptions:
     pgd_steps: int = setting(5, help="PGD steps of the Adv and IMA trainings",
                              rule=_whole(1))
     binary_steps: int = setting(5, help="IMA's bisection steps", rule=_whole(1))
-    seed: int = setting(0, help="training and evaluation seed, the same for every model",
-                        rule=_whole(0))
+    seed: int = setting(0, rule=_whole(0),
+                        help="the evaluation seed of every model (the same slices and attack "
+                             "starts for all) and the training seed where --seeds is not given")
+    seeds: Sequence[int] = setting(
+        (), rule=Several(_whole(0), minimum=0),
+        help="training seeds, default --seed alone: every variant is trained once per seed, "
+             "the models of --seed in the workdir itself, those of another seed s in seed<s>/ "
+             "(so a workdir takes more seeds later)")
     fold: int = setting(0, help="the nnU-Net fold every model trains", rule=_whole(0))
     jobs: int = setting(1, help="trainings side by side; the CPU cores are shared between them",
                         rule=_whole(1))
@@ -168,6 +196,10 @@ class AblationOptions:
                                    help="case sets to evaluate, one table each: test, val")
     max_slices: Optional[int] = setting(12, help="slices evaluated per model and case set",
                                         rule=Worded(Count(1), "must be >= 1"), optional=True)
+    bootstrap: int = setting(
+        1000, rule=_whole(1),
+        help="bootstrap draws of the intervals: the evaluated cases drawn with replacement, "
+             "then slices within each drawn case; the same draws for every model")
 
     def __post_init__(self):
         # Lists as a program or argparse gives them; the options keep tuples (they are frozen).
@@ -176,18 +208,33 @@ class AblationOptions:
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
 
+    @property
+    def training_seeds(self) -> Tuple[int, ...]:
+        """The seeds every variant is trained with: ``seeds``, or ``seed`` alone."""
+        return tuple(self.seeds) or (self.seed,)
+
     def resume_key(self) -> dict:
-        """The options a result depends on (``jobs`` and ``workdir`` do not change results)."""
+        """The options a result depends on (``jobs`` and ``workdir`` do not change results, more
+        seeds add models beside those of ``seed``, the bootstrap is redrawn with each report)."""
         key = asdict(self)
-        for name in ("jobs", "workdir", "variants", "attacks", "cases"):
+        for name in ("jobs", "workdir", "variants", "attacks", "cases", "seeds", "bootstrap"):
             key.pop(name)
         return key
 
 
 def build_variants(options: AblationOptions) -> List[Variant]:
-    """The models named by ``options.variants`` (``adv`` expands to one per ``adv_eps``)."""
+    """The models named by ``options.variants`` (``adv`` expands to one per ``adv_eps``), for
+    every seed of ``options.training_seeds`` in turn."""
+    variants: List[Variant] = []
+    for seed in options.training_seeds:
+        folder = "" if seed == options.seed else f"seed{seed}"
+        variants += [replace(v, seed_folder=folder) for v in _variants_of_seed(options, seed)]
+    return variants
+
+
+def _variants_of_seed(options: AblationOptions, seed: int) -> List[Variant]:
     schedule = {"num_epochs": options.epochs, "num_iterations_per_epoch": options.iterations,
-                "num_val_iterations_per_epoch": options.val_iterations, "seed": options.seed,
+                "num_val_iterations_per_epoch": options.val_iterations, "seed": seed,
                 "initial_lr": options.initial_lr}
     attack = {"pgd_steps": options.pgd_steps}
     ima = dict(schedule, **attack, eps_max=options.eps_max, binary_steps=options.binary_steps)
@@ -235,9 +282,15 @@ def build_variants(options: AblationOptions) -> List[Variant]:
 
 
 # ------------------------------------------------------------------------------- workdir
+def seed_workdir(options: AblationOptions, variant: Variant) -> str:
+    """The workdir of the variant's seed: the workdir for the evaluation seed, ``seed<s>/`` in
+    it for the others."""
+    return os.path.join(options.workdir, variant.seed_folder)
+
+
 def results_root(options: AblationOptions, variant: Variant) -> str:
     """The ``nnUNet_results`` folder of one variant (each has its own: same trainer class)."""
-    return os.path.join(options.workdir, "results", variant.name)
+    return os.path.join(seed_workdir(options, variant), "results", variant.name)
 
 
 def model_folder(options: AblationOptions, variant: Variant, dataset_name: str) -> str:
@@ -246,7 +299,7 @@ def model_folder(options: AblationOptions, variant: Variant, dataset_name: str) 
 
 
 def eval_folder(options: AblationOptions, variant: Variant, attack: str, cases: str) -> str:
-    return os.path.join(options.workdir, "eval", cases, attack, variant.name)
+    return os.path.join(seed_workdir(options, variant), "eval", cases, attack, variant.name)
 
 
 CASE_SETS = ("test", "val")
@@ -266,7 +319,8 @@ def check_values(options: AblationOptions) -> None:
         raise UserInputError(e.spelled(flag_name)) from None
     noise = list(options.noise)
     for option, values, known in (("--noise", noise, None), ("--cases", options.cases, CASE_SETS),
-                                  ("--attacks", options.attacks, _attack_names())):
+                                  ("--attacks", options.attacks, _attack_names()),
+                                  ("--seeds", options.seeds, None)):
         repeated = sorted({f"{v:g}" if isinstance(v, float) else str(v)
                            for v in values if list(values).count(v) > 1})
         if repeated:
@@ -397,14 +451,16 @@ def train_all(options: AblationOptions, variants: List[Variant], dataset_name: s
     for variant in variants:
         if os.path.isfile(final_checkpoint(model_folder(options, variant, dataset_name),
                                            options.fold)):
-            print(f"{variant.name}: already trained", flush=True)
+            print(f"{variant.label}: already trained", flush=True)
             continue
         root = results_root(options, variant)
         os.makedirs(root, exist_ok=True)
         commands.append(training_command(
             dataset_name, options.fold, variant.trainer, variant.settings,
-            os.path.join(options.workdir, "configs", f"{variant.name}.json"), options.device,
-            options.jobs, f"train_{variant.name}",
+            os.path.join(seed_workdir(options, variant), "configs", f"{variant.name}.json"),
+            options.device, options.jobs,
+            "_".join(["train", variant.name] + ([variant.seed_folder] if variant.seed_folder
+                                                else [])),
             # continues a training an earlier run left unfinished
             resume=os.path.isdir(os.path.join(root, dataset_name)),
             env={"nnUNet_results": root, "OMP_NUM_THREADS": threads, "nnUNet_def_n_proc": "1"}))
@@ -414,7 +470,8 @@ def train_all(options: AblationOptions, variants: List[Variant], dataset_name: s
 def evaluation_options(options: AblationOptions, variant: Variant, attack: str, cases: str,
                        dataset_name: str) -> EvalOptions:
     """The evaluation of one (variant, attack, case set): the model by its folder, every noise
-    level, ``options.eval_steps`` steps and the experiment's seed; ``ensemble`` runs the
+    level, ``options.eval_steps`` steps and the evaluation seed (whatever seed the model trained
+    with: every model is scored on the same slices from the same starts); ``ensemble`` runs the
     default members with the gradient-masking checks, as ``nnunet-ima-eval --attack
     ensemble`` does."""
     from nnunet_ima.evaluation.ensemble import DEFAULT_ENSEMBLE
@@ -444,12 +501,12 @@ def evaluate_all(options: AblationOptions, variants: List[Variant], dataset_name
                 evaluation = evaluation_options(options, variant, attack, cases, dataset_name)
                 if os.path.isfile(os.path.join(evaluation.output, "summary.json")):
                     continue
-                print(f"\nevaluating {variant.name}: {attack}, {cases} cases, "
+                print(f"\nevaluating {variant.label}: {attack}, {cases} cases, "
                       f"{options.eval_steps} steps -> {evaluation.output}", flush=True)
                 try:
                     evaluate(evaluation)
                 except UserInputError as e:
-                    raise UserInputError(f"evaluating {variant.name} ({attack}, {cases} "
+                    raise UserInputError(f"evaluating {variant.label} ({attack}, {cases} "
                                          f"cases): {e}") from None
 
 
@@ -495,31 +552,174 @@ def training_statistics(fold: str) -> Dict[str, float]:
 
 def collect_results(options: AblationOptions, variants: List[Variant], dataset_name: str,
                     cases: str) -> List[VariantResult]:
-    """The table rows of one case set; the worst case over the attacks is taken per noise level."""
-    rows = []
+    """The table rows of one case set, one per variant: the worst case over the attacks is taken
+    per noise level, then every number is averaged over the variant's seeds."""
+    return [_mean_over_seeds([_seed_result(options, v, dataset_name, cases) for v in runs])
+            for runs in by_name(variants).values()]
+
+
+def by_name(variants: Sequence[Variant]) -> Dict[str, List[Variant]]:
+    """The variants grouped by name (one per seed, in seed order), in the order of the first
+    seed."""
+    groups: Dict[str, List[Variant]] = {}
     for variant in variants:
-        tvdi: Dict[str, Dict[float, float]] = {}
-        adi: Dict[str, Dict[float, float]] = {}
-        for attack in options.attacks:
-            levels = _read_summary(os.path.join(eval_folder(options, variant, attack, cases),
-                                                "summary.json"))
-            tvdi[attack] = {n: 100 * v["tvdi"] for n, v in levels.items()}
-            adi[attack] = {n: 100 * v["adi"] for n, v in levels.items()}
-        noise = sorted(options.noise)
-        worst_tvdi = {n: min(tvdi[a][n] for a in options.attacks) for n in noise}
-        worst_adi = {n: min(adi[a][n] for a in options.attacks) for n in noise}
-        stats = training_statistics(os.path.join(model_folder(options, variant, dataset_name),
-                                                 f"fold_{options.fold}"))
-        rows.append(VariantResult(
-            name=variant.name, kind=variant.kind, clean_tvdi=worst_tvdi[noise[0]],
-            clean_adi=worst_adi[noise[0]], tvdi=tvdi, adi=adi, worst_tvdi=worst_tvdi,
-            worst_adi=worst_adi,
-            auc_tvdi=robustness_auc(noise, [worst_tvdi[n] for n in noise]),
-            auc_adi=robustness_auc(noise, [worst_adi[n] for n in noise]),
-            adv_weight=stats["adv_weight"] if variant.kind != "clean" else 0.0,
-            margin_mean=stats["margin_mean"] if variant.kind == "ima" else float("nan"),
-            adv_eps=float(variant.settings["adv_eps"]) if variant.kind == "adv" else None))
-    return rows
+        groups.setdefault(variant.name, []).append(variant)
+    return groups
+
+
+def _seed_result(options: AblationOptions, variant: Variant, dataset_name: str,
+                 cases: str) -> VariantResult:
+    tvdi: Dict[str, Dict[float, float]] = {}
+    adi: Dict[str, Dict[float, float]] = {}
+    for attack in options.attacks:
+        levels = _read_summary(os.path.join(eval_folder(options, variant, attack, cases),
+                                            "summary.json"))
+        tvdi[attack] = {n: 100 * v["tvdi"] for n, v in levels.items()}
+        adi[attack] = {n: 100 * v["adi"] for n, v in levels.items()}
+    noise = sorted(options.noise)
+    worst_tvdi = {n: min(tvdi[a][n] for a in options.attacks) for n in noise}
+    worst_adi = {n: min(adi[a][n] for a in options.attacks) for n in noise}
+    stats = training_statistics(os.path.join(model_folder(options, variant, dataset_name),
+                                             f"fold_{options.fold}"))
+    return VariantResult(
+        name=variant.name, kind=variant.kind, clean_tvdi=worst_tvdi[noise[0]],
+        clean_adi=worst_adi[noise[0]], tvdi=tvdi, adi=adi, worst_tvdi=worst_tvdi,
+        worst_adi=worst_adi,
+        auc_tvdi=robustness_auc(noise, [worst_tvdi[n] for n in noise]),
+        auc_adi=robustness_auc(noise, [worst_adi[n] for n in noise]),
+        adv_weight=stats["adv_weight"] if variant.kind != "clean" else 0.0,
+        margin_mean=stats["margin_mean"] if variant.kind == "ima" else float("nan"),
+        adv_eps=float(variant.settings["adv_eps"]) if variant.kind == "adv" else None)
+
+
+def _mean_over_seeds(results: List[VariantResult]) -> VariantResult:
+    """One row of the seeds' rows: every number (and every number of a dict) averaged; one
+    seed's row is returned as it is."""
+    if len(results) == 1:
+        return results[0]
+
+    def mean(values: list):
+        if isinstance(values[0], dict):
+            return {k: mean([v[k] for v in values]) for k in values[0]}
+        if isinstance(values[0], float):
+            return float(np.mean(values))
+        return values[0]  # the name, the kind, the budget: the same for every seed
+    return VariantResult(**{f.name: mean([getattr(r, f.name) for r in results])
+                            for f in fields(VariantResult)})
+
+
+# ------------------------------------------------------------------------- statistics
+def slice_counts(folder: str) -> Dict[float, NoiseResult]:
+    """Per noise level, the per-slice counts behind the TVDI of the evaluation in ``folder``:
+    the attack's parts (``parts/*.npz``, where the evaluator keeps them), or for an ensemble
+    the per-slice choice of members whose pooled TVDI is the lowest, as its headline TVDI
+    takes it. ``per_slice.csv`` has per-class Dice only, not the counts that TVDI pools.
+
+    Raises:
+        UserInputError: a part is missing, naming it and the fix.
+    """
+    from nnunet_ima.evaluation.ensemble import SINGLE, combine
+    from nnunet_ima.evaluation.report import load_part, part_path
+    summary = read_json(os.path.join(folder, "summary.json"),
+                        f"delete {folder} to evaluate again")
+    ((model, entry),) = summary["models"].items()
+    members = tuple(summary.get("ensemble", {}).get("members") or SINGLE)
+    counts = {}
+    for key in entry["noise"]:
+        noise = float(key)
+        # noise 0 is one clean pass, kept as the first member's part
+        paths = {m: part_path(folder, model, noise, m) for m in members[:1 if noise == 0 else None]}
+        missing = [path for path in paths.values() if not os.path.isfile(path)]
+        if missing:
+            raise UserInputError(f"{missing[0]} is missing: the intervals need the per-slice "
+                                 f"counts of every evaluation; delete {folder} to evaluate "
+                                 f"again")
+        counts[noise] = combine({m: load_part(path) for m, path in paths.items()}, {},
+                                {}).worst_tvdi
+    return counts
+
+
+@dataclass
+class RowStatistics:
+    """Clean TVDI and TVDI AUC (%) of one variant with their intervals
+    (:class:`~nnunet_ima.statistics.Estimate`), their values per seed, and their paired
+    differences against the reference Adv model (``None`` for it, and where there is none)."""
+
+    clean_tvdi: Estimate
+    auc_tvdi: Estimate
+    per_seed: Dict[int, Dict[str, float]]
+    clean_difference: Optional[Estimate] = None
+    auc_difference: Optional[Estimate] = None
+
+
+@dataclass
+class CaseSetStatistics:
+    """The intervals of one case set: per variant, and what they were computed on."""
+
+    rows: Dict[str, RowStatistics]
+    reference: Optional[str]  # the Adv model with the best mean TVDI AUC
+    cases: int
+    slices: int
+    draws: int
+    seeds: Tuple[int, ...]
+
+
+def _scores(options: AblationOptions, counts: Dict[str, Dict[float, NoiseResult]],
+            weights: np.ndarray) -> np.ndarray:
+    """``(2, R)`` clean TVDI and TVDI AUC (%) of one model under each of the ``R`` rows of
+    ``weights``: per attack and noise level the TVDI of the pooled counts, the worst over the
+    attacks per level, then the AUC over the levels, as the table takes them."""
+    noise = sorted(options.noise)
+    worst = 100 * np.min([[tvdi_draws(c[n].tp, c[n].fp, c[n].fn, weights) for n in noise]
+                          for c in counts.values()], axis=0)                     # (L, R)
+    return np.stack([worst[0], [robustness_auc(noise, column) for column in worst.T]])
+
+
+def collect_statistics(options: AblationOptions, variants: List[Variant],
+                       cases: str) -> CaseSetStatistics:
+    """The intervals of one case set (see :mod:`nnunet_ima.statistics`): every model of every
+    seed is scored on the same bootstrap draws of the slices (``options.bootstrap`` of them,
+    from a generator seeded with ``options.seed``), so that the differences are paired.
+
+    Raises:
+        UserInputError: an evaluation was made on other slices than the others.
+    """
+    groups = by_name(variants)
+    counts = {(v.name, v.seed): {a: slice_counts(eval_folder(options, v, a, cases))
+                                 for a in options.attacks} for v in variants}
+    first = next(iter(next(iter(counts.values())).values()))[0.0]
+    keys = list(zip(first.cases, first.slices))
+    for v in variants:
+        for attack, by_noise in counts[(v.name, v.seed)].items():
+            if any(list(zip(r.cases, r.slices)) != keys for r in by_noise.values()):
+                raise UserInputError(
+                    f"{eval_folder(options, v, attack, cases)} was evaluated on other slices "
+                    f"than {eval_folder(options, variants[0], options.attacks[0], cases)}, so "
+                    f"the models cannot be compared slice by slice; delete it to evaluate it "
+                    f"again")
+    draws = case_slice_draws(first.cases, options.bootstrap,
+                             np.random.default_rng(options.seed))
+    # The first row scores every slice once: the values of the table itself.
+    weights = np.vstack([np.ones((1, len(keys)), dtype=draws.dtype), draws])
+    scores = {name: np.stack([_scores(options, counts[(v.name, v.seed)], weights) for v in runs])
+              for name, runs in groups.items()}                                # (S, 2, 1 + R)
+    rows = {name: RowStatistics(
+        clean_tvdi=estimate(s[:, 0, 0], s[:, 0, 1:]), auc_tvdi=estimate(s[:, 1, 0], s[:, 1, 1:]),
+        per_seed={v.seed: {"clean_tvdi": float(s[i, 0, 0]), "auc_tvdi": float(s[i, 1, 0])}
+                  for i, v in enumerate(groups[name])})
+        for name, s in scores.items()}
+    adv = [name for name, runs in groups.items() if runs[0].kind == "adv"]
+    reference = max(adv, key=lambda name: rows[name].auc_tvdi.mean) if adv else None
+    if reference is not None:
+        base = scores[reference]
+        for name, s in scores.items():
+            if name != reference:
+                rows[name].clean_difference = paired_difference(s[:, 0, 0], s[:, 0, 1:],
+                                                                base[:, 0, 0], base[:, 0, 1:])
+                rows[name].auc_difference = paired_difference(s[:, 1, 0], s[:, 1, 1:],
+                                                              base[:, 1, 0], base[:, 1, 1:])
+    return CaseSetStatistics(rows, reference, len(set(first.cases)), len(keys),
+                             options.bootstrap, options.training_seeds)
 
 
 def dominated_by(row: VariantResult, others: Sequence[VariantResult]) -> List[str]:
@@ -556,24 +756,82 @@ def markdown_table(rows: List[VariantResult], options: AblationOptions, cases: s
     return "\n".join(lines) + "\n"
 
 
-def draw_front(rows: List[VariantResult], path: str, title: str) -> None:
-    """Clean TVDI against TVDI AUC, one point per model, the Adv budgets joined as a front."""
+def _interval(e: Estimate, sign: str = "") -> str:
+    """``mean [low, high]``, then ``seeds [low, high]`` where there are several seeds."""
+    text = f"{e.mean:{sign}.2f} [{e.low:{sign}.2f}, {e.high:{sign}.2f}]"
+    if not math.isnan(e.seed_low):
+        text += f" seeds [{e.seed_low:{sign}.2f}, {e.seed_high:{sign}.2f}]"
+    return text
+
+
+def _difference(e: Optional[Estimate]) -> str:
+    if e is None:
+        return "reference"
+    return _interval(e, "+") + (" *" if e.excludes_zero else "")
+
+
+def interval_table(statistics: CaseSetStatistics, options: AblationOptions, cases: str) -> str:
+    """One row per model: clean TVDI and TVDI AUC with their intervals and, where there is an
+    Adv model, their paired differences against the best of them (``*`` where the intervals
+    exclude 0)."""
+    seeds = statistics.seeds
+    several = len(seeds) > 1
+    header = ["model", "clean TVDI", "TVDI AUC"]
+    reference = statistics.reference
+    if reference is not None:
+        header += [f"clean TVDI - {reference}", f"TVDI AUC - {reference}"]
+    caption = (f"Intervals on `{options.dataset}`, {cases} cases: the mean over "
+               f"{len(seeds)} seed{'s' * several} ({' '.join(map(str, seeds))}) [95 % bootstrap "
+               f"interval over the {statistics.cases} cases and their {statistics.slices} slices: "
+               f"{statistics.draws} draws of cases, then of slices within each drawn case, the "
+               f"same for every model]")
+    if several:
+        caption += "; seeds [95 % t interval over the seeds]"
+    if reference is not None:
+        caption += (f". Differences are paired against {reference}, the Adv model with the best "
+                    f"TVDI AUC: the same seed, the same slices and the same draws; * where "
+                    f"{'both intervals exclude' if several else 'the interval excludes'} 0.")
+    else:
+        caption += ". No Adv model to compare with."
+    lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in statistics.rows.items():
+        cells = [name, _interval(row.clean_tvdi), _interval(row.auc_tvdi)]
+        if reference is not None:
+            cells += [_difference(row.clean_difference), _difference(row.auc_difference)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_front(rows: List[VariantResult], path: str, title: str,
+               statistics: Optional[CaseSetStatistics] = None) -> None:
+    """Clean TVDI against TVDI AUC, one point per model, the Adv budgets joined as a front;
+    with ``statistics``, each point's bootstrap intervals as error bars."""
     from nnunet_ima.plotting import pyplot, save_figure
     fig, ax = pyplot().subplots(figsize=(7, 5))
     adv = sorted((r for r in rows if r.kind == "adv"), key=lambda r: r.adv_eps)
     if adv:
         ax.plot([r.clean_tvdi for r in adv], [r.auc_tvdi for r in adv], "-o", color="tab:orange",
                 label="Adv (budgets joined)")
-    colours = {"clean": "tab:gray", "ima": "tab:blue"}
+    colours = {"clean": "tab:gray", "ima": "tab:blue", "adv": "tab:orange"}
     for r in rows:
         if r.kind != "adv":
             ax.scatter(r.clean_tvdi, r.auc_tvdi, color=colours[r.kind], zorder=3)
+        if statistics is not None:
+            clean, auc = statistics.rows[r.name].clean_tvdi, statistics.rows[r.name].auc_tvdi
+            ax.errorbar(r.clean_tvdi, r.auc_tvdi, xerr=[[r.clean_tvdi - clean.low],
+                                                        [clean.high - r.clean_tvdi]],
+                        yerr=[[r.auc_tvdi - auc.low], [auc.high - r.auc_tvdi]], fmt="none",
+                        ecolor=colours[r.kind], alpha=0.5, capsize=2, zorder=2)
         ax.annotate(r.name, (r.clean_tvdi, r.auc_tvdi), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
     ax.scatter([], [], color="tab:blue", label="IMA variants")
     ax.scatter([], [], color="tab:gray", label="clean")
     ax.set_xlabel("clean TVDI (%)")
     ax.set_ylabel("TVDI AUC under attack (%)")
+    if statistics is not None:
+        title += (f"\nbars: 95 % bootstrap intervals over {statistics.cases} cases, "
+                  f"{statistics.slices} slices" + (f", mean of {len(statistics.seeds)} seeds"
+                                                   if len(statistics.seeds) > 1 else ""))
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -582,17 +840,23 @@ def draw_front(rows: List[VariantResult], path: str, title: str) -> None:
 
 
 def write_report(options: AblationOptions, variants: List[Variant], dataset_name: str) -> str:
-    """Write ``ablation.md`` / ``ablation.json`` / ``ablation[_<cases>].png``; returns the tables."""
+    """Write ``ablation.md`` / ``ablation.json`` / ``ablation[_<cases>].png``; returns the tables
+    (per case set, the means and then their intervals)."""
     tables = []
     everything = {}
     for cases in options.cases:
         rows = collect_results(options, variants, dataset_name, cases)
-        tables.append(markdown_table(rows, options, cases))
+        statistics = collect_statistics(options, variants, cases)
+        tables.append(markdown_table(rows, options, cases) + "\n"
+                      + interval_table(statistics, options, cases))
         suffix = "" if len(options.cases) == 1 else f"_{cases}"
         draw_front(rows, os.path.join(options.workdir, PICTURE_FILENAME.replace(
-            ".png", f"{suffix}.png")), f"{dataset_name}, {cases} cases: clean vs robust TVDI")
+            ".png", f"{suffix}.png")), f"{dataset_name}, {cases} cases: clean vs robust TVDI",
+            statistics)
         everything[cases] = [{**asdict(r),
-                              "settings": next(v.settings for v in variants if v.name == r.name)}
+                              "settings": next(v.settings for v in variants if v.name == r.name),
+                              "statistics": asdict(statistics.rows[r.name]),
+                              "reference": statistics.reference}
                              for r in rows]
     text = "\n".join(tables)
     write_text(os.path.join(options.workdir, TABLE_FILENAME), text)
