@@ -392,3 +392,46 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "evaluate", interrupted)
     assert main(["-m", "x", "--device", "cpu", "-o", str(tmp_path / "o")]) == 130
     assert capsys.readouterr().err == "interrupted; rerun the same command to resume\n"
+
+
+@pytest.mark.parametrize("changes, argv, message", [
+    ({"noise": (0, -3)}, ["--noise", "0", "-3"], "noise levels must be finite and >= 0"),
+    ({"max_slices": 0}, ["--max-slices", "0"], "--max-slices must be >= 1, got 0"),
+    ({"tile_step_size": 1.5}, ["--tile-step-size", "1.5"],
+     "--tile-step-size must lie in (0, 1], got 1.5"),
+    ({"ensemble": ("pgd", "pgd")}, ["--attack", "ensemble", "--ensemble", "pgd", "pgd"],
+     "--ensemble names a member more than once"),
+    ({"images": "imagesTs"}, ["--images", "imagesTs"], "--images and --labels go together"),
+    ({"folds": (0, 0)}, ["-f", "0", "0"], "-f names fold 0 more than once"),
+    ({"model_folders": ("m",)}, ["-m", "m"], "by -m FOLDER, not both"),
+])
+def test_eval_options_refuse_what_the_command_line_refuses(tmp_path, capsys, changes, argv,
+                                                           message):
+    """A program building EvalOptions gets the command line's error, before any work."""
+    from nnunet_ima.errors import UserInputError
+    from nnunet_ima.evaluation.options import EvalOptions
+    base = dict(output=str(tmp_path / "o"), dataset="2", device="cpu")
+    with pytest.raises(UserInputError) as refused:
+        EvalOptions(**dict(base, **changes))
+    assert message in str(refused.value)
+    assert main(["-d", "2", "--device", "cpu", "-o", str(tmp_path / "o"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_declared_settings_are_checked_and_named_by_their_option(tmp_path, capsys):
+    from nnunet_ima.declared import InvalidSetting
+    from nnunet_ima.evaluation.robustness import AttackSettings
+    with pytest.raises(InvalidSetting, match="steps must be an integer >= 1, got 0"):
+        AttackSettings(steps=0)
+    for argv, message in ((["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+                          (["--alpha", "0"], "--alpha must be a finite number > 0"),
+                          (["--masking-queries", "0"], "--masking-queries must be an integer")):
+        assert main(["-d", "2", "--device", "cpu", "-o", str(tmp_path / "o"), *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_the_command_lines_defaults_are_the_declared_ones():
+    from nnunet_ima.evaluation.options import EvalOptions
+    args = cli.build_parser().parse_args(["-d", "2", "--device", "cpu", "-o", "o"])
+    assert cli.options_from_args(args) == EvalOptions(output="o", dataset="2", device="cpu")
