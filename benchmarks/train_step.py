@@ -1,22 +1,30 @@
 """Cost of one training step: plain nnU-Net vs PGD-20 adversarial training vs IMA, side by side.
 
-Runs the trainers' own ``train_step`` methods (``nnUNetTrainer``, ``nnUNetTrainerAdv``,
-``nnUNetTrainerIMA``) on the same nnU-Net 2D network and the same batch, alternating the three
-so that machine noise hits them alike, and reports the median time, peak memory (CUDA) and the
-forward / backward passes each made (counted per sample). The network is first trained briefly
-with plain steps so that most slices are segmented correctly (IMA only attacks those), then the
-learning rate is set to 0 so that every repetition sees the same network. IMA's margins are all
-set to the Adv budget, so both attacks get the same eps.
+Times the training steps of ``nnUNetTrainer``, ``nnUNetTrainerAdv`` and ``nnUNetTrainerIMA`` as
+``nnUNetv2_train DATASET 2d 0 -tr <trainer>`` builds them: nnU-Net finds each class by name and
+constructs it from a plans file and a dataset.json (a 2D configuration of the chosen plan's
+network, written to a temporary nnUNet_preprocessed; nnUNet_results is temporary too), then
+``initialize()`` and ``on_train_epoch_start()``; only nnU-Net's data loaders are left out, every
+step gets the same synthetic batch. Each trainer runs with its class's own settings (IMA: the
+``authors`` recipe it ships), except the budget, which the benchmark makes equal: IMA's margins
+are all set to Adv's eps (``--eps``, default Adv's own), and ``--pgd-steps`` goes to both. The
+network is first trained briefly by nnU-Net's plain step so that most slices are segmented
+correctly, then every trainer gets those weights and learning rate 0, so that every repetition
+sees the same network. The three steps alternate so that machine noise hits them alike; the
+table gives the median time, peak memory (CUDA) and the forward / backward passes each made
+(counted per sample).
 
-The last line is ``ima_over_adv20=<ratio> ima_over_plain=<ratio> floor_efficiency=<fraction>``;
-the floor is the time of the network passes IMA made, each priced at the measured time of a pass
-of its kind (training fwd+bwd, attack fwd+bwd for the input gradient, forward-only) and its batch
-size, run the way the trainers run it: what IMA would cost with zero overhead around its passes.
+The last line is ``ima_over_adv20=<ratio> ima_over_plain=<ratio> floor_efficiency=<fraction>
+recipe=<IMA's recipe>``; the floor is the time of the network passes IMA made, each priced at the
+measured time of a pass of its kind (training fwd+bwd, attack fwd+bwd for the input gradient,
+forward-only) and its batch size, run the way the trainers run it: what IMA would cost with zero
+overhead around its passes.
 
 ``--classification fashion-mnist`` (or ``digits``) does the same for ``nnunet-ima-classify``'s
 ce / adv / ima steps with the paper's CNN on real images (warm-up: plain cross-entropy).
 
     python benchmarks/train_step.py                       # the tiny 48x48 plan, CPU
+    python benchmarks/train_step.py --plan heart --batch-size 2 --repeats 2 --warmup-steps 30
     python benchmarks/train_step.py --plan heart --device cuda --epoch-iterations 50
     python benchmarks/train_step.py --classification fashion-mnist --warmup-steps 300
 """
@@ -24,29 +32,28 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
+import os
 import statistics
+import tempfile
 from collections import Counter
-from typing import Dict
+from contextlib import contextmanager, redirect_stdout
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ima.attacks import select
-from nnunet_ima.benchmarking import PLANS, build_network, print_ratios, synchronize, timed
+from nnunet_ima.benchmarking import PLANS, nnunet_plans, print_ratios, synchronize, timed
 from nnunet_ima.devices import add_device_argument
+from nnunet_ima.io import write_json
 from nnunet_ima.losses import DiceThresholdCorrect
 from nnunet_ima.model_mode import attack_mode
-from nnunet_ima.nnunet.loss import PerSampleDiceCE, deep_supervision_weights
-from nnunet_ima.nnunet.synthetic import make_case
-from nnunet_ima.nnunet.settings import settings_from_dict
-from nnunet_ima.trainers.nnUNetTrainerAdv import nnUNetTrainerAdv
-from nnunet_ima.trainers.nnUNetTrainerIMA import nnUNetTrainerIMA
-from nnunet_ima.nnunet.training_stats import EpochAccumulator
+from nnunet_ima.nnunet.loss import PerSampleDiceCE
+from nnunet_ima.nnunet.paths import trainer_dir
+from nnunet_ima.nnunet.settings import CONFIG_ENV
+from nnunet_ima.nnunet.synthetic import LABELS, make_case
 
 def make_batch(patch, batch: int, num_scales: int, seed: int, device) -> dict:
     """Synthetic z-scored slices with organ / lesion labels, deep-supervision targets."""
@@ -66,30 +73,81 @@ def make_batch(patch, batch: int, num_scales: int, seed: int, device) -> dict:
             "slice_ids": np.arange(batch)}
 
 
-def make_trainer(cls, network, settings, device):
-    """A trainer object for ``train_step`` only: the attributes the step uses, nothing else."""
-    trainer = cls.__new__(cls)
-    trainer.network = network
-    trainer.device = device
-    trainer.is_ddp, trainer.local_rank = False, 0
-    trainer.grad_scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    trainer.optimizer = torch.optim.SGD(network.parameters(), lr=0.0, momentum=0.99, nesterov=True)
-    loss = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                          weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
-    trainer.loss = DeepSupervisionWrapper(loss, deep_supervision_weights(len(network.decoder.stages)))
-    trainer.adversarial_loss = trainer.loss
-    trainer.ima_settings = settings
-    trainer.attack_loss = PerSampleDiceCE()
-    trainer.is_correct = DiceThresholdCorrect(settings.dice_threshold, settings.dice_reduce)
-    trainer._epoch_stats = EpochAccumulator()
-    if cls is nnUNetTrainerAdv:
-        trainer.clean_weight = 0.5
-    if cls is nnUNetTrainerIMA:
-        trainer.ima = settings.ima
-        trainer.clean_weight = 1 - trainer.ima.beta
-        trainer.margins = trainer.ima.make_margin_store(settings.num_epochs)
-        trainer.margins.initial = settings.adv_eps  # the same budget as Adv
+# The dataset of the step benchmark, and the trainers it times by their nnUNetv2_train names.
+DATASET = "Dataset990_TrainStepBenchmark"
+TRAINERS = {"plain": "nnUNetTrainer", "adv": "nnUNetTrainerAdv", "ima": "nnUNetTrainerIMA"}
+
+
+@contextmanager
+def nnunet_environment(root: str) -> Iterator[None]:
+    """nnU-Net's three folders under ``root``, this package's trainers on nnU-Net's search path,
+    ``torch.compile`` off for all three trainers (nnunet-ima's trainers leave it off unless asked;
+    nnU-Net's own would compile on CUDA) and no settings file; the environment as it was after."""
+    values = {"nnUNet_raw": os.path.join(root, "raw"),
+              "nnUNet_preprocessed": os.path.join(root, "preprocessed"),
+              "nnUNet_results": os.path.join(root, "results"),
+              "nnUNet_extTrainer": trainer_dir(), "nnUNet_compile": "f", CONFIG_ENV: None}
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            _set_variable(name, value)
+            if value is not None and name != "nnUNet_extTrainer" and name != "nnUNet_compile":
+                os.makedirs(value, exist_ok=True)
+        yield
+    finally:
+        for name, value in saved.items():
+            _set_variable(name, value)
+
+
+def _set_variable(name: str, value: Optional[str]) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def write_preprocessed(plan: str, batch_size: int, batch: dict) -> None:
+    """``$nnUNet_preprocessed/DATASET``: ``nnUNetPlans.json`` with the ``2d`` configuration of
+    ``PLANS[plan]`` at ``batch_size``, ``dataset.json``, and the ``batch`` as one preprocessed
+    case (``initialize()`` infers nnU-Net's dataset format from the files it finds)."""
+    folder = os.path.join(os.environ["nnUNet_preprocessed"], DATASET)
+    plans, dataset_json = nnunet_plans(plan, DATASET, batch_size, LABELS)
+    write_json(os.path.join(folder, "nnUNetPlans.json"), plans)
+    write_json(os.path.join(folder, "dataset.json"), dataset_json)
+    data = os.path.join(folder, plans["configurations"]["2d"]["data_identifier"])
+    os.makedirs(data, exist_ok=True)
+    np.savez_compressed(os.path.join(data, "case0.npz"),
+                        data=batch["data"].cpu().numpy().transpose(1, 0, 2, 3),
+                        seg=batch["target"][0].cpu().numpy().transpose(1, 0, 2, 3))
+
+
+def new_trainer(name: str, settings: Dict[str, object], device: torch.device):
+    """``nnUNetv2_train DATASET 2d 0 -tr <name>``'s trainer, initialised: nnU-Net finds the class
+    by name and constructs it from the plans and dataset.json; ``settings`` (flat keys, may be
+    empty) is the file of ``NNUNET_IMA_CONFIG``, unset when empty. nnU-Net's console messages
+    (banner, device, trainer search) are not shown."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    path = os.path.join(os.environ["nnUNet_results"], f"{name}.json")
+    if settings:
+        write_json(path, settings)
+        os.environ[CONFIG_ENV] = path
+    try:
+        with redirect_stdout(io.StringIO()):
+            trainer = get_trainer_from_args(DATASET, "2d", 0, name, device=device)
+            trainer.initialize()
+    finally:
+        os.environ.pop(CONFIG_ENV, None)
     return trainer
+
+
+def start_epoch(trainer, lr: float) -> None:
+    """nnU-Net's start of an epoch (train mode, the learning rate of epoch 0, the epoch's
+    statistics reset), then the learning rate set to ``lr``."""
+    with redirect_stdout(io.StringIO()):
+        trainer.on_train_epoch_start()
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
 
 
 class PassCounter:
@@ -226,68 +284,118 @@ def measure_and_report(steps, counters, make_pass, device, repeats: int):
     return report(times, passes, prices, memory, repeats), prices
 
 
-def print_step_ratios(medians: Dict[str, float], plain: str, adv: str) -> None:
+def print_step_ratios(medians: Dict[str, float], plain: str, adv: str, **labels: str) -> None:
     print_ratios({"ima_over_adv20": medians["ima"] / medians[adv],
                   "ima_over_plain": medians["ima"] / medians[plain],
-                  "floor_efficiency": medians["ima floor"]})
+                  "floor_efficiency": medians["ima floor"]}, **labels)
+
+
+def benchmark_settings(args) -> Dict[str, Dict[str, object]]:
+    """Per trainer, the settings the benchmark changes from the class's own defaults (its
+    ``NNUNET_IMA_CONFIG`` file; empty: none). Adv and IMA get the same: ``--pgd-steps`` where
+    it is not their default, and Adv's ``--eps``; IMA's margins are set to Adv's eps after
+    construction (:func:`time_steps`)."""
+    settings: Dict[str, Dict[str, object]] = {name: {} for name in TRAINERS}
+    if args.pgd_steps is not None:
+        settings["adv"]["pgd_steps"] = settings["ima"]["pgd_steps"] = args.pgd_steps
+    if args.eps is not None:
+        settings["adv"]["adv_eps"] = args.eps
+    return settings
 
 
 def segmentation_benchmark(args, device) -> None:
-    """The nnU-Net trainers' steps on a 2D network of ``args.plan``."""
+    """The steps of nnU-Net's trainer, ``nnUNetTrainerAdv`` and ``nnUNetTrainerIMA`` on a 2D
+    configuration of ``args.plan``, each built as ``nnUNetv2_train`` builds it."""
     plan = PLANS[args.plan]
     batch_size = args.batch_size or plan["batch"]
-    eps = 4.0 if args.eps is None else args.eps
-    network = build_network(plan["features"], 3).to(device)
-    batch = make_batch(plan["patch"], batch_size, len(plan["features"]) - 1, args.seed, device)
-    settings = settings_from_dict({"adv_eps": eps, "eps_max": max(eps, 1e-3) * 2,
-                                   "pgd_steps": args.pgd_steps})
-
-    # Warm-up: plain training until the network segments most slices (IMA attacks only those).
-    warm = make_trainer(nnUNetTrainer, network, settings, device)
-    for group in warm.optimizer.param_groups:
-        group["lr"] = 0.01
-    train_batches = [make_batch(plan["patch"], batch_size, len(plan["features"]) - 1, s, device)
+    num_scales = len(plan["features"]) - 1  # deep-supervision outputs nnU-Net trains on
+    batch = make_batch(plan["patch"], batch_size, num_scales, args.seed, device)
+    train_batches = [make_batch(plan["patch"], batch_size, num_scales, s, device)
                      for s in range(args.seed + 1, args.seed + 5)]
+
+    # The trainers' folders stay until the end: nnU-Net's hooks write to the log file there.
+    with tempfile.TemporaryDirectory() as root, nnunet_environment(root):
+        write_preprocessed(args.plan, batch_size, batch)
+        settings = benchmark_settings(args)
+        trainers = {name: new_trainer(cls, settings[name], device)
+                    for name, cls in TRAINERS.items()}
+        time_steps(args, device, trainers, batch, train_batches)
+
+
+def time_steps(args, device, trainers: Dict[str, object], batch: dict, train_batches) -> None:
+    """Warm up, then time and report the ``trainers``' steps on ``batch``
+    (:func:`segmentation_benchmark`)."""
+    plan = PLANS[args.plan]
+    batch_size = batch["data"].shape[0]
+    adv_settings, ima = trainers["adv"].ima_settings, trainers["ima"]
+    eps = adv_settings.adv_eps
+    if eps > ima.ima_settings.ima.eps_max:
+        raise SystemExit(f"--eps {eps:g} is above IMA's eps_max "
+                         f"({ima.ima_settings.ima.eps_max:g}), which IMA's margins cannot "
+                         f"exceed; give an --eps of at most that")
+    ima.margins.initial = eps  # the same budget as Adv: every slice's margin is Adv's eps
+    steps = adv_settings.attack.steps
+    recipe = ima.ima_settings.recipe
+
+    # Warm-up: nnU-Net's plain training at its own learning rate until the network segments
+    # most slices; then every trainer starts from these weights, at learning rate 0, so that
+    # every repetition sees the same network.
+    plain = trainers["plain"]
+    start_epoch(plain, plain.optimizer.param_groups[0]["lr"])
     for i in range(args.warmup_steps):
-        nnUNetTrainer.train_step(warm, train_batches[i % len(train_batches)])
+        plain.train_step(train_batches[i % len(train_batches)])
+    weights = copy.deepcopy(plain.network.state_dict())
+    for trainer in trainers.values():
+        trainer.network.load_state_dict(weights)
+        start_epoch(trainer, 0.0)
+    network = plain.network
+    s = ima.ima_settings
     network.eval()
     with torch.no_grad():
-        correct = warm.is_correct(network(batch["data"]), batch["target"])
+        correct = DiceThresholdCorrect(s.dice_threshold, s.dice_reduce, s.dice_absent_class)(
+            network(batch["data"]), batch["target"])
+    network.train()
     print(f"plan {args.plan}: batch {batch_size} x {tuple(plan['patch'])}, device {device}, "
           f"{sum(q.numel() for q in network.parameters()) / 1e6:.1f} M parameters; "
-          f"{int(correct.sum())}/{batch_size} slices correct (Dice >= 0.6) after warm-up")
+          f"{int(correct.sum())}/{batch_size} slices correct by IMA's rule (Dice "
+          f"{s.dice_reduce} >= {s.dice_threshold:g}) after warm-up")
+    print(f"trainers: {', '.join(TRAINERS.values())} with their class defaults; IMA recipe "
+          f"{recipe!r}; Adv eps {eps:g} and IMA margins {eps:g} (L2), {steps} PGD steps each")
 
-    adv = f"adv (PGD-{args.pgd_steps})"
-    classes = {"plain": nnUNetTrainer, adv: nnUNetTrainerAdv, "ima": nnUNetTrainerIMA}
-    trainers, counters, steps = {}, {}, {}
-    for name, cls in classes.items():
-        net = copy.deepcopy(network).train()
-        trainers[name], counters[name] = make_trainer(cls, net, settings, device), PassCounter(net)
-        steps[name] = (lambda t=trainers[name], c=cls: c.train_step(t, batch))
-    plain = trainers["plain"]
-    make_pass = pass_factory(plain.network, batch["data"], batch["target"], plain.loss,
-                             plain.attack_loss, autocast=device.type == "cuda")
-    medians, prices = measure_and_report(steps, counters, make_pass, device, args.repeats)
-    ima_stats = trainers["ima"]._epoch_stats
-    print(f"\nIMA: {ima_stats.attacked} slices attacked, {ima_stats.crossed} crossed over "
-          f"{args.repeats + 1} steps. Floor: each pass at its measured time for its kind and batch "
-          f"size (full batch of {batch_size}: " +
+    adv = f"adv (PGD-{steps})"
+    names = {"plain": "plain", "adv": adv, "ima": "ima"}
+    counters = {names[n]: PassCounter(t.network) for n, t in trainers.items()}
+    step_fns = {names[n]: (lambda t=t: t.train_step(batch)) for n, t in trainers.items()}
+    # The attacks' objective: nnU-Net's Dice + CE per slice (over the outputs Adv attacks).
+    attack_loss = PerSampleDiceCE(
+        full_resolution_only=adv_settings.attack_outputs == "full_resolution")
+    make_pass = pass_factory(network, batch["data"], batch["target"], plain.loss, attack_loss,
+                             autocast=device.type == "cuda")
+    medians, prices = measure_and_report(step_fns, counters, make_pass, device, args.repeats)
+    # The margins' evidence of this epoch: per slice and step (crossed, distance, clean-correct).
+    records = [r for rs in ima.margins.pending_records().values() for r in rs]
+    print(f"\nIMA: {len(records)} slices attacked over {args.repeats + 1} steps, "
+          f"{sum(r[2] for r in records)} clean-correct, of which {sum(r[0] for r in records)} "
+          f"crossed within their margin. Floor: each pass at its measured "
+          f"time for its kind and batch size (full batch of {batch_size}: " +
           ", ".join(f"{k} {prices[(k, batch_size)] * 1e3:.1f} ms" for k in PassCounter.KINDS
                     if (k, batch_size) in prices) + ")")
     if args.profile:
         for name in (adv, "ima"):
-            print_profile(name, steps[name], device)
+            print_profile(name, step_fns[name], device)
     if args.epoch_iterations:
-        # One IMA epoch of steps, back to back: margins evolve as in training (same batch, lr 0,
-        # no data loading, so this is the GPU/CPU cost of the steps alone).
+        # IMA steps back to back, as in an epoch: the margins change only at the epoch's end
+        # (Algorithm 2), so every step attacks at the same margins (same batch, lr 0, no data
+        # loading: this is the GPU/CPU cost of the steps alone).
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        _, elapsed = timed(lambda: [steps["ima"]() for _ in range(args.epoch_iterations)], device)
+        _, elapsed = timed(lambda: [step_fns["ima"]() for _ in range(args.epoch_iterations)],
+                           device)
         peak = (f", peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB"
                 if device.type == "cuda" else "")
         print(f"IMA epoch of {args.epoch_iterations} train steps (batch {batch_size} x "
               f"{tuple(plan['patch'])}): {elapsed:.1f} s{peak}")
-    print_step_ratios(medians, "plain", adv)
+    print_step_ratios(medians, "plain", adv, recipe=recipe)
 
 
 CLASSIFICATION_MODELS = {"digits": "digits-cnn", "fashion-mnist": "fashion-cnn"}
@@ -325,15 +433,17 @@ def classification_benchmark(args, device) -> None:
           f"{sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters; "
           f"{correct}/{batch_size} correct after warm-up; L2 eps {eps:g}")
 
-    adv = f"adv (PGD-{args.pgd_steps})"
-    methods = {"ce": "ce", adv: "adv", "ima": "ima"}
+    pgd_steps = {} if args.pgd_steps is None else {"pgd_steps": args.pgd_steps}
+    methods = {"ce": "ce", "adv": "adv", "ima": "ima"}
     trainers, counters, steps = {}, {}, {}
     for name, method in methods.items():
         # lr 0: every repetition sees the same network (Adam then leaves the weights alone).
         config = TrainConfig.from_flat(dict(
             dataset=args.classification, model=CLASSIFICATION_MODELS[args.classification],
-            method=method, epochs=1, batch_size=batch_size, lr=0.0, pgd_steps=args.pgd_steps,
+            method=method, epochs=1, batch_size=batch_size, lr=0.0, **pgd_steps,
             eps=eps if method == "adv" else None, eps_max=2 * eps if method == "ima" else None))
+        if method == "adv":
+            name = f"adv (PGD-{config.attack.steps})"
         net = copy.deepcopy(model).train()
         trainer = Trainer(config, data, net, out="", device=device, progress=False)
         if trainer.margins is not None:
@@ -347,6 +457,7 @@ def classification_benchmark(args, device) -> None:
                              lambda logits, labels: F.cross_entropy(logits, labels, reduction="none"),
                              autocast=False)
     medians, _ = measure_and_report(steps, counters, make_pass, device, args.repeats)
+    adv = next(name for name in steps if name.startswith("adv"))
     if args.profile:
         for name in (adv, "ima"):
             print_profile(name, steps[name], device)
@@ -364,9 +475,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=60)
     p.add_argument("--eps", type=float,
-                   help="Adv eps and IMA margin, L2 (default 4 z-score units for nnU-Net, 2 for "
-                        "classification)")
-    p.add_argument("--pgd-steps", type=int, default=20)
+                   help="Adv eps and IMA margin, L2 (default: nnUNetTrainerAdv's adv_eps, in "
+                        "z-score units, at most IMA's eps_max; 2 for classification)")
+    p.add_argument("--pgd-steps", type=int,
+                   help="PGD steps of Adv and IMA (default: the trainers' own, 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
                    help="print the operators that took the most time in one Adv and one IMA step")

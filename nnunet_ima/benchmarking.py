@@ -1,6 +1,7 @@
 """What the benchmark scripts (``benchmarks/*.py``) share: nnU-Net 2D networks of two plan sizes
-with random weights, evaluation models and test slices made from them, wall-clock timing that
-waits for CUDA, and the ``name=ratio`` line each script ends with.
+with random weights and the nnU-Net plans that describe them, evaluation models and test slices
+made from them, wall-clock timing that waits for CUDA, and the ``name=ratio`` line each script
+ends with.
 
 nnunetv2 and the evaluator are imported when a network or a model is built, so importing this
 module loads neither.
@@ -23,22 +24,67 @@ PLANS = {
 }
 
 
+def architecture(features: List[int]) -> dict:
+    """The ``"architecture"`` entry of an nnU-Net 2D plan: ``PlainConvUNet`` with ``features``
+    channels per stage, 3x3 convolutions, stride 2 from the second stage on."""
+    n = len(features)
+    return {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {
+                "n_stages": n, "features_per_stage": list(features),
+                "conv_op": "torch.nn.modules.conv.Conv2d", "kernel_sizes": [[3, 3]] * n,
+                "strides": [[1, 1]] + [[2, 2]] * (n - 1), "n_conv_per_stage": [2] * n,
+                "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
+                "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+                "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+
+
 def build_network(features: List[int], num_classes: int) -> torch.nn.Module:
-    """nnU-Net's 2D ``PlainConvUNet`` with ``features`` channels per stage (stride 2 from the
-    second stage on), one input channel, deep supervision on, random weights."""
+    """nnU-Net's 2D ``PlainConvUNet`` of :func:`architecture` (``features``), one input
+    channel, deep supervision on, random weights."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    n = len(features)
-    kwargs = {"n_stages": n, "features_per_stage": features, "conv_op": "torch.nn.modules.conv.Conv2d",
-              "kernel_sizes": [[3, 3]] * n, "strides": [[1, 1]] + [[2, 2]] * (n - 1),
-              "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1),
-              "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
-              "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
-              "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-              "nonlin_kwargs": {"inplace": True}}
-    return get_network_from_plans("dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                                  kwargs, ["conv_op", "norm_op", "dropout_op", "nonlin"], 1,
-                                  num_classes, deep_supervision=True)
+    arch = architecture(features)
+    return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"],
+                                  arch["_kw_requires_import"], 1, num_classes,
+                                  deep_supervision=True)
+
+
+def nnunet_plans(plan: str, dataset_name: str, batch_size: int,
+                 labels: Dict[str, int]) -> Tuple[dict, dict]:
+    """``(plans, dataset_json)`` as ``nnUNetv2_plan_and_preprocess`` writes them
+    (``nnUNetPlans.json``, ``dataset.json``) for one single-channel, z-scored dataset
+    ``dataset_name`` with a ``"2d"`` configuration of ``PLANS[plan]`` (its patch size and
+    network) at ``batch_size``, and the segmentation ``labels``."""
+    patch = list(PLANS[plan]["patch"])
+    configuration = {
+        "data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": batch_size, "patch_size": patch, "median_image_size_in_voxels": patch,
+        "spacing": [1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"],
+        "use_mask_for_norm": [False], "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0,
+                                      "force_separate_z": None},
+        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0,
+                                     "force_separate_z": None},
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
+                                               "force_separate_z": None},
+        "architecture": architecture(PLANS[plan]["features"]), "batch_dice": True}
+    plans = {"dataset_name": dataset_name, "plans_name": "nnUNetPlans",
+             "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
+             "original_median_shape_after_transp": [16, *patch],
+             "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2],
+             "transpose_backward": [0, 1, 2], "configurations": {"2d": configuration},
+             "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+             "foreground_intensity_properties_per_channel": {"0": {
+                 "max": 4.0, "mean": 0.0, "median": 0.0, "min": -4.0, "percentile_00_5": -3.0,
+                 "percentile_99_5": 3.0, "std": 1.0}}}
+    dataset_json = {"channel_names": {"0": "MRI"}, "labels": dict(labels),
+                    "numTraining": 1, "file_ending": ".nii.gz"}
+    return plans, dataset_json
 
 
 def evaluation_model(plan: str, device: torch.device, num_classes: int = 3):
@@ -83,6 +129,8 @@ def timed(fn: Callable[[], T], device: Optional[torch.device] = None) -> Tuple[T
     return value, time.perf_counter() - start
 
 
-def print_ratios(ratios: Dict[str, float]) -> None:
-    """The last line of a benchmark: ``name=ratio`` pairs, three decimals, for scripts to read."""
-    print(" ".join(f"{name}={value:.3f}" for name, value in ratios.items()))
+def print_ratios(ratios: Dict[str, float], **labels: str) -> None:
+    """The last line of a benchmark: ``name=ratio`` pairs, three decimals, then ``name=label``
+    pairs that say what was measured (``recipe=authors``), for scripts to read."""
+    print(" ".join([f"{name}={value:.3f}" for name, value in ratios.items()] +
+                   [f"{name}={label}" for name, label in labels.items()]))

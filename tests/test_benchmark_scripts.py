@@ -20,11 +20,15 @@ def test_train_step_benchmark_prints_the_three_ratios_last():
                   "--epoch-iterations", "2", "--device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
+    # The shipped IMA trainer's recipe, measured: nnUNetTrainerIMA's own ("authors").
     assert re.fullmatch(r"ima_over_adv20=\d+\.\d{3} ima_over_plain=\d+\.\d{3} "
-                        r"floor_efficiency=\d+\.\d{3}", lines[-1])
+                        r"floor_efficiency=\d+\.\d{3} recipe=authors", lines[-1])
+    assert any(line.startswith("trainers: nnUNetTrainer, nnUNetTrainerAdv, nnUNetTrainerIMA "
+                               "with their class defaults; IMA recipe 'authors'") for line in lines)
     rows = {line.split()[0]: line.split() for line in lines if line.startswith(("plain", "adv", "ima "))}
     # Samples per step (train, attack, forward-only): plain 6 training samples; Adv 6 clean + 6
-    # adversarial training samples and 2 PGD steps x 6 attack samples; IMA attacks some.
+    # adversarial training samples and 2 PGD steps x 6 attack samples; IMA attacks every slice
+    # (the authors' recipe) and a slice takes no PGD step after it crossed.
     # Columns: name, median s, train, attack, forward, floor s.
     assert rows["plain"][-4:-1] == ["6", "0", "0"]
     assert rows["adv"][-4:-1] == ["12", "12", "0"]
