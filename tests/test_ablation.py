@@ -169,6 +169,37 @@ def test_ablation_runs_end_to_end_and_resumes(nnunet_workspace, tmp_path):
     assert refused.returncode == 2 and "differing: ['epochs']" in refused.stderr
 
 
+@pytest.mark.slow
+def test_ablation_with_two_seeds_end_to_end(nnunet_workspace, tmp_path):
+    """--seeds 0 1: every variant trains twice, seed 1 beside seed 0, and the report gives the
+    intervals over the test slices and the seeds."""
+    ws = nnunet_workspace
+    workdir = str(tmp_path / "ablation")
+    ws.run([_bin("nnunet-ima"), "ablation", "-d", str(ws.dataset_id), "--workdir", workdir,
+            "--variants", "clean", "adv", "--adv-eps", "4", "--seeds", "0", "1", "--epochs", "1",
+            "--iterations", "2", "--val-iterations", "1", "--pgd-steps", "2", "--noise", "0",
+            "4", "--eval-steps", "2", "--attacks", "pgd", "--max-slices", "4", "--jobs", "2",
+            "--bootstrap", "200"], timeout=1800)
+    for seed, root in ((0, workdir), (1, os.path.join(workdir, "seed1"))):
+        for variant, trainer in (("clean", "nnUNetTrainerClean"), ("adv4", "nnUNetTrainerAdv")):
+            fold = os.path.join(root, "results", variant, ws.dataset_name,
+                                f"{trainer}__nnUNetPlans__2d", "fold_0")
+            assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+            with open(os.path.join(fold, "ima_config.json")) as f:
+                assert json.load(f)["seed"] == seed
+            assert os.path.isfile(os.path.join(root, "eval", "test", "pgd", variant,
+                                               "summary.json"))
+    with open(os.path.join(workdir, "ablation.md")) as f:
+        text = f.read()
+    assert "the mean over 2 seeds (0 1)" in text and "| clean TVDI - adv4 |" in text
+    assert text.count(" seeds [") >= 4 and "| adv4 |" in text
+    with open(os.path.join(workdir, "ablation.json")) as f:
+        clean = json.load(f)["cases"]["test"][0]
+    assert clean["name"] == "clean" and set(clean["statistics"]["per_seed"]) == {"0", "1"}
+    per_seed = [v["clean_tvdi"] for v in clean["statistics"]["per_seed"].values()]
+    assert clean["clean_tvdi"] == pytest.approx(sum(per_seed) / 2)
+
+
 def test_trainings_are_built_as_the_experiment_builds_them(tmp_path, monkeypatch):
     """One builder of nnUNetv2_train commands: the ablation's and the experiment's trainings get
     the same data-augmentation workers; each ablation model its own results folder and
