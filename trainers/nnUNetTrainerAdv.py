@@ -80,7 +80,8 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
         self.attack_loss = PerSampleDiceCE(
             ignore_label=self.label_manager.ignore_label,
             full_resolution_only=s.attack_outputs == "full_resolution")
-        self.is_correct = DiceThresholdCorrect(s.dice_threshold, s.dice_reduce, s.dice_absent_class)
+        self.is_correct = DiceThresholdCorrect(s.dice_threshold, s.dice_reduce, s.dice_absent_class,
+                                               ignore_label=self.label_manager.ignore_label)
         if s.adversarial_dice == "per_sample":
             # Dice + CE of each adversarial slice on its own, averaged (the IMA authors' code):
             # no slice's Dice is pooled with another's, and no cross-rank collective is needed.

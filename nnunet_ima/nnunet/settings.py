@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Tuple
 
+from nnunet_ima.adversarial_step import ADVERSARIAL_TERMS, ATTACK_SLICES, START_POINTS
 from nnunet_ima.config import AttackConfig, IMAConfig
 from nnunet_ima.declared import (Choice, Count, FlatKeys, OpenUnitInterval, Positive,
                                  declaration, setting, validate_declared)
@@ -35,11 +36,8 @@ from nnunet_ima.metrics import ABSENT_CLASS_RULES, SLICE_REDUCTIONS
 CONFIG_ENV = "NNUNET_IMA_CONFIG"
 CONFIG_FILENAME = "ima_config.json"
 ATTACK_OUTPUTS = ("deep_supervision", "full_resolution")
-ATTACK_SLICES = ("correct", "all")
-ADVERSARIAL_TERMS = ("crossed", "all")
 ADVERSARIAL_DICE = ("batch", "per_sample")
 LR_SCHEDULES = ("poly", "constant")
-START_POINTS = ("ball", "inner_sphere")
 
 # The two readings of IMA for segmentation (METHOD.md sections 3 and 3b). Each sets every key
 # in which they differ, so that a recipe named in a file fully replaces the other one.
