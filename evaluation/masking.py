@@ -28,11 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nnunet_ima.attacks import run_pgd
+from nnunet_ima.declared import Count, setting, validate_declared
 from nnunet_ima.metrics import tvdi
 from nnunet_ima.model_mode import attack_mode
 from nnunet_ima.norms import per_sample_norm, per_sample_view, random_on_sphere
 
-from nnunet_ima.evaluation.attacks import projected_ascent
 from nnunet_ima.evaluation.models import LoadedModel
 from nnunet_ima.evaluation.predictor_path import segmentation
 from nnunet_ima.evaluation.robustness import (AttackSettings, NoiseResult, attack_loss,
@@ -50,15 +51,16 @@ DEFAULT_QUERIES = 500
 @dataclass(frozen=True)
 class MaskingSettings:
     """``slices``: how many slices the black-box and unbounded checks attack (a seeded draw);
-    ``queries``: forward passes of the random search per slice."""
+    ``queries``: forward passes of the random search per slice. Declared once
+    (:mod:`nnunet_ima.declared`); out of range is an ``InvalidSetting``."""
 
-    slices: int = DEFAULT_SLICES
-    queries: int = DEFAULT_QUERIES
+    slices: int = setting(DEFAULT_SLICES, rule=Count(1),
+                          help="slices of the black-box and unbounded checks (seeded draw)")
+    queries: int = setting(DEFAULT_QUERIES, rule=Count(1),
+                           help="forward passes of the black-box random search per slice")
 
     def __post_init__(self):
-        if self.slices < 1 or self.queries < 1:
-            raise ValueError(f"masking check slices and queries must be >= 1, got "
-                             f"{self.slices} and {self.queries}")
+        validate_declared(self)
 
 
 @dataclass
@@ -235,10 +237,10 @@ def run_masking_checks(model: LoadedModel, samples: List[SliceSample],
 
         def towards_background(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             background = torch.zeros_like(y)
-            return projected_ascent(model.network, x, background,
-                                    torch.full((len(x),), eps, dtype=x.dtype, device=x.device),
-                                    None, norm=attack.norm, steps=attack.steps,
-                                    alpha=attack.alpha, loss_at=lambda t: _towards_background)
+            return run_pgd(model.network, x, background,
+                           torch.full((len(x),), eps, dtype=x.dtype, device=x.device),
+                           norm=attack.norm, steps=attack.steps, alpha=attack.alpha,
+                           loss=_towards_background, random_start=False).x_adv
         value = _tvdi_of(_attack_by_shape(model, subset, device, towards_background))
         report.unbounded = {"eps": eps, "slices": len(subset), "tvdi": value,
                             "fired": value > UNBOUNDED_TVDI}

@@ -28,6 +28,9 @@ from nnunet_ima.norms import (as_eps_tensor, check_norm, clamp_to_range, per_sam
 LossFn = Callable[[Any, Any], torch.Tensor]
 """``loss(output, y) -> (B,)``: a per-sample loss that the attack maximises."""
 
+LossSchedule = Callable[[int], LossFn]
+"""``t -> loss`` of PGD step ``t = 1..steps``: an objective that changes along the attack."""
+
 Predicate = Callable[[Any, Any], torch.Tensor]
 """``predicate(output, y) -> (B,) bool``: e.g. "is this sample still classified correctly"."""
 
@@ -136,16 +139,21 @@ def run_pgd(model: nn.Module, x: torch.Tensor, y: Any, eps: Union[float, torch.T
             random_start: bool = True, clamp: Optional[tuple] = None,
             stop_if: Optional[Predicate] = None, track_previous: bool = False,
             generator: Optional[torch.Generator] = None, eval_mode: bool = True,
-            start_radius: Optional[torch.Tensor] = None) -> PGDRun:
-    """The PGD loop shared by :func:`pgd` and :func:`bpgd`.
+            start_radius: Optional[torch.Tensor] = None, start: Optional[torch.Tensor] = None,
+            loss_schedule: Optional[LossSchedule] = None) -> PGDRun:
+    """The PGD loop: :func:`pgd`, :func:`bpgd`, the trainers and the evaluator's PGD and SegPGD.
 
-    ``x_0 = x + xi`` (``xi`` random in the ball when ``random_start``), then
-    ``x_i = proj(x_{i-1} + step * h(grad))`` for ``i = 1..steps`` with ``step = alpha * eps / steps``.
+    ``x_0 = x + xi``, then ``x_i = proj(x_{i-1} + step * h(grad))`` for ``i = 1..steps`` with
+    ``step = alpha * eps / steps``. The offset ``xi`` is ``start`` when given (a ``(B, ...)``
+    tensor inside the ball, drawn by the caller as advertorch's ``delta_init`` is), otherwise
+    random in the ball when ``random_start`` (see :func:`start_offset`), otherwise 0.
     When ``stop_if`` is given, each iterate (the start point included) is checked on the
     forward pass that also gives its gradient, and a sample that meets it takes no further steps;
     one extra forward checks the last iterate. ``start_radius`` (``(B,)``, with
     ``random_start``) puts each start point on the sphere of that radius instead, projected into
     the ball (the IMA authors' segmentation code starts at ``max(E - delta, delta)``).
+    ``loss_schedule`` (``t -> loss`` of step ``t = 1..steps``) replaces ``loss`` where the
+    objective changes along the way (SegPGD's weights).
     """
     norm = check_norm(norm)
     validate_attack_input(x, y, steps, alpha)
@@ -155,12 +163,11 @@ def run_pgd(model: nn.Module, x: torch.Tensor, y: Any, eps: Union[float, torch.T
     step_size = alpha * eps / max(steps, 1)
     batch = x.shape[0]
 
-    x_cur = x.clone()
-    if random_start and start_radius is not None:
-        radius = torch.minimum(as_eps_tensor(start_radius, x, "start_radius"), eps)
-        x_cur = clamp_to_range(x + random_on_sphere(x, radius, norm, generator), clamp)
-    elif random_start:
-        x_cur = clamp_to_range(x + random_in_ball(x, eps, norm, generator), clamp)
+    if start is not None and start_radius is not None:
+        raise ValueError("start and start_radius both place the start point: pass one of them")
+    if start is None and random_start:
+        start = start_offset(x, eps, norm, start_radius, generator)
+    x_cur = start_point(x, start, clamp)
     x_previous = x.clone() if track_previous else None
     stopped_at = torch.full((batch,), -1, dtype=torch.long, device=x.device)
     active = torch.arange(batch, device=x.device)
@@ -186,7 +193,8 @@ def run_pgd(model: nn.Module, x: torch.Tensor, y: Any, eps: Union[float, torch.T
                 active = active[keep]
                 continue
 
-            per_sample = loss_fn(output, y_active)
+            step_loss = loss_fn if loss_schedule is None else loss_schedule(i + 1)
+            per_sample = step_loss(output, y_active)
             (grad,) = torch.autograd.grad(per_sample[keep].sum(), x_active)
             backward_samples += active.numel()
 
@@ -200,6 +208,33 @@ def run_pgd(model: nn.Module, x: torch.Tensor, y: Any, eps: Union[float, torch.T
             active = idx
 
     return PGDRun(x_cur.detach(), stopped_at, x_previous, forward_samples, backward_samples)
+
+
+def start_offset(x: torch.Tensor, eps: torch.Tensor, norm: str,
+                 radius: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A random start offset ``(B, ...)`` shaped like ``x``: in the ball of ``eps`` ``(B,)``
+    (:func:`~nnunet_ima.norms.random_in_ball`), or, with ``radius`` ``(B,)``, on the sphere of
+    radius ``min(radius, eps)``."""
+    if radius is None:
+        return random_in_ball(x, eps, norm, generator)
+    radius = torch.minimum(as_eps_tensor(radius, x, "start_radius"), eps)
+    return random_on_sphere(x, radius, norm, generator)
+
+
+def start_point(x: torch.Tensor, start: Optional[torch.Tensor],
+                clamp: Optional[tuple] = None) -> torch.Tensor:
+    """``x + start`` in the value range ``clamp``, or a copy of ``x`` when ``start`` is ``None``.
+
+    Args:
+        x: ``(B, ...)`` clean input; start: ``(B, ...)`` offset, or ``None``.
+    """
+    if start is None:
+        return x.clone()
+    if tuple(start.shape) != tuple(x.shape):
+        raise ValueError(f"start must have the shape of x {tuple(x.shape)}, "
+                         f"got {tuple(start.shape)}: pass one offset per sample")
+    return clamp_to_range(x + start.to(x), clamp)
 
 
 def _select_clamp(clamp: Optional[tuple], idx: torch.Tensor) -> Optional[tuple]:

@@ -93,6 +93,17 @@ class Count:
 
 
 @dataclass(frozen=True)
+class Integer:
+    """Any integer (``True`` / ``False`` are not integers): a seed."""
+
+    value_type: type = int
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidSetting(name, f"must be an integer, got {value!r}")
+
+
+@dataclass(frozen=True)
 class UnitInterval:
     """A number in ``[0, 1]``."""
 
@@ -138,6 +149,42 @@ class Flag:
     def check(self, name: str, value: Any) -> None:
         if not isinstance(value, bool):
             raise InvalidSetting(name, f"must be true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Text:
+    """A non-empty string (a name, a path)."""
+
+    value_type: type = str
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, str) or not value:
+            raise InvalidSetting(name, f"must be a non-empty string, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Several:
+    """A tuple of values, each by ``each`` (a command line takes them as ``nargs="+"``, of the
+    type and choices of ``each``); at least ``minimum`` of them."""
+
+    each: Rule
+    minimum: int = 1
+
+    @property
+    def value_type(self) -> type:
+        return self.each.value_type
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute == "options":  # the choices of each value, where ``each`` has them
+            return getattr(self.each, "options")
+        raise AttributeError(attribute)
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, tuple) or len(value) < self.minimum:
+            raise InvalidSetting(name, f"must be a tuple of at least {self.minimum} value"
+                                       f"{'s' * (self.minimum != 1)}, got {value!r}")
+        for item in value:
+            self.each.check(name, item)
 
 
 # ----------------------------------------------------------------------- declarations
@@ -288,3 +335,22 @@ def option_arguments(cls: Type, name: str, help_prefix: str = "") -> Dict[str, A
     else:
         kwargs["type"] = declared.rule.value_type
     return kwargs
+
+
+def add_option(parser: Any, cls: Type, name: str, *names: str, help_prefix: str = "",
+               **overrides: Any) -> Any:
+    """Add field ``name`` of ``cls`` to ``parser`` (an ``argparse`` parser or argument group) as
+    the option :func:`flag_name` spells it, or as ``names`` where given (``-f``, ``--fold``),
+    storing into ``name``, with the keywords of :func:`option_arguments`. A field whose default
+    is a list or tuple takes one or more values (``nargs="+"``). ``overrides`` replace or add
+    keywords (a ``metavar``, a ``default`` that the command computes, another ``dest``).
+
+    Returns:
+        The ``argparse`` action.
+    """
+    kwargs = option_arguments(cls, name, help_prefix)
+    if isinstance(kwargs["default"], (list, tuple)):
+        kwargs.update(nargs="+", default=list(kwargs["default"]))
+    kwargs["dest"] = name
+    kwargs.update(overrides)
+    return parser.add_argument(*(names or (flag_name(name),)), **kwargs)

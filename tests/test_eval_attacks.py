@@ -1,25 +1,24 @@
 """nnunet-ima-eval's attacks: SegPGD's loss by hand, APGD's step-size rule on scripted losses,
-every attack on a really trained nnU-Net model, and several noise levels in one batch."""
+every attack on a really trained nnU-Net model."""
 import json
 import math
 import os
 import re
-from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
 from nnunet_ima.attacks import pgd
-from nnunet_ima.evaluation import run
+from nnunet_ima.evaluation import ensemble
 from nnunet_ima.evaluation.attacks import (apgd, apgd_checkpoints, run_attack, segpgd_lambda,
                                            segpgd_loss)
 from nnunet_ima.evaluation.cli import main
-from nnunet_ima.evaluation.models import LoadedModel, load_model
+from nnunet_ima.evaluation.models import load_model
 from nnunet_ima.evaluation.report import attack_caption, markdown_table
 from nnunet_ima.evaluation.robustness import (AttackSettings, _generator, attack_loss,
-                                              evaluate_levels, evaluate_noise, iter_levels)
-from nnunet_ima.evaluation.samples import (SliceSample, cases_from_source, limit_slices,
+                                              evaluate_levels, evaluate_noise)
+from nnunet_ima.evaluation.samples import (cases_from_source, limit_slices,
                                            load_preprocessed_slices)
 from nnunet_ima.metrics import confusion_counts
 from nnunet_ima.norms import per_sample_norm
@@ -40,22 +39,26 @@ def test_segpgd_lambda_rises_linearly_from_zero_to_below_one_half():
 def test_segpgd_loss_weights_correct_and_wrong_pixels_and_skips_ignored_ones():
     ln3 = math.log(3.0)
     # Slice 0, two classes, five pixels: wrong (0.5 vs 0, label 1), correct (ln3 vs 0, label 0),
-    # wrong (0 vs ln3, label 0), the ignore label 2, and nnU-Net's -1 outside the crop.
+    # wrong (0 vs ln3, label 0), the ignore label 2, and nnU-Net's -1 outside the crop, which is
+    # background (correct here: 5 vs -5).
     logits = torch.tensor([[[[0.5, ln3, 0.0, 5.0, 5.0]], [[0.0, 0.0, ln3, -5.0, -5.0]]],
                            [[[ln3] * 5], [[0.0] * 5]]], requires_grad=True)   # (2, 2, 1, 5)
     target = torch.tensor([[[[1, 0, 0, 2, -1]]], [[[0, 0, 0, 0, 0]]]])        # (2, 1, 1, 5)
     ce_wrong0 = math.log(1 + math.exp(0.5))    # -log softmax of the label-1 logit
     ce_correct = math.log(4 / 3)                # -log(3 / (3 + 1))
     ce_wrong2 = math.log(4.0)                   # -log(1 / (1 + 3))
+    ce_outside = math.log(1 + math.exp(-10.0))  # -log softmax of the background logit
     lam = 0.25
     loss = segpgd_loss(logits, target, lam, ignore_label=2)
-    expected0 = ((1 - lam) * ce_correct + lam * (ce_wrong0 + ce_wrong2)) / 3   # 3 scored pixels
+    expected0 = ((1 - lam) * (ce_correct + ce_outside)
+                 + lam * (ce_wrong0 + ce_wrong2)) / 4                          # 4 scored pixels
     expected1 = (1 - lam) * ce_correct                                          # all correct
     assert loss.tolist() == pytest.approx([expected0, expected1], rel=1e-6)
     # At the first step (lambda 0) only correctly classified pixels pull the attack.
     (grad,) = torch.autograd.grad(segpgd_loss(logits, target, 0.0, ignore_label=2).sum(), logits)
     assert grad[0, :, 0, 1].abs().sum() > 0
-    assert grad[0, :, 0, [0, 2, 3, 4]].abs().sum() == 0
+    assert grad[0, :, 0, 4].abs().sum() > 0
+    assert grad[0, :, 0, [0, 2, 3]].abs().sum() == 0
 
 
 # ----------------------------------------------------------------------------- APGD's schedule
@@ -152,67 +155,6 @@ def _assert_same_results(batched, alone):
 
 
 @pytest.mark.parametrize("attack", ["pgd", "segpgd", "apgd"])
-def test_several_levels_in_one_batch_give_the_counts_of_one_level_at_a_time(model_and_slices,
-                                                                            attack):
-    model, samples = model_and_slices
-    levels = [0.0, 2.0, 4.0, 8.0]
-    settings = AttackSettings(attack=attack, steps=3, batch_size=12,  # 4 slices x 3 levels
-                              level_batching="on")
-    packing = Counter()
-    batched = evaluate_levels(model, samples, levels, settings, torch.device("cpu"),
-                              packing=packing)
-    assert packing["packed"] + packing["declined"] == 1   # one batch of slices, one pack
-    for noise in levels:
-        _assert_same_results(batched[noise], evaluate_noise(model, samples, noise, settings,
-                                                            torch.device("cpu")))
-    # The attack did something, so the identity is not that of untouched inputs.
-    assert batched[8.0].slice_dice.mean() < batched[0.0].slice_dice.mean()
-
-
-class PixelNet(torch.nn.Module):
-    """Per-pixel logits of 3 classes from a pixel and its left neighbour (elementwise only, so
-    exact at any batch size); ``coupled`` adds a trace of the batch mean, which is not."""
-
-    def __init__(self, coupled: bool):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor([[1.0, -0.5], [-1.0, 0.8], [0.3, 0.2]]))
-        self.coupled = coupled
-
-    def forward(self, x):                                                # (B, 1, H, W)
-        features = torch.tanh(torch.stack([x[:, 0], torch.roll(x[:, 0], 1, dims=-1)], 1))
-        logits = (self.w[None, :, :, None, None] * features[:, None]).sum(2)  # (B, 3, H, W)
-        return logits + 1e-3 * x.mean(dim=0) if self.coupled else logits
-
-
-@pytest.mark.parametrize("coupled", [False, True])
-def test_levels_are_packed_only_where_the_bits_stay_the_same(coupled):
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    samples = [SliceSample("c", i, rng.normal(size=(1, 8, 8)).astype(np.float32),
-                           rng.integers(0, 3, (8, 8)).astype(np.int16)) for i in range(6)]
-    model = LoadedModel("toy", "", PixelNet(coupled), 3, "2d", "", "", None, {}, {})
-    levels = [0.0, 0.5, 1.0, 2.0]
-    pack = "declined" if coupled else "packed"
-    for attack in ("pgd", "segpgd", "apgd"):
-        # Batches of 4 and 2 slices: the second holds 2 levels, (0.5, 1) together, then 2.
-        settings = AttackSettings(attack=attack, steps=5, batch_size=4, level_batching="on")
-        packing, seen = Counter(), []
-        for noise, result in iter_levels(model, samples, levels, settings, torch.device("cpu"),
-                                         packing=packing):
-            seen.append((noise, dict(packing)))
-            _assert_same_results(result, evaluate_noise(model, samples, noise, settings,
-                                                        torch.device("cpu")))
-        # Each level is handed over once its batches are done, before later levels run.
-        assert seen == [(0.0, {}), (0.5, {"single": 1, pack: 1}), (1.0, {"single": 2, pack: 1}),
-                        (2.0, {"single": 4, pack: 1})]
-    # By default levels are packed on GPUs only.
-    packing = Counter()
-    evaluate_levels(model, samples, levels, AttackSettings(steps=1, batch_size=4),
-                    torch.device("cpu"), packing=packing)
-    assert packing == Counter({"single": 6})
-
-
-@pytest.mark.parametrize("attack", ["pgd", "segpgd", "apgd"])
 def test_every_attack_stays_in_the_ball_and_lowers_dice(model_and_slices, attack):
     model, samples = model_and_slices
     x, y = _tensors(samples)
@@ -296,6 +238,6 @@ def test_cli_records_the_attack_and_refuses_another_in_the_same_folder(
 
     def no_attack(*a, **k):
         raise AssertionError("a finished folder must resume without attacking")
-    monkeypatch.setattr(run, "iter_levels", no_attack)
+    monkeypatch.setattr(ensemble, "iter_levels", no_attack)
     assert main(_args(ws, tmp_path / "old")) == 0
     assert main(_args(ws, tmp_path / "old", "--attack", "segpgd")) == 2
