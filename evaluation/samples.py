@@ -13,16 +13,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from nnunet_ima.errors import UserInputError
+from nnunet_ima.label_mask import OUTSIDE_NONZERO, scored_labels
 from nnunet_ima.nnunet.splits import (SPLITS_FILENAME, TEST_CASES_FILENAME, read_splits,
                                       read_test_cases)
 from nnunet_ima.nnunet.training_record import read_training_record, record_path
-
-
-# nnU-Net's cropping writes -1 into the label outside the image's nonzero region (e.g. the air
-# around an MR volume); its training pipeline maps it to background (RemoveLabelTansform(-1, 0)).
-OUTSIDE_NONZERO = -1
 
 
 @dataclass
@@ -151,9 +148,7 @@ def _slices_of(case: str, data: np.ndarray, seg: np.ndarray, include_empty: bool
     for z in range(data.shape[1]):
         label = np.asarray(seg[0, z]).astype(np.int16)
         label[label == OUTSIDE_NONZERO] = 0
-        foreground = label > 0
-        if ignore_label is not None:
-            foreground &= label != ignore_label
+        foreground = scored_labels(torch.from_numpy(label), ignore_label)[0] > 0
         if not include_empty and not foreground.any():
             continue
         samples.append(SliceSample(case, z, np.ascontiguousarray(data[:, z], dtype=np.float32),
