@@ -44,20 +44,21 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shlex
 import subprocess
 import sys
 import tarfile
-import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_ima.errors import UserInputError
-from nnunet_ima.nnunet.experiment import CommandFailed, Experiment
+from nnunet_ima.nnunet.experiment import (BENCHMARK_KEY, BENCHMARK_STAGES, BenchmarkError,
+                                          Experiment, add_benchmark_arguments,
+                                          check_recorded_options, parse_benchmark_arguments,
+                                          resample_nearest, run_benchmark, same_grid,
+                                          save_case_split, write_dataset_json, write_raw_case)
 from nnunet_ima.nnunet.pipeline import Command, console_script
 
 PACKAGE = "pyradiomics-bhklab"
@@ -67,14 +68,8 @@ SDIST_SHA256 = "a44a087efc4ede91b5dfa5cf0de58ea3596bfaec1ef2484f278504b0a8fd5ffb
 CASES = ("brain1", "brain2", "breast1", "lung1", "lung2")
 DATASET_ID = 991
 DATASET_NAME = "PyRadiomicsLesions"
-STAGES = ("download", "dataset", "preprocess", "train", "eval")
+STAGES = ("download",) + BENCHMARK_STAGES
 SPLITS = ("halves", "patients")
-BENCHMARK_KEY = "nnunet_ima_benchmark"
-
-
-class BenchmarkError(RuntimeError):
-    """A step of the benchmark's own failed (the download, the archive, the dataset); the
-    message says which. A failed command raises :class:`CommandFailed`, naming its log."""
 
 
 def sha256_of(path: str) -> str:
@@ -136,18 +131,6 @@ def extract_volumes(sdist: str, folder: str) -> Dict[str, Tuple[str, str]]:
             for c in CASES}
 
 
-def _same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
-
-
-def _resample_nearest(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0,
-                         image.GetPixelID())
-
-
 def crop_start(extent: int, low: int, high: int, size: int, rng: np.random.Generator) -> int:
     """Start of a ``size``-voxel window on an axis of ``extent`` voxels that holds the lesion's
     ``[low, high]`` at a random place (centred on it when the lesion is larger than the window)."""
@@ -170,8 +153,8 @@ def convert_case(image_path: str, label_path: str, crop_size: int, rng: np.rando
     """
     image = sitk.Cast(sitk.ReadImage(image_path), sitk.sitkFloat32)
     mask = sitk.Cast(sitk.ReadImage(label_path) > 0, sitk.sitkUInt8)
-    if not _same_grid(image, mask):  # not the case in 3.1.4, but the mask must match the image
-        mask = _resample_nearest(mask, image)
+    if not same_grid(image, mask):  # not the case in 3.1.4, but the mask must match the image
+        mask = resample_nearest(mask, image)
     mask.CopyInformation(image)
     lesion = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)  # (N, 3) as (z, y, x)
     if lesion.size == 0:
@@ -214,18 +197,13 @@ def build_raw_dataset(pairs: Dict[str, Tuple[str, str]], raw_root: str,
     if split not in SPLITS:
         raise BenchmarkError(f"split must be one of {SPLITS}, got {split!r}")
     folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{DATASET_NAME}")
-    for sub in ("imagesTr", "labelsTr"):
-        os.makedirs(os.path.join(folder, sub), exist_ok=True)
     rng = np.random.default_rng(seed)
     cases = []
     for case, (image_path, label_path) in sorted(pairs.items()):
         image, label = convert_case(image_path, label_path, crop_size, rng)
         for part, part_image, part_label in dataset_parts(case, image, label, split):
             lesion_voxels = int(sitk.GetArrayViewFromImage(part_label).sum())
-            sitk.WriteImage(part_image, os.path.join(folder, "imagesTr", f"{part}_0000.nii.gz"),
-                            useCompression=True)
-            sitk.WriteImage(part_label, os.path.join(folder, "labelsTr", f"{part}.nii.gz"),
-                            useCompression=True)
+            write_raw_case(folder, part, part_image, part_label)
             cases.append(part)
             print(f"  {part}: {part_image.GetSize()} voxels (x, y, z), spacing "
                   f"{tuple(round(v, 3) for v in part_image.GetSpacing())} mm, {lesion_voxels} "
@@ -243,10 +221,7 @@ def build_raw_dataset(pairs: Dict[str, Tuple[str, str]], raw_root: str,
         "reference": "https://github.com/AIM-Harvard/pyradiomics (data/)",
         BENCHMARK_KEY: dataset_options(crop_size, split, seed),
     }
-    with open(os.path.join(folder, "dataset.json.tmp"), "w") as f:
-        json.dump(dataset_json, f, indent=2)
-    # dataset.json last: its presence marks a complete dataset.
-    os.replace(os.path.join(folder, "dataset.json.tmp"), os.path.join(folder, "dataset.json"))
+    write_dataset_json(folder, dataset_json)
     return folder
 
 
@@ -257,12 +232,7 @@ def dataset_options(crop_size: int, split: str, seed: int) -> dict:
 def check_dataset_options(raw_folder: str, crop_size: int, split: str, seed: int) -> None:
     """Refuse a workdir whose dataset was built with other options: its models, split and
     results would not be the ones asked for."""
-    with open(os.path.join(raw_folder, "dataset.json")) as f:
-        recorded = json.load(f).get(BENCHMARK_KEY)
-    wanted = dataset_options(crop_size, split, seed)
-    if recorded != wanted:
-        raise BenchmarkError(f"{raw_folder} was built with {recorded}, not {wanted}: use another "
-                             f"--workdir, or the options it was built with")
+    check_recorded_options(raw_folder, dataset_options(crop_size, split, seed))
 
 
 def halves_split(cases: List[str]) -> Dict[str, List[str]]:
@@ -272,117 +242,63 @@ def halves_split(cases: List[str]) -> Dict[str, List[str]]:
     return {"train": train, "val": held_out, "test": held_out}
 
 
-def trainer_settings(args: argparse.Namespace) -> Dict[str, dict]:
-    """``NNUNET_IMA_CONFIG`` of each trainer: one schedule for all three, the attack for two."""
-    schedule = {"num_epochs": args.epochs, "num_iterations_per_epoch": args.iterations,
-                "num_val_iterations_per_epoch": args.val_iterations, "seed": args.seed}
-    attack = {"pgd_steps": args.pgd_steps}
-    return {"nnUNetTrainerClean": dict(schedule),
-            "nnUNetTrainerAdv": dict(schedule, **attack, adv_eps=args.adv_eps),
-            "nnUNetTrainerIMA": dict(schedule, **attack, eps_max=args.eps_max)}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workdir", default="pyradiomics_benchmark")
     p.add_argument("--sdist", help=f"a local {SDIST_NAME} instead of downloading it")
-    p.add_argument("--dataset-id", type=int, default=DATASET_ID)
     p.add_argument("--crop-size", type=int, default=64,
                    help="in-plane crop around each lesion, in voxels (0: whole slices)")
     p.add_argument("--split", choices=SPLITS, default="halves",
                    help="halves: train on one part of every volume, test on the other part; "
                         "patients: whole volumes, 3 train / 1 validation / 1 test")
-    p.add_argument("--stop-after", choices=STAGES, default="eval")
-    p.add_argument("--device", default="cpu", help="nnUNetv2_train -device / nnunet-ima-eval --device")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="train this many of the three models at once (on a GPU with room for them)")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
-    p.add_argument("--val-iterations", type=int, default=2)
-    p.add_argument("--pgd-steps", type=int, default=5, help="PGD steps during training")
-    p.add_argument("--adv-eps", type=float, default=10.0, help="budget of vanilla adversarial training")
-    p.add_argument("--eps-max", type=float, default=20.0, help="IMA's largest margin")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", type=float, nargs="+", default=[0, 5, 10, 20],
-                   help="evaluation noise levels (L2, z-score units, whole slice)")
-    p.add_argument("--eval-steps", type=int, default=100)
-    p.add_argument("--eval-cases", nargs="+",
-                   help="nnunet-ima-eval --cases (default: 'test' for halves; 'test val' for "
-                        "patients, the two volumes not trained on)")
-    p.add_argument("--max-slices", type=int, help="evaluate at most this many test slices")
+    add_benchmark_arguments(p, STAGES, DATASET_ID, adv_eps=10.0, eps_max=20.0,
+                            noise=[0, 5, 10, 20],
+                            eval_cases_help="nnunet-ima-eval --cases (default: 'test' for "
+                                            "halves; 'test val' for patients, the two volumes "
+                                            "not trained on)")
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    start = time.time()
-    stop = STAGES.index(args.stop_after)
-    runner = Experiment(args.workdir)
-    dataset = f"Dataset{args.dataset_id:03d}_{DATASET_NAME}"
-    try:
-        raw_folder = os.path.join(runner.folders["nnUNet_raw"], dataset)
-        raw_done = os.path.isfile(os.path.join(raw_folder, "dataset.json"))
-        if not raw_done or stop < STAGES.index("dataset"):
-            # A finished raw dataset needs the archive no more (a copied workdir runs without it).
-            sdist = fetch_sdist(os.path.join(runner.workdir, "download"), args.sdist)
-            print(f"{sdist}: sha256 {SDIST_SHA256} (pinned)", flush=True)
-        if stop < STAGES.index("dataset"):
-            return 0
-        if not raw_done:
-            print(f"\nbuilding {raw_folder}", flush=True)
-            pairs = extract_volumes(sdist, os.path.join(runner.workdir, "download", "data"))
-            build_raw_dataset(pairs, runner.folders["nnUNet_raw"], args.dataset_id, args.crop_size,
-                              args.seed, args.split)
-        check_dataset_options(raw_folder, args.crop_size, args.split, args.seed)
-        if stop < STAGES.index("preprocess"):
-            return 0
-        preprocessed = os.path.join(runner.folders["nnUNet_preprocessed"], dataset)
-        if not runner.preprocessed(dataset):
-            runner.run_together([runner.plan_and_preprocess_command(args.dataset_id)])
-        if not os.path.isfile(os.path.join(preprocessed, "test_cases.json")):
-            if args.split == "patients":
-                # Four folds of the four non-test volumes: fold 0 trains on three, as before.
-                runner.run_together([Command(
-                    [console_script("nnunet-ima"), "split", "-d", str(args.dataset_id), "--test",
-                     "1", "--folds", "4", "--seed", str(args.seed)], "split")], show_output=True)
-            else:
-                from nnunet_ima.nnunet.split_plan import case_identifiers, save_split
+def prepare_dataset(experiment: Experiment, raw_folder: str, args: argparse.Namespace) -> bool:
+    """The download (where the raw dataset is not built yet) and the raw dataset in
+    ``raw_folder``, checked against the options; ``False`` after ``--stop-after download``."""
+    raw_done = os.path.isfile(os.path.join(raw_folder, "dataset.json"))
+    if not raw_done or args.stop_after == "download":
+        # A finished raw dataset needs the archive no more (a copied workdir runs without it).
+        sdist = fetch_sdist(os.path.join(experiment.workdir, "download"), args.sdist)
+        print(f"{sdist}: sha256 {SDIST_SHA256} (pinned)", flush=True)
+    if args.stop_after == "download":
+        return False
+    if not raw_done:
+        print(f"\nbuilding {raw_folder}", flush=True)
+        pairs = extract_volumes(sdist, os.path.join(experiment.workdir, "download", "data"))
+        build_raw_dataset(pairs, experiment.folders["nnUNet_raw"], args.dataset_id,
+                          args.crop_size, args.seed, args.split)
+    check_dataset_options(raw_folder, args.crop_size, args.split, args.seed)
+    return True
 
-                split = halves_split(case_identifiers(preprocessed))
-                # The _b parts validate and test: the final checkpoint is evaluated, so no model
-                # selection happens on them (none is trained on).
-                save_split(preprocessed, split, args.seed, allow_test_in_val=True)
-                print(f"\nsplit (halves): train {' '.join(split['train'])}; validation and test "
-                      f"{' '.join(split['test'])}", flush=True)
-        if stop < STAGES.index("train"):
-            return 0
-        trainings = runner.training_commands(args.dataset_id, dataset, trainer_settings(args),
-                                             args.device, args.jobs)
-        runner.run_together(trainings, args.jobs)
-        if stop < STAGES.index("eval"):
-            return 0
-        from nnunet_ima.evaluation.options import EvalOptions
-        from nnunet_ima.evaluation.robustness import AttackSettings
-        runner.evaluate(EvalOptions(
-            output=os.path.join(runner.workdir, "robustness"),
-            model_folders=runner.model_folders(dataset),
-            cases=tuple(args.eval_cases or (["test"] if args.split == "halves"
-                                            else ["test", "val"])),
-            max_slices=args.max_slices, noise=tuple(args.noise),
-            attack=AttackSettings(steps=args.eval_steps), device=args.device))
-    except (BenchmarkError, CommandFailed) as e:
-        print(f"pyradiomics_benchmark: error: {e}", file=sys.stderr)
-        return 1
-    except UserInputError as e:  # the evaluator's refusal, as nnunet-ima-eval exits on it
-        print(f"pyradiomics_benchmark: error: {e}", file=sys.stderr)
-        return 2
-    print(f"\nfinished in {(time.time() - start) / 60:.1f} min; results in "
-          f"{os.path.join(runner.workdir, 'robustness')}", flush=True)
-    return 0
+
+def write_split(experiment: Experiment, preprocessed: str, args: argparse.Namespace) -> None:
+    """``patients``: ``nnunet-ima split``; ``halves``: :func:`halves_split`."""
+    if args.split == "patients":
+        # Four folds of the four non-test volumes: fold 0 trains on three, as before.
+        experiment.run_together([Command(
+            [console_script("nnunet-ima"), "split", "-d", str(args.dataset_id), "--test",
+             "1", "--folds", "4", "--seed", str(args.seed)], "split")], show_output=True)
+        return
+    # The _b parts validate and test: the final checkpoint is evaluated, so no model
+    # selection happens on them (none is trained on).
+    save_case_split(preprocessed, halves_split, args.seed, "halves", allow_test_in_val=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_benchmark_arguments(build_parser(), argv)
+    return run_benchmark(
+        "pyradiomics_benchmark", args, DATASET_NAME,
+        lambda experiment, raw_folder: prepare_dataset(experiment, raw_folder, args),
+        lambda experiment, preprocessed: write_split(experiment, preprocessed, args),
+        ["test"] if args.split == "halves" else ["test", "val"])
 
 
 if __name__ == "__main__":
