@@ -8,9 +8,12 @@ the classification trainer alike:
 * :class:`PGDStep`: PGD at a fixed budget on every sample (vanilla adversarial training);
 * :class:`IMAStep`: BPGD (Algorithm 3) at each sample's margin; an :class:`IMARecipe` says which
   samples are attacked, which points enter the adversarial term with which weight, and where
-  PGD starts.
+  PGD starts;
+* :class:`NFGSMStep`: N-FGSM's single step from a noisy point, not projected back;
+* :class:`TRADESStep`: PGD on the KL between the clean and the adversarial softmax
+  (:func:`kl_to_reference`, which TRADES' training loss reads too).
 
-Both return an :class:`AdversarialBatch`: the adversarial inputs, their targets and the weight of
+Each returns an :class:`AdversarialBatch`: the adversarial inputs, their targets and the weight of
 their batch-mean loss. IMA's also carries :class:`MarginEvidence`, the per-sample records from
 which Algorithm 2 updates the margins at the end of the epoch::
 
@@ -30,11 +33,13 @@ from dataclasses import dataclass
 from typing import Any, Hashable, List, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from nnunet_ima.attacks import LossFn, Predicate, argmax_correct, bpgd, pgd, select
+from nnunet_ima.attacks import LossFn, Predicate, argmax_correct, bpgd, pgd, run_pgd, select
 from nnunet_ima.config import AttackConfig, IMAConfig
 from nnunet_ima.margins import MarginStore
+from nnunet_ima.norms import as_eps_tensor, check_norm, random_in_ball
 
 ATTACK_SLICES = ("correct", "all")
 ADVERSARIAL_TERMS = ("crossed", "all")
@@ -219,3 +224,119 @@ class IMAStep:
         evidence = MarginEvidence(list(keys), correct, crossed, distance, int(idx.numel()),
                                   int((crossed & correct).sum()))
         return AdversarialBatch(x_adv, target_adv, weight, evidence)
+
+
+def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``KL(reference || softmax(logits))`` per sample, over the class dimension 1.
+
+    Args:
+        logits: ``(B, K)`` or ``(B, K, ...)`` (a segmentation output: ``(B, K, H, W)``).
+        reference: probabilities of the same shape (TRADES: the clean softmax).
+
+    Returns:
+        ``(B,)``: the KL of each sample; for a segmentation output the KL of each pixel,
+        averaged over the sample's pixels. Both arguments carry gradients where they have them.
+    """
+    log_ratio = reference.clamp_min(1e-12).log() - F.log_softmax(logits, dim=1)
+    kl = (reference * log_ratio).sum(dim=1)
+    return kl if kl.dim() == 1 else kl.flatten(1).mean(dim=1)
+
+
+def full_resolution(output: Any) -> torch.Tensor:
+    """The full-resolution output of a network: the first of nnU-Net's deep-supervision list,
+    or the output itself."""
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+class NFGSMStep:
+    """N-FGSM's attack (de Jorge et al., NeurIPS 2022, "Make some noise"): one step from a noisy
+    point, not projected back.
+
+    ``x_adv = x + xi + eps * h(grad)`` with ``xi`` random in the ball of radius
+    ``noise_factor * eps`` (:func:`~nnunet_ima.norms.random_in_ball`), ``h`` the steepest-ascent
+    direction of the norm (``sign`` for Linf, the unit gradient for L2) at ``x + xi``: the paper's
+    step ``alpha = eps`` and ``k = 2``. The point may lie up to ``(noise_factor + 1) * eps`` from
+    ``x``; the paper finds that clipping it to the ``eps`` ball brings back catastrophic
+    overfitting.
+
+    The step is the core PGD loop with one step from the start ``xi``, in the ball of radius
+    ``(noise_factor + 1) * eps``: every point the step can reach lies inside it, so the loop's
+    projection leaves the point as it is.
+
+    Args:
+        eps: the budget, a scalar or ``(B,)``.
+        norm: ``"l2"`` or ``"linf"``.
+        weight: the weight of the adversarial term, as in :class:`PGDStep`.
+        noise_factor: ``k``, the noise radius in units of ``eps``.
+        loss: the per-sample loss the step ascends, as in :class:`PGDStep`.
+        clamp: the value range of the inputs, as in :func:`~nnunet_ima.attacks.pgd`.
+    """
+
+    def __init__(self, eps: Union[float, torch.Tensor], norm: str, weight: float = 0.5,
+                 noise_factor: float = 2.0, loss: Union[str, LossFn] = "ce",
+                 clamp: Optional[tuple] = None):
+        if not noise_factor >= 0:
+            raise ValueError(f"noise_factor must be >= 0, got {noise_factor!r}")
+        self.eps, self.norm, self.noise_factor = eps, check_norm(norm), float(noise_factor)
+        self.loss, self.clamp = loss, clamp
+        self.weight = _check_weight(weight, "weight")
+
+    def __call__(self, network: nn.Module, x: torch.Tensor, y: Any,
+                 generator: Optional[torch.Generator] = None) -> AdversarialBatch:
+        """The N-FGSM point of every sample of ``x (B, ...)``; the term has all ``B`` samples."""
+        eps = as_eps_tensor(self.eps, x)
+        reach = self.noise_factor + 1.0
+        noise = random_in_ball(x, self.noise_factor * eps, self.norm, generator)
+        run = run_pgd(network, x, y, reach * eps, norm=self.norm, steps=1, alpha=1.0 / reach,
+                      loss=self.loss, start=noise, clamp=self.clamp)
+        return AdversarialBatch(run.x_adv, y, self.weight)
+
+
+class TRADESStep:
+    """TRADES' attack (Zhang et al., ICML 2019): PGD on ``KL(f(x) || f(x'))`` in the ``eps`` ball.
+
+    The clean softmax is the fixed reference (detached); the KL is per pixel, averaged over each
+    sample (:func:`kl_to_reference`), at the full-resolution output. PGD starts at
+    ``x + start_std * N(0, I)``, as the TRADES code does: at ``x`` itself the KL and its gradient
+    are 0, so the attack could not leave it.
+
+    The training loss of TRADES, ``loss(f(x), y) + beta * KL(f(x) || f(x_adv))``, needs the clean
+    output with its graph, which the caller holds: the returned batch's ``weight`` is ``beta``
+    and :func:`kl_to_reference` gives the term.
+
+    Args:
+        eps: the budget, a scalar or ``(B,)``.
+        attack: the PGD settings (its ``norm``, ``steps``, ``alpha``; the start is TRADES').
+        beta: the weight of the KL term in the training loss.
+        start_std: the standard deviation of the Gaussian start offset, in input units.
+        clamp: the value range of the inputs, as in :func:`~nnunet_ima.attacks.pgd`.
+    """
+
+    def __init__(self, eps: Union[float, torch.Tensor], attack: AttackConfig, beta: float,
+                 start_std: float = 0.001, clamp: Optional[tuple] = None):
+        if not beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        self.eps, self.attack, self.beta = eps, attack, float(beta)
+        self.start_std, self.clamp = start_std, clamp
+
+    def __call__(self, network: nn.Module, x: torch.Tensor, y: Any, clean_output: Any,
+                 generator: Optional[torch.Generator] = None) -> AdversarialBatch:
+        """The TRADES point of every sample of ``x (B, ...)``.
+
+        Args:
+            y: the targets, carried to the returned batch (the attack does not read them).
+            clean_output: the network's output on ``x`` (a tensor, or nnU-Net's
+                deep-supervision list); only its full resolution is read, detached.
+        """
+        reference = F.softmax(full_resolution(clean_output).detach().float(), dim=1)
+        start = self.start_std * torch.randn(x.shape, generator=generator, dtype=torch.float32,
+                                             device="cpu").to(x.device)
+
+        def kl(output: Any, p_clean: torch.Tensor) -> torch.Tensor:
+            return kl_to_reference(full_resolution(output).float(), p_clean)
+
+        attack = self.attack
+        x_adv = run_pgd(network, x, reference, self.eps, norm=attack.norm, steps=attack.steps,
+                        alpha=attack.alpha, loss=kl, start=start, clamp=self.clamp,
+                        generator=generator).x_adv
+        return AdversarialBatch(x_adv, y, self.beta)

@@ -26,7 +26,7 @@ This file is imported by nnU-Net's trainer lookup as a top-level module: absolut
 import os
 from contextlib import nullcontext
 from time import perf_counter
-from typing import Any, List
+from typing import Any, List, Tuple
 
 import torch
 from nnunetv2.utilities.helpers import dummy_context
@@ -147,12 +147,18 @@ class nnUNetTrainerAdv(nnUNetTrainerClean):
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
 
-    def train_step(self, batch: dict) -> dict:
-        start = perf_counter()
+    def _batch_on_device(self, batch: dict) -> Tuple[torch.Tensor, Any]:
+        """The batch's ``data (B, C, H, W)`` and target (a tensor, or a list of them under deep
+        supervision) on the trainer's device."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] \
             if isinstance(target, list) else target.to(self.device, non_blocking=True)
+        return data, target
+
+    def train_step(self, batch: dict) -> dict:
+        start = perf_counter()
+        data, target = self._batch_on_device(batch)
 
         self.optimizer.zero_grad(set_to_none=True)
         # Under DDP the gradients are averaged once, after both backward passes.

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_ima.adversarial_step import kl_to_reference
 from nnunet_ima.attacks import argmax_correct, bpgd, run_pgd
 from nnunet_ima.classification.ddn import ddn
 from nnunet_ima.classification.settings import TrainConfig
@@ -64,10 +65,7 @@ def trades(ctx: BatchContext, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.T
         p_clean = F.softmax(model(x), dim=1)
         model.train(was_training)
 
-    def kl_to_clean(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return (p * (p.clamp_min(1e-12).log() - F.log_softmax(logits, dim=1))).sum(dim=1)
-
-    x_adv = run_pgd(model, x, p_clean, c.eps, loss=kl_to_clean, **ctx.pgd_kwargs()).x_adv
+    x_adv = run_pgd(model, x, p_clean, c.eps, loss=kl_to_reference, **ctx.pgd_kwargs()).x_adv
     logits = model(x)
     logits_adv = model(x_adv)
     robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1),
