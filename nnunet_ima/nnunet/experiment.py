@@ -266,16 +266,18 @@ def check_recorded_options(raw_folder: str, wanted: dict) -> None:
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser, stages: Sequence[str],
                             dataset_id: int, adv_eps: float, eps_max: float,
-                            noise: Sequence[float], eval_cases_help: str) -> None:
+                            noise: Sequence[float], eval_cases_help: str,
+                            epochs: int = 12) -> None:
     """The options every benchmark on real data takes: its steps, the trainings' short schedule
-    and attack, the evaluation. The dataset's own options are the script's."""
+    (``epochs`` of 25 iterations by default) and attack, the evaluation. The dataset's own
+    options are the script's."""
     p = parser
     p.add_argument("--dataset-id", type=int, default=dataset_id)
     p.add_argument("--stop-after", choices=stages, default=stages[-1])
     p.add_argument("--device", default="cpu", help="nnUNetv2_train -device / nnunet-ima-eval --device")
     p.add_argument("--jobs", type=int, default=1,
                    help="train this many of the three models at once (on a GPU with room for them)")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=epochs, help="training epochs of each model")
     p.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
     p.add_argument("--val-iterations", type=int, default=2)
     p.add_argument("--pgd-steps", type=int, default=5, help="PGD steps during training")
