@@ -38,6 +38,7 @@ from torch import nn
 
 from nnunet_ima.attacks import LossFn, Predicate, argmax_correct, bpgd, pgd, run_pgd, select
 from nnunet_ima.config import AttackConfig, IMAConfig
+from nnunet_ima.losses import full_resolution
 from nnunet_ima.margins import MarginStore
 from nnunet_ima.norms import as_eps_tensor, check_norm, random_in_ball
 
@@ -240,12 +241,6 @@ def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tens
     log_ratio = reference.clamp_min(1e-12).log() - F.log_softmax(logits, dim=1)
     kl = (reference * log_ratio).sum(dim=1)
     return kl if kl.dim() == 1 else kl.flatten(1).mean(dim=1)
-
-
-def full_resolution(output: Any) -> torch.Tensor:
-    """The full-resolution output of a network: the first of nnU-Net's deep-supervision list,
-    or the output itself."""
-    return output[0] if isinstance(output, (list, tuple)) else output
 
 
 class NFGSMStep:

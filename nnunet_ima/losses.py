@@ -41,8 +41,9 @@ def check_threshold(threshold: float, name: str = "dice_threshold") -> float:
     return float(threshold)
 
 
-def _full_resolution(obj: Any) -> torch.Tensor:
-    # nnU-Net's deep-supervision output / target lists start with the full resolution.
+def full_resolution(obj: Any) -> torch.Tensor:
+    """The full-resolution output (or target) of a network: the first of nnU-Net's
+    deep-supervision list, or the tensor itself."""
     return obj[0] if isinstance(obj, (list, tuple)) else obj
 
 
@@ -77,9 +78,9 @@ class DiceThresholdCorrect:
 
     def dice(self, output: Any, target: Any) -> torch.Tensor:
         """``(B,)`` slice Dice of the full-resolution prediction."""
-        logits = _full_resolution(output)
+        logits = full_resolution(output)
         pred, labels = scored_label_maps(logits.argmax(dim=1),
-                                         label_map(_full_resolution(target), logits),
+                                         label_map(full_resolution(target), logits),
                                          self.ignore_label)
         return slice_dice(pred, labels, logits.shape[1], self.reduce,
                           self.absent).to(logits.device)

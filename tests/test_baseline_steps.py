@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_ima.adversarial_step import (NFGSMStep, TRADESStep, full_resolution,
-                                         kl_to_reference)
+from nnunet_ima.adversarial_step import NFGSMStep, TRADESStep, kl_to_reference
 from nnunet_ima.config import AttackConfig
+from nnunet_ima.losses import full_resolution
 from nnunet_ima.norms import per_sample_norm, random_in_ball, steepest_ascent_direction
 from nnunet_ima.nnunet.settings import ADV, trainer_family
 from nnunet_ima.trainers.nnUNetTrainerNFGSM import nnUNetTrainerNFGSM

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nnunet_ima.adversarial_step import (AdversarialBatch, TRADESStep, full_resolution,
-                                         kl_to_reference)
+from nnunet_ima.adversarial_step import AdversarialBatch, TRADESStep, kl_to_reference
 from nnunet_ima.attacks import detach
+from nnunet_ima.losses import full_resolution
 from nnunet_ima.nnunet.ddp import average_gradients
 from nnunet_ima.trainers.nnUNetTrainerAdv import nnUNetTrainerAdv
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_ima.label_mask import label_map, scored_labels, scored_mean
+from nnunet_ima.losses import full_resolution
 
 SMOOTH = 1e-5
 
@@ -76,8 +77,7 @@ class PerSampleDiceCE:
 
     def __call__(self, output: Any, target: Any) -> torch.Tensor:
         if not isinstance(output, (list, tuple)):
-            target = target[0] if isinstance(target, (list, tuple)) else target
-            return dice_ce_per_sample(output, target, self.ignore_label)
+            return dice_ce_per_sample(output, full_resolution(target), self.ignore_label)
         if self.full_resolution_only:
             return dice_ce_per_sample(output[0], target[0], self.ignore_label)
         weights = self.weights if self.weights is not None \
