@@ -98,17 +98,19 @@ def member_record(records: PartRecords, model: str, noise: float,
 FinishedPart = Tuple[NoiseResult, int, float]
 """A part of an interrupted run: its result, the slices its member attacked, its seconds."""
 
+FinishedParts = Dict[str, Dict[float, Dict[Optional[str], FinishedPart]]]
+"""What :func:`finished_parts` found: ``{model name: {noise: {member: part}}}``."""
+
 
 def finished_parts(out: str, models: Sequence[LoadedModel],
                    samples: Dict[str, List[SliceSample]], noise: Sequence[float],
                    records: PartRecords, members: Sequence[Optional[str]] = SINGLE
-                   ) -> Tuple[Dict[str, Dict[float, Dict[Optional[str], FinishedPart]]],
-                              List[StalePart]]:
+                   ) -> Tuple[FinishedParts, List[StalePart]]:
     """The parts in ``out/parts`` of a resumable folder that are this run's, ``{model name:
     {noise: {member: (result, attacked, seconds)}}}``, and the ones that are not (to
     recompute). ``records``: the run's :class:`.provenance.PartRecords`; ``members``: the
     ensemble's (:data:`.ensemble.SINGLE` for a single attack, whose parts carry no member)."""
-    finished: Dict[str, Dict[float, Dict[Optional[str], FinishedPart]]] = {}
+    finished: FinishedParts = {}
     stale: List[StalePart] = []
     for m in models:
         keys = [s.key for s in samples[m.name]]
@@ -157,7 +159,7 @@ def prepare_output(out: str, config: dict, resume: bool, stale: Sequence[StalePa
     write_text(os.path.join(out, CONFIG_FILENAME), json.dumps(config, indent=2))
 
 
-def report_reused(out: str, finished: Dict[str, Dict[float, Dict[Optional[str], FinishedPart]]],
+def report_reused(out: str, finished: FinishedParts,
                   total: int) -> None:
     """One line naming the parts (:func:`finished_parts`) a resumed run took from ``out/parts``
     rather than recomputing them (a resume is otherwise silent, and looks like a too-fast run).

@@ -33,7 +33,7 @@ from nnunet_ima.evaluation.provenance import (PartRecords, clear_checkpoint_hash
                                               slices_digest)
 from nnunet_ima.evaluation.report import (noise_key, part_path, per_slice_rows, save_part,
                                           summarise, summarise_ensemble, write_outputs)
-from nnunet_ima.evaluation.resume import (FinishedPart, can_resume, finished_parts, member_record,
+from nnunet_ima.evaluation.resume import (FinishedParts, can_resume, finished_parts, member_record,
                                           prepare_output, report_reused, report_stale)
 from nnunet_ima.evaluation.robustness import NoiseResult, full_precision
 from nnunet_ima.evaluation.run_config import run_config
@@ -43,7 +43,6 @@ from nnunet_ima.evaluation.selection import (cases_to_score, check_training_case
 
 Results = Dict[str, Dict[float, NoiseResult]]  # {model name: {noise level: result}}
 Levels = Dict[str, Dict[float, EnsembleLevel]]  # {model name: {noise level: the members' level}}
-Finished = Dict[str, Dict[float, Dict[Optional[str], FinishedPart]]]  # finished_parts' shape
 
 
 def evaluate(options: EvalOptions) -> dict:
@@ -90,7 +89,7 @@ def _evaluate(options: EvalOptions) -> dict:
     config = run_config(options, models, samples, train_cases_scored)
     records = _part_records(options, config, models, samples)
     resume = can_resume(options.output, config, options.overwrite)
-    finished: Finished = {m.name: {} for m in models}
+    finished: FinishedParts = {m.name: {} for m in models}
     stale = []
     if resume:
         finished, stale = finished_parts(options.output, models, samples, noise, records,
@@ -123,7 +122,7 @@ def _evaluate(options: EvalOptions) -> dict:
 
 def _attack(models: Sequence[LoadedModel], samples: Dict[str, List[SliceSample]],
             noise: Sequence[float], options: EvalOptions, device: torch.device,
-            finished: Finished, records: PartRecords) -> Levels:
+            finished: FinishedParts, records: PartRecords) -> Levels:
     """Run the members of ``options`` (one for a single attack) on every model at every noise
     level, reusing the parts ``finished`` (of :func:`.resume.finished_parts`); each new member
     result is saved as a part with its record as soon as it is done."""
