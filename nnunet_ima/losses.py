@@ -56,8 +56,9 @@ class DiceThresholdCorrect:
 
     Args:
         threshold: in ``(0, 1)``; the paper uses 0.6.
-        reduce: ``"mean"`` over the foreground classes present in ground truth or prediction, or
-            ``"max"`` over them.
+        reduce: ``"mean"`` over the foreground classes present in ground truth or prediction,
+            ``"max"`` or ``"min"`` over them (``"min"``: every present class must reach the
+            threshold).
         absent: ``"one"`` (classes absent from both are left out; an empty slice scores 1) or
             ``"zero"`` (every class counts, absent ones score 0; an empty slice scores 0 and is
             never correct), see :mod:`nnunet_ima.metrics`.

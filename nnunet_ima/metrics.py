@@ -21,7 +21,10 @@ from typing import Sequence, Tuple
 import numpy as np
 import torch
 
-SLICE_REDUCTIONS = ("mean", "max")
+# How a slice's per-class Dice becomes one number: the mean, the best class, or the worst class
+# ("min": a slice counts as correct only when every class scored reaches the threshold, so a
+# well-segmented large class cannot hide a missed small one).
+SLICE_REDUCTIONS = ("mean", "max", "min")
 ABSENT_CLASS_RULES = ("one", "zero")
 
 
@@ -88,8 +91,9 @@ def slice_dice_from_counts(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor,
                            reduce: str = "mean", absent: str = "one") -> torch.Tensor:
     """``(B, K)`` counts -> ``(B,)`` slice Dice.
 
-    ``absent="one"``: the mean / max over the classes present in ground truth or prediction (1
-    when none is). ``absent="zero"``: over all ``K`` classes, a class absent from both scoring 0.
+    ``absent="one"``: the mean / max / min over the classes present in ground truth or
+    prediction (1 when none is). ``absent="zero"``: over all ``K`` classes, a class absent from
+    both scoring 0 (with ``"min"`` a slice that lacks any class then scores 0).
     """
     if reduce not in SLICE_REDUCTIONS:
         raise ValueError(f"reduce must be one of {SLICE_REDUCTIONS}, got {reduce!r}")
@@ -99,13 +103,17 @@ def slice_dice_from_counts(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor,
     present = (torch.as_tensor(tp) + torch.as_tensor(fp) + torch.as_tensor(fn)) > 0
     if absent == "zero":
         scored = torch.where(present, dice, torch.zeros_like(dice))
-        return scored.mean(dim=1) if reduce == "mean" else scored.amax(dim=1)
+        return {"mean": scored.mean, "max": scored.amax, "min": scored.amin}[reduce](dim=1)
     if reduce == "mean":
         total = torch.where(present, dice, torch.zeros_like(dice)).sum(dim=1)
         n = present.sum(dim=1)
         return torch.where(n > 0, total / n.clamp_min(1), torch.ones_like(total))
-    best = torch.where(present, dice, torch.full_like(dice, -1.0)).amax(dim=1)
-    return torch.where(present.any(dim=1), best, torch.ones_like(best))
+    if reduce == "max":
+        best = torch.where(present, dice, torch.full_like(dice, -1.0)).amax(dim=1)
+        return torch.where(present.any(dim=1), best, torch.ones_like(best))
+    # Dice lies in [0, 1]: an absent class set to 2 never is the minimum.
+    worst = torch.where(present, dice, torch.full_like(dice, 2.0)).amin(dim=1)
+    return torch.where(present.any(dim=1), worst, torch.ones_like(worst))
 
 
 def slice_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int,

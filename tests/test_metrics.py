@@ -45,6 +45,7 @@ def test_multiclass_hand_computed():
     assert per_class_dice(pred, gt, 3)[0].tolist() == pytest.approx([6 / 8, 4 / 6])
     assert slice_dice(pred, gt, 3).item() == pytest.approx((6 / 8 + 4 / 6) / 2)
     assert slice_dice(pred, gt, 3, reduce="max").item() == pytest.approx(6 / 8)
+    assert slice_dice(pred, gt, 3, reduce="min").item() == pytest.approx(4 / 6)
     # (B, 1, H, W) label maps give the same counts
     tp1, _, _ = confusion_counts(pred[:, None], gt[:, None], 3)
     assert torch.equal(tp, tp1)
@@ -65,6 +66,27 @@ def test_tvdi_and_adi_hand_computed():
     per_slice = slice_dice_from_counts(tp, fp, fn)
     assert per_slice.tolist() == pytest.approx([(1 + 2 / 5) / 2, 0.0])
     assert adi(per_slice) == pytest.approx((1 + 2 / 5) / 4)
+
+
+def test_min_reduction_lets_no_present_class_hide():
+    """"min": the worst class present; absent classes are left out ("one") or score 0 ("zero")."""
+    from nnunet_ima.losses import DiceThresholdCorrect
+    from nnunet_ima.metrics import slice_dice_from_counts
+    # slice A: class 1 perfect (TP 9), class 2 missed (TP 0, FN 1), class 3 absent;
+    # slice B: class 1 perfect, classes 2 and 3 absent; slice C: nothing anywhere.
+    tp = torch.tensor([[9, 0, 0], [4, 0, 0], [0, 0, 0]])
+    fp = torch.tensor([[0, 0, 0], [0, 0, 0], [0, 0, 0]])
+    fn = torch.tensor([[0, 1, 0], [0, 0, 0], [0, 0, 0]])
+    assert slice_dice_from_counts(tp, fp, fn, "min").tolist() == [0.0, 1.0, 1.0]
+    assert slice_dice_from_counts(tp, fp, fn, "max").tolist() == [1.0, 1.0, 1.0]
+    assert slice_dice_from_counts(tp, fp, fn, "mean").tolist() == [0.5, 1.0, 1.0]
+    assert slice_dice_from_counts(tp, fp, fn, "min", absent="zero").tolist() == [0.0, 0.0, 0.0]
+    # the correctness rule: slice A is correct under "max" but not under "min"
+    gt = torch.tensor([[[1, 1, 2, 0]]])
+    pred = torch.tensor([[[1, 1, 0, 0]]])
+    logits = torch.nn.functional.one_hot(pred, 3).permute(0, 3, 1, 2).float()
+    assert DiceThresholdCorrect(0.6, "max")(logits, gt[:, None]).tolist() == [True]
+    assert DiceThresholdCorrect(0.6, "min")(logits, gt[:, None]).tolist() == [False]
 
 
 def test_counts_agree_with_nnunet_evaluation_on_random_maps():
