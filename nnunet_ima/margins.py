@@ -60,6 +60,9 @@ class MarginEpochStats:
     keys_total: int
     margin_q25: float = float("nan")
     margin_q75: float = float("nan")
+    # Of the keys with a margin, the fraction at eps_max: near 1, IMA trains like vanilla
+    # adversarial training at eps_max, not like a per-sample margin method.
+    fraction_saturated: float = float("nan")
 
     def to_dict(self) -> Dict[str, float]:
         return asdict(self)
@@ -253,7 +256,9 @@ class MarginStore:
             margin_mean=summary(np.mean), margin_median=summary(np.median),
             margin_min=summary(np.min), margin_max=summary(np.max), keys_total=len(self._margins),
             margin_q25=summary(lambda v: np.quantile(v, 0.25)),
-            margin_q75=summary(lambda v: np.quantile(v, 0.75)))
+            margin_q75=summary(lambda v: np.quantile(v, 0.75)),
+            # end_epoch clips with min(new, eps_max): a saturated margin equals eps_max exactly.
+            fraction_saturated=float(np.mean(values >= self.eps_max)) if values.size else 0.0)
 
     # ----------------------------------------------------------- persistence
     def state_dict(self) -> Dict[str, Any]:

@@ -61,6 +61,11 @@ def test_clip_to_eps_max_and_zero():
         s.record(["a"], [False], [0.0], [True])
         s.end_epoch()
     assert s.margin("a") == pytest.approx(0.25)
+    # a second key still growing: one of the two margins sits at eps_max
+    s.record(["b"], [False], [0.0], [True])
+    assert s.end_epoch().fraction_saturated == pytest.approx(1 / 2)
+    s.record(["a"], [True], [0.05], [True])
+    assert s.end_epoch().fraction_saturated == 0.0  # a shrank to 0.15, b is at 0.2
     s2 = store(shrink="replace")
     s2.record(["z"], [True], [0.0], [True])
     s2.end_epoch()

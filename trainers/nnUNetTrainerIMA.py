@@ -101,7 +101,7 @@ class nnUNetTrainerIMA(nnUNetTrainerAdv):
             "margin_mean": update.margin_mean, "margin_q25": update.margin_q25,
             "margin_median": update.margin_median, "margin_q75": update.margin_q75,
             "margin_min": update.margin_min, "margin_max": update.margin_max,
-            "eps_max": self.ima.eps_max,
+            "eps_max": self.ima.eps_max, "margin_saturated": update.fraction_saturated,
             "fraction_expanded": update.fraction_expanded,
             "fraction_shrunk": update.fraction_shrunk, "fraction_reset": update.fraction_reset,
             "slices_updated": update.keys_updated, "slices_total": update.keys_total})
