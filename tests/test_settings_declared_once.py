@@ -20,13 +20,15 @@ from nnunet_ima.config import AttackConfig, IMAConfig
 from nnunet_ima.declared import (METADATA_KEY, FlatKeys, InvalidSetting, declaration,
                                  flag_name)
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.nnunet.settings import (CONFIG_ENV, CONFIG_FILENAME, TrainerSettings,
-                                        resolve_settings, settings_from_dict)
+from nnunet_ima.nnunet.settings import (CONFIG_ENV, CONFIG_FILENAME, KEYS_SINCE_0_1,
+                                        TrainerSettings, resolve_settings, settings_from_dict)
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "settings_v0_1")
 # The keys a config.json of version 0.1 lacks, at their defaults.
 NEW_CLASSIFICATION_KEYS = {"boundary": "last_correct", "repeat_draws": "cross_shrinks",
                            "growth_epochs": None}
+# The keys an ima_config.json of version 0.1 lacks (fine-tuning), at their defaults.
+NEW_TRAINER_KEYS = {"finetune_from": None, "lr_warmup_epochs": 0}
 
 
 def _load(name):
@@ -38,7 +40,7 @@ def _load(name):
 @pytest.mark.parametrize("name", ["ima_config_adv.json", "ima_config_authors.json"])
 def test_saved_trainer_settings_load_to_the_same_flat_dict(name):
     saved = _load(name)
-    assert settings_from_dict(saved).to_dict() == saved
+    assert settings_from_dict(saved).to_dict() == {**saved, **NEW_TRAINER_KEYS}
 
 
 def test_continuing_a_saved_run_reuses_its_file(tmp_path):
@@ -48,7 +50,7 @@ def test_continuing_a_saved_run_reuses_its_file(tmp_path):
     saved = _load("ima_config_authors.json")
     # nnUNetTrainerIMA's class defaults ({"recipe": "authors"}) under --c: the file wins.
     s = resolve_settings({"recipe": "authors"}, str(fold), True, {})
-    assert s.to_dict() == saved
+    assert s.to_dict() == {**saved, **NEW_TRAINER_KEYS}
     assert (s.attack.steps, s.ima.eps_max, s.ima.boundary, s.ima.growth_epochs) == \
         (3, 20.0, "midpoint", 10)
     assert s.ima.resolved_delta(s.num_epochs) == pytest.approx(2.0)  # 20 / 10 growth epochs
@@ -74,8 +76,12 @@ def test_a_users_settings_file_of_version_0_1_still_applies():
     assert (s.attack.norm, s.attack.alpha, s.attack_slices) == ("l2", 4.0, "all")
 
 
-def test_trainer_settings_write_the_keys_of_version_0_1():
-    assert set(TrainerSettings().to_dict()) == set(_load("ima_config_adv.json"))
+def test_trainer_settings_write_the_keys_of_version_0_1_and_the_new_ones():
+    assert set(TrainerSettings().to_dict()) == \
+        set(_load("ima_config_adv.json")) | set(NEW_TRAINER_KEYS)
+    assert set(KEYS_SINCE_0_1) == set(NEW_TRAINER_KEYS)
+    # Their defaults are what the runs of version 0.1 did: no fine-tuning, no warmup.
+    assert {k: TrainerSettings().to_dict()[k] for k in NEW_TRAINER_KEYS} == NEW_TRAINER_KEYS
 
 
 @pytest.mark.parametrize("values, message", [

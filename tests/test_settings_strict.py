@@ -37,6 +37,8 @@ from nnunet_ima.trainers.variants.nnUNetTrainerAdv_eps15 import nnUNetTrainerAdv
 from nnunet_ima.trainers.variants.nnUNetTrainerIMA_eps15 import nnUNetTrainerIMA_eps15
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "settings_v0_1")
+# The keys an ima_config.json of version 0.1 lacks, at the defaults its runs trained with.
+NEW_TRAINER_KEYS = {"finetune_from": None, "lr_warmup_epochs": 0}
 VARIANTS = sorted(n for n in _trainer_names() if "_" in n[len("nnUNetTrainer"):])
 TRAINERS = {CLEAN: nnUNetTrainerClean, ADV: nnUNetTrainerAdv, IMA: nnUNetTrainerIMA}
 
@@ -409,15 +411,16 @@ def test_check_config_with_the_variable_set_to_a_folder(tmp_path, capsys, monkey
                                            (nnUNetTrainerIMA, "ima_config_authors.json"),
                                            (nnUNetTrainerAdv_eps15, "ima_config_adv.json")])
 def test_saved_settings_of_version_0_1_resume_under_the_strict_rules(tmp_path, trainer, name):
-    """A saved ima_config.json holds every key (and, before this rule, an _eps15 variant could
-    have saved another adv_eps): --c reads it as it is."""
+    """A saved ima_config.json holds every key of its version (and, before this rule, an _eps15
+    variant could have saved another adv_eps): --c reads it as it is, the keys added since at
+    their defaults."""
     fold = tmp_path / "fold_0"
     fold.mkdir()
     shutil.copy(os.path.join(DATA, name), fold / CONFIG_FILENAME)
     with open(os.path.join(DATA, name)) as f:
         saved = json.load(f)
     s = resolve_settings(trainer.class_defaults(), str(fold), True, {}, trainer=trainer)
-    assert s.to_dict() == saved
+    assert s.to_dict() == {**saved, **NEW_TRAINER_KEYS}
 
 
 def test_a_truncated_saved_file_names_itself_and_the_way_out(tmp_path):
@@ -447,12 +450,13 @@ def test_resume_with_the_users_file_set_applies_the_rules_to_that_file(tmp_path)
 
 def test_a_saved_complete_file_may_be_reused_as_the_users_file(tmp_path):
     """Every key, as ima_config.json is written: the keys the trainer does not read are refused
-    only where they would change something (the record of an IMA run given to Adv)."""
+    only where they would change something (the record of an IMA run given to Adv). A record
+    of version 0.1, without the keys added since, is still complete."""
     for trainer, name in [(nnUNetTrainerAdv, "ima_config_adv.json"),
                           (nnUNetTrainerIMA, "ima_config_authors.json")]:
         with open(os.path.join(DATA, name)) as f:
             saved = json.load(f)
-        assert _resolve(tmp_path, trainer, saved).to_dict() == saved
+        assert _resolve(tmp_path, trainer, saved).to_dict() == {**saved, **NEW_TRAINER_KEYS}
     with open(os.path.join(DATA, "ima_config_authors.json")) as f:
         ima_record = json.load(f)
     with pytest.raises(UserInputError, match=r"does not read .*eps_max \(read by "):

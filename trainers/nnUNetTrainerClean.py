@@ -13,7 +13,16 @@ message and exit code 2 before anything is trained or overwritten:
   a fold that trains or validates on a test case of ``test_cases.json``, fold ``all`` beside
   held-out test cases (:func:`nnunet_ima.nnunet.splits.fold_split_problem`);
 - a new training over a finished fold (``checkpoint_final.pth``), which nnU-Net would overwrite;
-- a damaged checkpoint to resume from (:mod:`nnunet_ima.nnunet.resume_state`).
+- a damaged checkpoint to resume from (:mod:`nnunet_ima.nnunet.resume_state`);
+- a ``finetune_from`` checkpoint that is missing or does not fit the network, or that
+  ``-pretrained_weights`` would partly overwrite.
+
+Fine-tuning (settings ``finetune_from`` and ``lr_warmup_epochs``): a new run loads every weight
+of the named checkpoint at the end of ``initialize()``, after nnU-Net's DDP and torch.compile
+wrapping (:mod:`nnunet_ima.nnunet.finetune`), with a fresh optimiser; a run that loads a
+checkpoint of its own (``--c``, ``--val``) does not, since that checkpoint replaces the weights
+anyway. ``lr_warmup_epochs`` puts a linear warmup in front of ``lr_schedule``
+(:mod:`nnunet_ima.nnunet.lr_schedule`).
 
 A training that starts writes the fold's cases into the fold folder
 (:mod:`nnunet_ima.nnunet.training_record`), so that the evaluator knows what it trained on even
@@ -38,6 +47,8 @@ from nnunet_ima.errors import EXIT_BAD_INPUT, UserInputError
 from nnunet_ima.io import check_output_folder, replace_atomically
 from nnunet_ima.nnunet.data import without_timed_choices
 from nnunet_ima.nnunet.ddp import cpu_ddp_wrapping
+from nnunet_ima.nnunet.finetune import first_changed_weight, load_finetune_weights
+from nnunet_ima.nnunet.lr_schedule import WarmupLRScheduler
 from nnunet_ima.nnunet.resume_state import checkpoint_epoch, recovery_advice
 from nnunet_ima.nnunet.settings import resolve_settings, write_settings
 from nnunet_ima.nnunet.splits import SPLITS_FILENAME, fold_split_problem
@@ -94,6 +105,9 @@ class nnUNetTrainerClean(nnUNetTrainer):
         self._loaded_checkpoint: Optional[str] = None  # set by load_checkpoint (--c, --val)
         self._split: Optional[Tuple[List[str], List[str]]] = None
         self._splits_file: Optional[str] = None
+        self._restoring = False  # inside load_checkpoint: its weights replace finetune_from's
+        # The weights finetune_from loaded, until on_train_start checked nothing replaced them.
+        self._finetune_weights: Optional[Dict[str, torch.Tensor]] = None
         # Checked before nnU-Net's constructor, which creates the output folders (and fails with
         # a traceback where it cannot).
         problem = results_folder_problem() or self._configuration_problem(plans, configuration)
@@ -197,6 +211,40 @@ class nnUNetTrainerClean(nnUNetTrainer):
         if self.device.type == "cuda" and not compile_requested():
             self.print_to_log_file("torch.compile is off for nnunet-ima trainers; set "
                                    "nnUNet_compile=t to turn it on")
+        self._maybe_finetune()
+
+    def _maybe_finetune(self) -> None:
+        """Load every weight of ``finetune_from`` into the wrapped network (every DDP rank loads
+        the same file, so the ranks agree without a broadcast). Not when ``load_checkpoint``
+        initialises the trainer (``--c``, ``--val``): the run's own checkpoint then holds the
+        fine-tuned weights, and the source may be gone."""
+        path = self.ima_settings.finetune_from
+        if path is None or self._restoring:
+            return
+        try:
+            self._finetune_weights = load_finetune_weights(
+                self.network, path, self.dataset_json.get("labels"))
+        except UserInputError as e:
+            self._refuse_start(e)
+        self.print_to_log_file(f"fine-tuning: every weight ({len(self._finetune_weights)} "
+                               f"tensors, segmentation heads included) from {path}; the "
+                               f"optimizer starts fresh")
+
+    def _refuse_replaced_finetune_weights(self) -> None:
+        """``nnUNetv2_train -pretrained_weights`` loads its file after ``initialize()``, over the
+        weights of ``finetune_from`` but for the segmentation heads: a mix of two models that
+        neither option asked for. Refused when a weight changed between the two."""
+        weights, self._finetune_weights = self._finetune_weights, None  # checked once; freed
+        if weights is None:
+            return
+        changed = first_changed_weight(self.network, weights)
+        if changed is not None:
+            self._refuse_start(
+                f"finetune_from ({self.ima_settings.finetune_from}) and nnUNetv2_train "
+                f"-pretrained_weights were both given: -pretrained_weights replaced the weights "
+                f"finetune_from loaded ({changed!r} first). Give one of them: finetune_from "
+                f"loads every weight, -pretrained_weights all but the segmentation heads "
+                f"(for another label set).")
 
     @staticmethod
     def get_training_transforms(*args, **kwargs):
@@ -207,10 +255,16 @@ class nnUNetTrainerClean(nnUNetTrainer):
 
     def configure_optimizers(self):
         optimizer, scheduler = super().configure_optimizers()
-        if self.ima_settings.lr_schedule == "constant":
+        constant = self.ima_settings.lr_schedule == "constant"
+        warmup = self.ima_settings.lr_warmup_epochs
+        if warmup > 0:
+            scheduler = WarmupLRScheduler(optimizer, self.initial_lr, self.num_epochs, warmup,
+                                          **({"exponent": 0.0} if constant else {}))
+        elif constant:
             # nnU-Net's poly schedule with exponent 0: the learning rate stays initial_lr, and
             # nnU-Net's own call scheduler.step(epoch) keeps working.
             scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, exponent=0.0)
+        # Without warmup, poly is nnU-Net's own scheduler: the rates stay bit-identical.
         return optimizer, scheduler
 
     def _do_i_compile(self) -> bool:
@@ -224,6 +278,9 @@ class nnUNetTrainerClean(nnUNetTrainer):
         fresh = self._loaded_checkpoint is None
         if fresh:
             self._refuse_finished_fold()
+        if not self.was_initialized:  # nnU-Net's on_train_start would; the check needs it first
+            self.initialize()
+        self._refuse_replaced_finetune_weights()
         super().on_train_start()  # picks the fold's cases (do_split), or refuses
         if self.local_rank == 0:
             path = write_settings(self.ima_settings, self.output_folder)
@@ -313,7 +370,12 @@ class nnUNetTrainerClean(nnUNetTrainer):
             problem = self.resume_state_problem(filename_or_checkpoint)
             if problem:
                 self.refuse_resume(filename_or_checkpoint, problem)
-        super().load_checkpoint(filename_or_checkpoint)
+        self._restoring = True  # nnU-Net's load initialises the trainer first where needed
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        finally:
+            self._restoring = False
+        self._finetune_weights = None  # the checkpoint's weights replaced them, as asked
         if isinstance(filename_or_checkpoint, str):
             self._loaded_checkpoint = filename_or_checkpoint
 

@@ -27,8 +27,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from nnunet_ima.adversarial_step import ADVERSARIAL_TERMS, ATTACK_SLICES, START_POINTS
 from nnunet_ima.config import AttackConfig, IMAConfig
-from nnunet_ima.declared import (Choice, Count, FlatKeys, OpenUnitInterval, Positive,
-                                 declaration, setting, validate_declared)
+from nnunet_ima.declared import (Choice, Count, FlatKeys, InvalidSetting, OpenUnitInterval,
+                                 Positive, declaration, setting, validate_declared)
 from nnunet_ima.errors import UserInputError
 from nnunet_ima.io import write_json
 from nnunet_ima.metrics import ABSENT_CLASS_RULES, SLICE_REDUCTIONS
@@ -89,6 +89,25 @@ FLAT_KEYS = FlatKeys(
           "repeat_draws": ("ima", "repeat_draws")})
 """The attack's ``loss`` is no key: the trainers set it (nnU-Net's per-slice Dice + CE)."""
 
+# Keys that ima_config.json gained after version 0.1.0 first wrote it. A file without them is
+# read with their defaults, which is what the runs that wrote it did (no fine-tuning, no
+# warmup); it is still a complete record of its run (:func:`_check_for_trainer`).
+KEYS_SINCE_0_1 = ("finetune_from", "lr_warmup_epochs")
+
+
+@dataclass(frozen=True)
+class AbsolutePath:
+    """An absolute path (a string): ``ima_config.json`` records it, and a relative one would
+    name another file from another working directory."""
+
+    value_type: type = str
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, str) or not os.path.isabs(value):
+            raise InvalidSetting(name, f"must be an absolute path (such as /data/nnUNet_results/"
+                                       f"Dataset002_Heart/nnUNetTrainerClean__nnUNetPlans__2d/"
+                                       f"fold_0/checkpoint_final.pth), got {value!r}")
+
 
 @dataclass(frozen=True)
 class TrainerSettings:
@@ -119,6 +138,11 @@ class TrainerSettings:
     out, or scores 0), ``lr_schedule``, ``start_point`` (random start in the ball, or on the
     sphere of radius ``max(E - delta, delta)``), and of the IMA part ``repeat_draws``,
     ``growth_epochs`` and ``boundary``.
+
+    Fine-tuning (every trainer): ``finetune_from`` names an nnU-Net checkpoint whose every weight,
+    segmentation heads included, the new run starts from (:mod:`nnunet_ima.nnunet.finetune`;
+    the optimiser starts fresh), and ``lr_warmup_epochs`` ramps the learning rate up linearly
+    before ``lr_schedule`` takes over (:mod:`nnunet_ima.nnunet.lr_schedule`).
 
     As JSON (:meth:`to_dict`, :func:`settings_from_dict`) the settings are one flat object whose
     keys are the fields of this class and the :data:`FLAT_KEYS` of its parts.
@@ -158,6 +182,11 @@ class TrainerSettings:
                                rule=Choice(LR_SCHEDULES))
     start_point: str = setting(_DEFAULT["start_point"], help="the random start of BPGD",
                                rule=Choice(START_POINTS))
+    finetune_from: Optional[str] = setting(
+        None, help="an nnU-Net checkpoint to start from, every weight (default: nnU-Net's "
+                   "random initialisation)", rule=AbsolutePath(), optional=True)
+    lr_warmup_epochs: int = setting(0, help="epochs of linear learning-rate warmup before "
+                                            "lr_schedule", rule=Count(0))
 
     def __post_init__(self):
         FLAT_KEYS.check_parts(self)
@@ -185,7 +214,9 @@ READ_BY: Dict[str, Tuple[str, ...]] = {
     # nnUNetTrainerClean: the schedule, the seed and the learning rate.
     "num_epochs": _EVERY, "num_iterations_per_epoch": _EVERY,
     "num_val_iterations_per_epoch": _EVERY, "save_every": _EVERY, "initial_lr": _EVERY,
-    "seed": _EVERY, "lr_schedule": _EVERY,
+    "seed": _EVERY, "lr_schedule": _EVERY, "lr_warmup_epochs": _EVERY,
+    # nnUNetTrainerClean.initialize: the weights to start from.
+    "finetune_from": _EVERY,
     # nnUNetTrainerAdv: the attack, and the slice Dice of its statistics (IMA: of the margins).
     "norm": _ATTACKING, "pgd_steps": _ATTACKING, "pgd_alpha": _ATTACKING,
     "random_start": _ATTACKING, "attack_outputs": _ATTACKING, "dice_threshold": _ATTACKING,
@@ -233,13 +264,14 @@ def _check_for_trainer(values: Dict[str, Any], trainer: type, base: TrainerSetti
                        source: str) -> None:
     """Refuse the keys of ``values`` that ``trainer`` does not read.
 
-    A complete settings file (every key, as ``ima_config.json`` is written) is the record of a
-    run and may be reused whole: its keys that ``trainer`` does not read are refused only where
+    A complete settings file (every key, as ``ima_config.json`` is written; the keys of
+    :data:`KEYS_SINCE_0_1` may be missing, as in a record written before them) is the record of
+    a run and may be reused whole: its keys that ``trainer`` does not read are refused only where
     they differ from ``base`` (an IMA run's ``eps_max`` given to Adv; not the default
     ``adv_eps`` that every record holds)."""
     family = trainer_family(trainer)
     unread = [k for k in values if family not in READ_BY[k]]
-    if set(READ_BY) <= set(values):
+    if set(READ_BY) - set(KEYS_SINCE_0_1) <= set(values):
         held = base.to_dict()
         unread = [k for k in unread if values[k] != held[k]]
     if not unread:
