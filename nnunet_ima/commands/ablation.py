@@ -1,5 +1,6 @@
 """``nnunet-ima ablation``: Clean, Adv budgets, IMA recipes and their one-factor variants on one
-dataset, side by side, attacked and tabulated (see :mod:`nnunet_ima.nnunet.ablation`).
+dataset, with the baselines and controls asked for (TRADES, N-FGSM, Adv at eps_max, fine-tunings
+of the clean model), side by side, attacked and tabulated (see :mod:`nnunet_ima.nnunet.ablation`).
 
 Its options are generated from the declarations of
 :class:`~nnunet_ima.nnunet.ablation.AblationOptions` (type, default, help)."""
@@ -32,7 +33,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "seeds, slices and draws), marked * where its intervals exclude 0. The bootstrap says "
         "how far another sample of cases like these could move a number, not how it would "
         "change on other data: with a few cases, or one subject cut into cases, the intervals "
-        "are wide or say little about new subjects (docs/benchmarks.md).")
+        "are wide or say little about new subjects (docs/benchmarks.md). The ft_* variants "
+        "fine-tune the clean model of their seed and train after every other model; the "
+        "table's s/epoch compares only models trained one at a time (--jobs 1).")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,11 @@ On one planned and split nnU-Net dataset, with one schedule and one or more seed
 * one-factor-at-a-time variants: the authors' recipe with one of its differences put back to the
   printed reading (``authors-<factor>``), and the printed recipe with the authors' adversarial
   term (``printed+term``);
+* the baselines and controls a reviewer asks for (:data:`EXTRA_VARIANTS`): TRADES and N-FGSM
+  at the Adv budgets, Adv at IMA's ``eps_max`` (with nnU-Net's and with the constant learning
+  rate), the authors' recipe with the ``min`` slice Dice, and the clean model fine-tuned for a
+  few epochs by Adv, IMA, TRADES or N-FGSM (trained after every other model: they start from
+  the ``clean`` model of their seed);
 
 each as a real ``nnUNetv2_train`` in its own ``nnUNet_results`` folder (side by side with
 ``jobs``), once per seed, then attacks every model with the evaluator of ``nnunet-ima-eval``
@@ -17,7 +22,8 @@ each as a real ``nnUNetv2_train`` in its own ``nnUNet_results`` folder (side by 
 a table of the means over the seeds, a table of their intervals and paired differences
 (:mod:`nnunet_ima.statistics`, from the evaluations' per-slice counts) and one picture.
 Everything is resumable: a trained model, and each (model, attack, case set) evaluation, is
-reused when the command runs again with the same options.
+reused when the command runs again with the same options. The table also gives each model's
+seconds per training epoch and, for IMA, the share of margins saturated at ``eps_max``.
 
 The models trained with ``seed`` (the evaluation seed) and their evaluations sit where a
 one-seed run puts them, those of the other ``seeds`` in ``seed<s>/`` beside them, so a workdir
@@ -30,7 +36,7 @@ import csv
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -69,6 +75,27 @@ FACTORS: Dict[str, Sequence[str]] = {
 DEFAULT_VARIANTS = ("clean", "clean_half_lr", "adv", "ima_printed", "ima_authors",
                     "printed+term", "authors-term", "authors-growth", "authors-slices",
                     "authors-lr")
+# Baselines and controls beside the ablation proper (none of them is trained by default).
+# name -> what it trains; the ``<eps>`` ones are one model per --adv-eps.
+EXTRA_VARIANTS: Dict[str, str] = {
+    "adv_constant_lr": "Adv at the constant learning rate",
+    "trades": "TRADES",
+    "nfgsm": "N-FGSM",
+    "adv_max": "Adv at --eps-max",
+    "adv_max_constant_lr": "Adv at --eps-max and the constant learning rate (what the authors' "
+                           "recipe trains once its margins saturate)",
+    "ima_authors_min": "the authors' recipe with the min slice Dice over the classes",
+    "ft_adv": "Adv fine-tuning the clean model",
+    "ft_ima": "the authors' recipe fine-tuning the clean model",
+    "ft_trades": "TRADES fine-tuning the clean model",
+    "ft_nfgsm": "N-FGSM fine-tuning the clean model",
+}
+# The trainers of the baselines (name of the variant -> trainer class).
+BASELINE_TRAINERS = {"trades": "nnUNetTrainerTRADES", "nfgsm": "nnUNetTrainerNFGSM"}
+# What a variant of each kind is. The reference of the paired differences, the Adv front of the
+# picture and the "dominated by (Adv)" column take the "adv" models (vanilla Adv) only.
+KINDS = ("clean", "adv", "ima", "baseline", "finetune")
+FINETUNE_WARMUP_EPOCHS = 1  # the fine-tunings' linear learning-rate warm-up
 
 
 @dataclass(frozen=True)
@@ -79,7 +106,7 @@ class Variant:
     name: str
     trainer: str
     settings: Dict[str, object]
-    kind: str  # "clean", "adv" or "ima"
+    kind: str  # one of KINDS
     # "" for the evaluation seed (the folders of a one-seed run), "seed<s>" for the others.
     seed_folder: str = ""
 
@@ -159,7 +186,11 @@ class AblationOptions:
     variants: Sequence[str] = setting(
         DEFAULT_VARIANTS, rule=Several(Text()),
         help=f"models to train; 'adv' is one model per --adv-eps; authors-<factor> / "
-             f"printed+<factor> with factor in {', '.join(FACTORS)}")
+             f"printed+<factor> with factor in {', '.join(FACTORS)}; baselines and controls: "
+             f"trades, nfgsm (one per --adv-eps), adv_constant_lr, adv_max, "
+             f"adv_max_constant_lr, ima_authors_min; fine-tunings of the clean model (need "
+             f"'clean', trained after the others): ft_adv, ft_trades, ft_nfgsm (one per "
+             f"--adv-eps), ft_ima")
     adv_eps: Sequence[float] = setting((4.0, 8.0, 16.0), help="budgets of the Adv models",
                                        rule=Several(BUDGET))
     eps_max: float = setting(16.0, help="eps_max of every IMA model", rule=BUDGET)
@@ -169,6 +200,12 @@ class AblationOptions:
                                   rule=_whole(0))
     initial_lr: float = setting(0.01, help="learning rate of every model but clean_half_lr",
                                 rule=BUDGET)
+    finetune_epochs: int = setting(5, help="training epochs of the fine-tunings (ft_*) of the "
+                                           "clean model", rule=_whole(1))
+    finetune_lr: Optional[float] = setting(
+        None, rule=BUDGET, optional=True,
+        help="learning rate of the fine-tunings (ft_*), default --initial-lr; they warm it up "
+             "linearly over their first epoch")
     pgd_steps: int = setting(5, help="PGD steps of the Adv and IMA trainings",
                              rule=_whole(1))
     binary_steps: int = setting(5, help="IMA's bisection steps", rule=_whole(1))
@@ -222,22 +259,31 @@ class AblationOptions:
         return key
 
 
-def build_variants(options: AblationOptions) -> List[Variant]:
+def build_variants(options: AblationOptions, dataset_name: Optional[str] = None) -> List[Variant]:
     """The models named by ``options.variants`` (``adv`` expands to one per ``adv_eps``), for
-    every seed of ``options.training_seeds`` in turn."""
+    every seed of ``options.training_seeds`` in turn.
+
+    ``dataset_name``: the dataset's full name, default ``options.dataset``. A fine-tuning's
+    settings name the checkpoint of its seed's clean model by its absolute path in the model
+    folder of that name (:func:`model_folder`), so that they are the same in every run.
+    """
+    dataset_name = dataset_name or options.dataset
     variants: List[Variant] = []
     for seed in options.training_seeds:
         folder = "" if seed == options.seed else f"seed{seed}"
-        variants += [replace(v, seed_folder=folder) for v in _variants_of_seed(options, seed)]
+        variants += [replace(v, seed_folder=folder)
+                     for v in _variants_of_seed(options, seed, folder, dataset_name)]
     return variants
 
 
-def _variants_of_seed(options: AblationOptions, seed: int) -> List[Variant]:
+def _variants_of_seed(options: AblationOptions, seed: int, seed_folder: str = "",
+                      dataset_name: Optional[str] = None) -> List[Variant]:
     schedule = {"num_epochs": options.epochs, "num_iterations_per_epoch": options.iterations,
                 "num_val_iterations_per_epoch": options.val_iterations, "seed": seed,
                 "initial_lr": options.initial_lr}
     attack = {"pgd_steps": options.pgd_steps}
     ima = dict(schedule, **attack, eps_max=options.eps_max, binary_steps=options.binary_steps)
+    _check_variant_names(options)
     variants: List[Variant] = []
     for name in options.variants:
         if name == "clean":
@@ -268,17 +314,86 @@ def _variants_of_seed(options: AblationOptions, seed: int) -> List[Variant]:
             added = {k: RECIPES["authors"][k] for k in keys}
             variants.append(Variant(name, "nnUNetTrainerIMA",
                                     dict(ima, recipe="printed", **added), "ima"))
+        elif name in BASELINE_TRAINERS:
+            # Adv's settings for another attack: the baselines differ from adv<eps> there only.
+            for eps in options.adv_eps:
+                variants.append(Variant(f"{name}{eps:g}", BASELINE_TRAINERS[name],
+                                        dict(schedule, **attack, adv_eps=float(eps)),
+                                        "baseline"))
+        elif name in ("adv_max", "adv_max_constant_lr"):
+            # Adv at IMA's largest margin; with the constant learning rate it is what the
+            # authors' recipe trains once every margin has reached eps_max.
+            constant = {"lr_schedule": "constant"} if name.endswith("_constant_lr") else {}
+            variants.append(Variant(name, "nnUNetTrainerAdv",
+                                    dict(schedule, **attack, adv_eps=float(options.eps_max),
+                                         **constant), "adv"))
+        elif name == "ima_authors_min":
+            # A slice is correct only when every foreground class present reaches the threshold.
+            variants.append(Variant(name, "nnUNetTrainerIMA",
+                                    dict(ima, recipe="authors", dice_reduce="min"), "ima"))
+        elif name in FINETUNE_VARIANTS:
+            start = _clean_checkpoint(options, seed, seed_folder, dataset_name)
+            tuning = dict(schedule, num_epochs=options.finetune_epochs,
+                          initial_lr=options.finetune_lr or options.initial_lr,
+                          finetune_from=start, lr_warmup_epochs=FINETUNE_WARMUP_EPOCHS)
+            trainer = FINETUNE_VARIANTS[name]
+            if trainer == "nnUNetTrainerIMA":
+                variants.append(Variant(name, trainer,
+                                        dict(tuning, **attack, eps_max=options.eps_max,
+                                             binary_steps=options.binary_steps,
+                                             recipe="authors"), "finetune"))
+            else:
+                for eps in options.adv_eps:
+                    variants.append(Variant(f"{name}{eps:g}", trainer,
+                                            dict(tuning, **attack, adv_eps=float(eps)),
+                                            "finetune"))
         else:
             raise UserInputError(f"unknown variant {name!r}; known: clean, clean_half_lr, adv, "
-                                 f"adv_constant_lr, ima_printed, ima_authors, authors-<factor>, "
-                                 f"printed+<factor> "
-                                 f"with factor in {sorted(FACTORS)}")
+                                 f"ima_printed, ima_authors, authors-<factor>, "
+                                 f"printed+<factor> with factor in {sorted(FACTORS)}, and "
+                                 f"{', '.join(EXTRA_VARIANTS)}")
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise UserInputError(f"variants repeat a model: {names}")
     for v in variants:  # every setting is checked before anything is trained
         settings_from_dict(v.settings, source=f"variant {v.name}")
     return variants
+
+
+# fine-tuning variant -> its trainer; the ones other than IMA are one model per --adv-eps.
+FINETUNE_VARIANTS = {"ft_adv": "nnUNetTrainerAdv", "ft_trades": "nnUNetTrainerTRADES",
+                     "ft_nfgsm": "nnUNetTrainerNFGSM", "ft_ima": "nnUNetTrainerIMA"}
+
+
+def _check_variant_names(options: AblationOptions) -> None:
+    """Refuse variant lists that would train a model twice or fine-tune a model not trained.
+
+    Raises:
+        UserInputError: naming the variants and the fix.
+    """
+    chosen = set(options.variants)
+    budgets = [float(e) for e in options.adv_eps]
+    for name, twin in (("adv_max", "adv"), ("adv_max_constant_lr", "adv_constant_lr")):
+        if name in chosen and twin in chosen and float(options.eps_max) in budgets:
+            same = f"adv{options.eps_max:g}" + name[len("adv_max"):]
+            raise UserInputError(
+                f"variant {name} trains Adv at --eps-max {options.eps_max:g}, which variant "
+                f"{twin} trains already as {same} (--adv-eps {_shown(options.adv_eps)}): the "
+                f"same model twice. Drop {name} from --variants, or {options.eps_max:g} from "
+                f"--adv-eps")
+    tunings = sorted(chosen & set(FINETUNE_VARIANTS))
+    if tunings and "clean" not in chosen:
+        raise UserInputError(f"variants {', '.join(tunings)} fine-tune the clean model of their "
+                             f"seed, which this run does not train: add clean to --variants")
+
+
+def _clean_checkpoint(options: AblationOptions, seed: int, seed_folder: str,
+                      dataset_name: Optional[str]) -> str:
+    """The absolute path of the final checkpoint of the clean model of ``seed``: the start of
+    that seed's fine-tunings."""
+    clean = Variant("clean", "nnUNetTrainerClean", {"seed": seed}, "clean", seed_folder)
+    folder = model_folder(options, clean, dataset_name or options.dataset)
+    return os.path.abspath(final_checkpoint(folder, options.fold))
 
 
 # ------------------------------------------------------------------------------- workdir
@@ -394,11 +509,21 @@ def check_workdir(options: AblationOptions) -> None:
     if not isinstance(recorded, dict):
         raise UserInputError(f"{path} is not a record of ablation options (found a "
                              f"{type(recorded).__name__}); delete it, or use another --workdir")
-    if recorded != key:
-        changed = sorted(k for k in set(recorded) | set(key) if recorded.get(k) != key.get(k))
+    changed = _differing(recorded, key)
+    if changed:
         raise UserInputError(f"{options.workdir} holds an ablation made with other options "
                              f"(differing: {changed}); use another --workdir or the same "
                              f"options")
+
+
+def _differing(recorded: dict, key: dict) -> List[str]:
+    """The names whose values differ between a recorded resume key and ``key`` (both as JSON
+    holds them). An option added after the record was written is missing from it: it differs
+    only where its value is not its default (the value every earlier run had)."""
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(AblationOptions)
+                                      if f.name in key and f.default is not MISSING}))
+    return sorted(k for k in set(recorded) | set(key)
+                  if recorded.get(k, defaults.get(k)) != key.get(k))
 
 
 def check_resources(options: AblationOptions, variants: List[Variant], dataset_name: str,
@@ -445,7 +570,30 @@ def record_options(options: AblationOptions) -> None:
 def train_all(options: AblationOptions, variants: List[Variant], dataset_name: str,
               env: Dict[str, str]) -> None:
     """Train every variant not trained yet, ``options.jobs`` at a time, each in its own
-    ``nnUNet_results`` (:func:`results_root`)."""
+    ``nnUNet_results`` (:func:`results_root`): every other model first, then the fine-tunings,
+    which start from the clean model of their seed.
+
+    Raises:
+        UserInputError: a training failed (the fine-tunings are not started then), or a clean
+            model a fine-tuning starts from is missing after the first phase.
+    """
+    first = [v for v in variants if v.kind != "finetune"]
+    tunings = [v for v in variants if v.kind == "finetune"]
+    _train(options, first, dataset_name, env)
+    if not tunings:
+        return
+    missing = sorted({str(v.settings["finetune_from"]) for v in tunings
+                      if not os.path.isfile(str(v.settings["finetune_from"]))})
+    if missing:
+        raise UserInputError(f"the fine-tunings start from {', '.join(missing)}, which the "
+                             f"clean trainings did not leave; see {options.workdir}/logs and "
+                             f"run the command again")
+    _train(options, tunings, dataset_name, env)
+
+
+def _train(options: AblationOptions, variants: List[Variant], dataset_name: str,
+           env: Dict[str, str]) -> None:
+    """One phase of :func:`train_all`: ``variants`` not trained yet, side by side."""
     commands = []
     threads = str(threads_per_job(options.jobs))
     for variant in variants:
@@ -528,6 +676,10 @@ class VariantResult:
     adv_weight: float
     margin_mean: float
     adv_eps: Optional[float] = None
+    # The last epoch's fraction of training slices whose margin reached eps_max (IMA only).
+    margin_saturated: float = float("nan")
+    # Seconds per training epoch (its validation included), from checkpoint_final.pth.
+    seconds_per_epoch: float = float("nan")
 
 
 def _read_summary(path: str) -> dict:
@@ -538,16 +690,36 @@ def _read_summary(path: str) -> dict:
 
 
 def training_statistics(fold: str) -> Dict[str, float]:
-    """Mean adversarial weight over the epochs and the final mean margin, from ``ima_stats.csv``."""
+    """Mean adversarial weight over the epochs, the final mean margin and the final fraction of
+    saturated margins (NaN in a file written before that column existed), from
+    ``ima_stats.csv``."""
     path = os.path.join(fold, STATS_FILENAME)
     if not os.path.isfile(path):
-        return {"adv_weight": 0.0, "margin_mean": float("nan")}
+        return {"adv_weight": 0.0, "margin_mean": float("nan"),
+                "margin_saturated": float("nan")}
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    weights = [float(r["adv_weight"]) for r in rows if r.get("adv_weight") not in (None, "")]
-    margins = [float(r["margin_mean"]) for r in rows if r.get("margin_mean") not in (None, "")]
+
+    def column(name: str) -> List[float]:
+        return [float(r[name]) for r in rows if r.get(name) not in (None, "")]
+    weights, margins, saturated = (column(n) for n in ("adv_weight", "margin_mean",
+                                                       "margin_saturated"))
     return {"adv_weight": float(np.mean(weights)) if weights else float("nan"),
-            "margin_mean": margins[-1] if margins else float("nan")}
+            "margin_mean": margins[-1] if margins else float("nan"),
+            "margin_saturated": saturated[-1] if saturated else float("nan")}
+
+
+def seconds_per_epoch(checkpoint: str) -> float:
+    """Mean seconds per epoch (training and validation) of the training that left
+    ``checkpoint``, from the epoch start and end times nnU-Net's logger keeps in it; NaN where
+    there is no checkpoint or no finished epoch."""
+    if not os.path.isfile(checkpoint):
+        return float("nan")
+    import torch  # the options and the table need no torch; only this reading does
+    logging = torch.load(checkpoint, map_location="cpu", weights_only=False).get("logging", {})
+    durations = [end - start for start, end in zip(logging.get("epoch_start_timestamps", ()),
+                                                   logging.get("epoch_end_timestamps", ()))]
+    return float(np.mean(durations)) if durations else float("nan")
 
 
 def collect_results(options: AblationOptions, variants: List[Variant], dataset_name: str,
@@ -579,8 +751,9 @@ def _seed_result(options: AblationOptions, variant: Variant, dataset_name: str,
     noise = sorted(options.noise)
     worst_tvdi = {n: min(tvdi[a][n] for a in options.attacks) for n in noise}
     worst_adi = {n: min(adi[a][n] for a in options.attacks) for n in noise}
-    stats = training_statistics(os.path.join(model_folder(options, variant, dataset_name),
-                                             f"fold_{options.fold}"))
+    folder = model_folder(options, variant, dataset_name)
+    stats = training_statistics(os.path.join(folder, f"fold_{options.fold}"))
+    ima = variant.trainer == "nnUNetTrainerIMA"  # the models with margins
     return VariantResult(
         name=variant.name, kind=variant.kind, clean_tvdi=worst_tvdi[noise[0]],
         clean_adi=worst_adi[noise[0]], tvdi=tvdi, adi=adi, worst_tvdi=worst_tvdi,
@@ -588,8 +761,10 @@ def _seed_result(options: AblationOptions, variant: Variant, dataset_name: str,
         auc_tvdi=robustness_auc(noise, [worst_tvdi[n] for n in noise]),
         auc_adi=robustness_auc(noise, [worst_adi[n] for n in noise]),
         adv_weight=stats["adv_weight"] if variant.kind != "clean" else 0.0,
-        margin_mean=stats["margin_mean"] if variant.kind == "ima" else float("nan"),
-        adv_eps=float(variant.settings["adv_eps"]) if variant.kind == "adv" else None)
+        margin_mean=stats["margin_mean"] if ima else float("nan"),
+        adv_eps=float(variant.settings["adv_eps"]) if "adv_eps" in variant.settings else None,
+        margin_saturated=stats["margin_saturated"] if ima else float("nan"),
+        seconds_per_epoch=seconds_per_epoch(final_checkpoint(folder, options.fold)))
 
 
 def _mean_over_seeds(results: List[VariantResult]) -> VariantResult:
@@ -736,15 +911,21 @@ def _fmt(value: float, digits: int = 2) -> str:
 
 def markdown_table(rows: List[VariantResult], options: AblationOptions, cases: str) -> str:
     """One row per model: clean TVDI / ADI, worst-case TVDI per noise level, the AUCs, the mean
-    adversarial weight, the final mean margin and the Adv budgets that dominate it."""
+    adversarial weight, the final mean margin and share of saturated margins (IMA), the
+    seconds per training epoch and the Adv models (kind "adv") that dominate it."""
     noise = sorted(options.noise)[1:]
     adv = [r for r in rows if r.kind == "adv"]
     header = (["model", "clean TVDI", "clean ADI"] + [f"TVDI@{n:g}" for n in noise]
-              + ["TVDI AUC", "ADI AUC", "adv weight", "mean margin", "dominated by (Adv)"])
+              + ["TVDI AUC", "ADI AUC", "adv weight", "mean margin", "saturated %", "s/epoch",
+                 "dominated by (Adv)"])
     lines = [f"Ablation on `{options.dataset}`, {cases} cases: worst case over "
              f"{' and '.join(a.upper() for a in options.attacks)} ({options.eval_steps} steps, "
              f"L2) per noise level; Dice in %; AUC = area under the TVDI (ADI) curve over noise "
-             f"{', '.join(f'{n:g}' for n in sorted(options.noise))} / largest noise.", "",
+             f"{', '.join(f'{n:g}' for n in sorted(options.noise))} / largest noise. "
+             f"saturated %: IMA's training slices whose margin reached eps_max in the last "
+             f"epoch. s/epoch: seconds per training epoch (validation included), comparable only "
+             f"between models trained one at a time (--jobs 1): trainings side by side share "
+             f"the cores and run slower.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         beaten = dominated_by(r, adv) if r.kind != "adv" else []
@@ -752,6 +933,7 @@ def markdown_table(rows: List[VariantResult], options: AblationOptions, cases: s
             [r.name, _fmt(r.clean_tvdi), _fmt(r.clean_adi)]
             + [_fmt(r.worst_tvdi[n]) for n in noise]
             + [_fmt(r.auc_tvdi), _fmt(r.auc_adi), _fmt(r.adv_weight, 3), _fmt(r.margin_mean),
+               _fmt(100 * r.margin_saturated, 1), _fmt(r.seconds_per_epoch, 1),
                ", ".join(beaten) if beaten else ("none" if r.kind != "adv" else "")]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -812,7 +994,8 @@ def draw_front(rows: List[VariantResult], path: str, title: str,
     if adv:
         ax.plot([r.clean_tvdi for r in adv], [r.auc_tvdi for r in adv], "-o", color="tab:orange",
                 label="Adv (budgets joined)")
-    colours = {"clean": "tab:gray", "ima": "tab:blue", "adv": "tab:orange"}
+    colours = {"clean": "tab:gray", "ima": "tab:blue", "adv": "tab:orange",
+               "baseline": "tab:green", "finetune": "tab:purple"}
     for r in rows:
         if r.kind != "adv":
             ax.scatter(r.clean_tvdi, r.auc_tvdi, color=colours[r.kind], zorder=3)
@@ -826,6 +1009,10 @@ def draw_front(rows: List[VariantResult], path: str, title: str,
                     xytext=(4, 4), fontsize=8)
     ax.scatter([], [], color="tab:blue", label="IMA variants")
     ax.scatter([], [], color="tab:gray", label="clean")
+    present = {r.kind for r in rows}
+    for kind, label in (("baseline", "TRADES / N-FGSM"), ("finetune", "fine-tuned from clean")):
+        if kind in present:
+            ax.scatter([], [], color=colours[kind], label=label)
     ax.set_xlabel("clean TVDI (%)")
     ax.set_ylabel("TVDI AUC under attack (%)")
     if statistics is not None:
@@ -875,9 +1062,10 @@ def check_inputs(options: AblationOptions) -> Tuple[str, List[Variant]]:
     """
     from nnunet_ima.nnunet.paths import dataset_name, require_folder
     check_values(options)
-    variants = build_variants(options)
+    build_variants(options)  # the variants and their settings, before any folder is looked up
     require_folder("nnUNet_preprocessed")  # named before the dataset is looked up in it
     name = dataset_name(options.dataset)
+    variants = build_variants(options, name)  # the fine-tunings name the clean models' folders
     folder = check_dataset(options, name)
     check_workdir(options)
     check_resources(options, variants, name, folder)
