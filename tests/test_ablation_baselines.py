@@ -73,9 +73,10 @@ def test_baselines_and_controls_differ_from_their_twin_in_one_thing(tmp_path):
     assert variants["adv_max"].settings == dict(variants["adv8"].settings, adv_eps=12.0)
     assert _differences(variants["adv_max_constant_lr"], variants["adv_max"]) == {"lr_schedule"}
     assert _resolved(variants["adv_max_constant_lr"])["lr_schedule"] == "constant"
-    assert _differences(variants["ima_authors_min"], variants["ima_authors"]) == {"dice_reduce"}
-    assert (_resolved(variants["ima_authors"])["dice_reduce"],
-            _resolved(variants["ima_authors_min"])["dice_reduce"]) == ("max", "min")
+    assert _differences(variants["ima_authors_min"], variants["ima_authors"]) == {
+        "dice_reduce", "dice_absent_class"}
+    assert [_resolved(variants[n])[k] for n in ("ima_authors", "ima_authors_min")
+            for k in ("dice_reduce", "dice_absent_class")] == ["max", "zero", "min", "one"]
 
 
 def test_adv_at_eps_max_twice_is_refused(tmp_path):

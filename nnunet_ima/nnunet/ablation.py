@@ -84,7 +84,7 @@ EXTRA_VARIANTS: Dict[str, str] = {
     "adv_max": "Adv at --eps-max",
     "adv_max_constant_lr": "Adv at --eps-max and the constant learning rate (what the authors' "
                            "recipe trains once its margins saturate)",
-    "ima_authors_min": "the authors' recipe with the min slice Dice over the classes",
+    "ima_authors_min": "the authors' recipe with the min slice Dice over the classes present",
     "ft_adv": "Adv fine-tuning the clean model",
     "ft_ima": "the authors' recipe fine-tuning the clean model",
     "ft_trades": "TRADES fine-tuning the clean model",
@@ -329,8 +329,11 @@ def _variants_of_seed(options: AblationOptions, seed: int, seed_folder: str = ""
                                          **constant), "adv"))
         elif name == "ima_authors_min":
             # A slice is correct only when every foreground class present reaches the threshold.
+            # Over the present classes ("one"): with the authors' "zero" every slice lacking a
+            # class would score 0, and on multi-class data nearly no slice would count correct.
             variants.append(Variant(name, "nnUNetTrainerIMA",
-                                    dict(ima, recipe="authors", dice_reduce="min"), "ima"))
+                                    dict(ima, recipe="authors", dice_reduce="min",
+                                         dice_absent_class="one"), "ima"))
         elif name in FINETUNE_VARIANTS:
             start = _clean_checkpoint(options, seed, seed_folder, dataset_name)
             tuning = dict(schedule, num_epochs=options.finetune_epochs,
