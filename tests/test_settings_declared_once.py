@@ -86,6 +86,8 @@ def test_trainer_settings_write_the_keys_of_version_0_1_and_the_new_ones():
 
 @pytest.mark.parametrize("values, message", [
     ({"pgd_steps": 0}, "f.json: pgd_steps must be an integer >= 1, got 0"),
+    ({"num_val_iterations_per_epoch": 0},
+     "f.json: num_val_iterations_per_epoch must be an integer >= 1, got 0"),
     ({"pgd_alpha": -1.0}, "f.json: pgd_alpha must be a finite number > 0, got -1.0"),
     ({"margin_growth_epochs": 0}, "f.json: margin_growth_epochs must be an integer >= 1, got 0"),
     ({"eps_max": 2.0, "delta": 3.0}, "f.json: delta (3.0) must not exceed eps_max (2.0)"),

@@ -151,8 +151,10 @@ class TrainerSettings:
     num_epochs: int = setting(50, help="training epochs", rule=Count(1))
     num_iterations_per_epoch: int = setting(50, help="training iterations per epoch",
                                             rule=Count(1))
+    # At least 1: nnU-Net's on_validation_epoch_end collates the first output of the epoch
+    # (IndexError after the first epoch's training with 0).
     num_val_iterations_per_epoch: int = setting(50, help="validation iterations per epoch",
-                                                rule=Count(0))
+                                                rule=Count(1))
     save_every: int = setting(1, help="a checkpoint every this many epochs", rule=Count(1))
     initial_lr: float = setting(1e-2, help="nnU-Net's initial learning rate", rule=Positive())
     seed: Optional[int] = setting(None, help="seed of the RNGs (default: unseeded)",
