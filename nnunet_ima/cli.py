@@ -32,6 +32,9 @@ SUBCOMMANDS = {
     "ablation": ("nnunet_ima.commands.ablation",
                  "train Clean, Adv budgets and IMA recipes side by side, attack them, and "
                  "tabulate clean vs robust Dice"),
+    "ablation-summary": ("nnunet_ima.commands.ablation_summary",
+                         "the ablations of several datasets side by side, and the IMA reading no "
+                         "baseline dominates on the most of them"),
     "make-synthetic": ("nnunet_ima.commands.make_synthetic",
                        "write a small synthetic nnU-Net raw dataset"),
     "check-config": ("nnunet_ima.commands.check_config",

@@ -10,7 +10,10 @@ within each drawn case, as many of its slices as it has, with replacement. A dra
 
 Conventions: intervals are two-sided at :data:`LEVEL`; a bootstrap interval is the percentile
 interval of the draws (``numpy.percentile``, linear interpolation); the interval over seeds is
-Student's t interval of the mean over the seeds (``nan`` with one seed).
+Student's t interval of the mean over the seeds (``nan`` with one seed). A difference is
+significant where every interval computed lies on one side of 0 (:attr:`Estimate.excludes_zero`);
+a model dominates another within the intervals (:func:`dominates`) where it is at least as good on
+every score and significantly better on one.
 """
 from __future__ import annotations
 
@@ -125,6 +128,12 @@ class Estimate:
             intervals.append((self.seed_low, self.seed_high))
         return all(low > 0 or high < 0 for low, high in intervals)
 
+    @property
+    def above_zero(self) -> bool:
+        """Whether every interval that was computed lies above 0: the rule of
+        :attr:`excludes_zero`, on the positive side (a difference significantly > 0)."""
+        return self.low > 0 and (math.isnan(self.seed_low) or self.seed_low > 0)
+
 
 def estimate(values: Sequence[float], draws: np.ndarray) -> Estimate:
     """The :class:`Estimate` of per-seed values ``(S,)`` and their bootstrap draws ``(S, R)``
@@ -151,3 +160,32 @@ def paired_difference(values: Sequence[float], draws: np.ndarray, reference_valu
                          f"{values.shape} / {draws.shape} and {reference_values.shape} / "
                          f"{reference_draws.shape}")
     return estimate(values - reference_values, draws - reference_draws)
+
+
+def dominates(values: np.ndarray, draws: np.ndarray, other_values: np.ndarray,
+              other_draws: np.ndarray) -> bool:
+    """Whether model B (``values``, ``draws``) dominates model V (``other_*``) within the
+    intervals, on ``A`` scores where higher is better: B's mean over the seeds is at least V's on
+    every score, and on at least one score the paired difference B - V
+    (:func:`paired_difference`: the same seeds, the same draws) is significantly above 0
+    (:attr:`Estimate.above_zero`). A mean that is higher but not significantly so on every score
+    is no domination: the intervals cannot tell the two models apart.
+
+    Args:
+        values, other_values: ``(S, A)`` per-seed scores of B and V.
+        draws, other_draws: ``(S, A, R)`` their scores on the same ``R`` bootstrap draws.
+    """
+    values, other_values = np.asarray(values, float), np.asarray(other_values, float)
+    draws, other_draws = np.asarray(draws, float), np.asarray(other_draws, float)
+    if values.ndim != 2 or draws.ndim != 3 or draws.shape[:2] != values.shape:
+        raise ValueError(f"need (S, A) values and (S, A, R) draws, got {values.shape} and "
+                         f"{draws.shape}")
+    if values.shape != other_values.shape or draws.shape != other_draws.shape:
+        raise ValueError(f"domination compares the same seeds, scores and draws, got "
+                         f"{values.shape} / {draws.shape} and {other_values.shape} / "
+                         f"{other_draws.shape}")
+    if np.any(values.mean(axis=0) < other_values.mean(axis=0)):
+        return False
+    return any(paired_difference(values[:, a], draws[:, a], other_values[:, a],
+                                 other_draws[:, a]).above_zero
+               for a in range(values.shape[1]))

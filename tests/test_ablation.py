@@ -198,6 +198,11 @@ def test_ablation_with_two_seeds_end_to_end(nnunet_workspace, tmp_path):
     assert clean["name"] == "clean" and set(clean["statistics"]["per_seed"]) == {"0", "1"}
     per_seed = [v["clean_tvdi"] for v in clean["statistics"]["per_seed"].values()]
     assert clean["clean_tvdi"] == pytest.approx(sum(per_seed) / 2)
+    assert isinstance(clean["statistics"]["dominated_by"], list)
+    # the report as the summary across datasets reads it
+    summary = ws.run([_bin("nnunet-ima"), "ablation-summary", workdir, "--cases", "test"])
+    assert f"| {ws.dataset_name} (2 seeds) |" in summary.stdout
+    assert "| adv4 | adv | " in summary.stdout and "nothing to choose from" in summary.stdout
 
 
 def test_trainings_are_built_as_the_experiment_builds_them(tmp_path, monkeypatch):
@@ -395,7 +400,8 @@ def test_one_seed_gives_bootstrap_intervals_only(tmp_path):
     assert "seeds [" not in text and "1 seed (0)" in text
     rows = [line for line in text.splitlines() if line.startswith("| clean | 90.00 [")]
     assert len(rows) == 1 and "| +2.00 [" in rows[0] and rows[0].count(" *") == 1
-    assert rows[0].endswith("] * |")
+    # adv4 is better on the AUC but not at least as good on clean TVDI: it dominates nothing
+    assert rows[0].endswith("] * | none |")
 
 
 def test_slice_counts_of_an_ensemble_are_its_lowest_tvdi_choice(tmp_path):

@@ -389,3 +389,64 @@ def test_baselines_and_a_fine_tuning_end_to_end(nnunet_workspace, tmp_path):
         rows = {r["name"]: r for r in json.load(f)["cases"]["test"]}
     assert rows["ft_adv4"]["kind"] == "finetune" and rows["trades4"]["kind"] == "baseline"
     assert all(r["seconds_per_epoch"] > 0 for r in rows.values())
+
+
+# ------------------------------------------------------------------------- --baseline-eps
+BUDGETED = ["clean", "adv", "trades", "nfgsm", "ft_adv", "ft_trades", "ft_nfgsm", "ft_ima"]
+
+
+def test_baseline_budgets_choose_which_baselines_are_built(tmp_path):
+    """--baseline-eps 8: one model of each baseline and Adv-family fine-tuning, named and set up
+    as the model of that budget the default builds; ft_ima and the Adv models are unchanged."""
+    every = _by_name(_options(tmp_path, variants=BUDGETED), DATASET)   # --adv-eps 4 8 16
+    assert [n for n in every if n.startswith(("trades", "ft_trades"))] == [
+        "trades4", "trades8", "trades16", "ft_trades4", "ft_trades8", "ft_trades16"]
+    one = _by_name(_options(tmp_path, variants=BUDGETED, baseline_eps=[8.0]), DATASET)
+    assert list(one) == ["clean", "adv4", "adv8", "adv16", "trades8", "nfgsm8", "ft_adv8",
+                         "ft_trades8", "ft_nfgsm8", "ft_ima"]
+    assert all(one[n] == every[n] for n in one)   # same trainer, settings, kind and folder
+    # a budget that is no Adv budget: the baselines at it, beside Adv at its own budgets
+    other = _by_name(_options(tmp_path, variants=["adv", "trades", "nfgsm"], adv_eps=[4.0],
+                              baseline_eps=[6.0, 2.0]))
+    assert list(other) == ["adv4", "trades6", "trades2", "nfgsm6", "nfgsm2"]
+    assert other["nfgsm2"].settings["adv_eps"] == 2.0
+    assert _differences(other["trades6"], other["adv4"]) == {"adv_eps"}
+
+
+def test_a_workdir_recorded_without_baseline_eps_resumes_with_any(tmp_path):
+    """The record the previous version writes (its resume key) has no baseline_eps, and the
+    key still has none: the budgets choose models as --variants does, so a workdir of every
+    budget takes --baseline-eps 8 and a workdir of one budget takes the default later."""
+    options = _options(tmp_path, variants=BUDGETED, eval_steps=50)
+    check_options(options)
+    with open(os.path.join(options.workdir, "ablation_options.json")) as f:
+        recorded = json.load(f)
+    assert "baseline_eps" not in recorded and recorded["adv_eps"] == [4.0, 8.0, 16.0]
+    assert recorded == json.loads(json.dumps(options.resume_key()))
+    check_options(dataclasses.replace(options, baseline_eps=(8.0,)))
+    check_options(dataclasses.replace(options, baseline_eps=(2.0, 8.0)))
+    with pytest.raises(UserInputError, match=r"differing: \['adv_eps'\]"):
+        check_options(dataclasses.replace(options, baseline_eps=(8.0,), adv_eps=(8.0,)))
+    with open(os.path.join(options.workdir, "ablation_options.json")) as f:
+        assert json.load(f) == recorded  # the record is left as it was
+
+
+def test_bad_baseline_budgets_are_refused():
+    def options(**kw):
+        return ablation.AblationOptions(dataset="990", workdir="w", **kw)
+    with pytest.raises(UserInputError, match="--baseline-eps must be > 0 and finite, got 0"):
+        ablation.check_values(options(baseline_eps=(8.0, 0.0)))
+    with pytest.raises(UserInputError, match="--baseline-eps names 8 more than once"):
+        ablation.check_values(options(baseline_eps=(8.0, 8.0)))
+
+
+def test_the_command_line_takes_baseline_budgets():
+    from nnunet_ima.cli import build_parser
+    parser = build_parser("ablation")
+    args = parser.parse_args(["ablation", "-d", "990", "--workdir", "w", "--variants", "adv",
+                              "trades", "--baseline-eps", "8"])
+    assert args.baseline_eps == [8.0]
+    assert parser.parse_args(["ablation", "-d", "990", "--workdir", "w"]).baseline_eps == []
+    shown = " ".join(parser.commands["ablation"].format_help().split())
+    assert "--baseline-eps BASELINE_EPS [BASELINE_EPS ...]" in shown
+    assert "trades, nfgsm (one per --baseline-eps)" in shown

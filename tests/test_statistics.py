@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from nnunet_ima.metrics import tvdi
-from nnunet_ima.statistics import (Estimate, case_slice_draws, estimate, paired_difference,
-                                   percentile_interval, seed_interval, t_quantile_975,
-                                   tvdi_draws)
+from nnunet_ima.statistics import (Estimate, case_slice_draws, dominates, estimate,
+                                   paired_difference, percentile_interval, seed_interval,
+                                   t_quantile_975, tvdi_draws)
 
 
 def _counts(rng, n, k=2):
@@ -140,3 +140,74 @@ def test_bad_input_is_refused():
         case_slice_draws([], 10, rng)
     with pytest.raises(ValueError, match="draws must be >= 1"):
         case_slice_draws(["a"], 0, rng)
+
+
+def test_above_zero_is_the_positive_side_of_excludes_zero():
+    assert Estimate(1.0, 0.5, 1.5, math.nan, math.nan).above_zero
+    assert not Estimate(1.0, -0.1, 1.5, math.nan, math.nan).above_zero
+    assert not Estimate(1.0, 0.5, 1.5, -0.2, 2.2).above_zero        # the seeds' interval
+    assert Estimate(1.0, 0.5, 1.5, 0.1, 2.2).above_zero
+    below = Estimate(-1.0, -1.5, -0.5, math.nan, math.nan)
+    assert below.excludes_zero and not below.above_zero
+
+
+# One seed, five draws; scores (clean TVDI, TVDI AUC). V's draws vary, so each model alone has a
+# wide interval: only the paired differences decide.
+V_VALUES = np.array([[80.0, 60.0]])                                          # (S, A)
+V_DRAWS = np.array([[[78.0, 79.0, 80.0, 81.0, 82.0], [58.0, 59.0, 60.0, 61.0, 62.0]]])
+
+
+def test_a_clear_shift_on_both_scores_dominates():
+    b_values, b_draws = V_VALUES + 3.0, V_DRAWS + 3.0     # +3 in every draw: interval [3, 3]
+    assert dominates(b_values, b_draws, V_VALUES, V_DRAWS)
+    assert not dominates(V_VALUES, V_DRAWS, b_values, b_draws)
+    # an equal mean on one score and a clear shift on the other dominates too
+    tie = np.array([0.0, 3.0])
+    assert dominates(V_VALUES + tie, V_DRAWS + tie[:, None], V_VALUES, V_DRAWS)
+
+
+def test_better_on_one_score_but_not_significantly_does_not_dominate():
+    # clean TVDI +1 overall, but the draws' differences are -1, 0, 1, 2, 3: the percentile
+    # interval [-1 + 0.1 * 1, 2 + 0.9 * 1] = [-0.9, 2.9] holds 0; the AUC is the same.
+    b_values = V_VALUES + np.array([1.0, 0.0])
+    b_draws = V_DRAWS.copy()
+    b_draws[0, 0] += [-1.0, 0.0, 1.0, 2.0, 3.0]
+    d = paired_difference(b_values[:, 0], b_draws[:, 0], V_VALUES[:, 0], V_DRAWS[:, 0])
+    assert (d.mean, d.low, d.high) == pytest.approx((1.0, -0.9, 2.9))
+    assert not dominates(b_values, b_draws, V_VALUES, V_DRAWS)
+    # with the draws' differences 0.5 ... 1.5 it is significant: then it dominates
+    b_draws = V_DRAWS.copy()
+    b_draws[0, 0] += [0.5, 0.75, 1.0, 1.25, 1.5]
+    assert dominates(b_values, b_draws, V_VALUES, V_DRAWS)
+
+
+def test_better_on_one_score_and_worse_on_the_other_does_not_dominate():
+    shift = np.array([5.0, -1.0])                         # both differences significant
+    b_values, b_draws = V_VALUES + shift, V_DRAWS + shift[:, None]
+    assert not dominates(b_values, b_draws, V_VALUES, V_DRAWS)
+    assert not dominates(V_VALUES, V_DRAWS, b_values, b_draws)
+
+
+def test_with_seeds_the_interval_over_seeds_must_lie_above_zero_too():
+    """Three seeds, every draw of a seed shifted by that seed's difference: the bootstrap
+    interval has no width, the t interval is mean -+ 4.303 * sd / sqrt(3)."""
+    v_values = np.array([[80.0, 60.0], [81.0, 61.0], [79.0, 59.0]])
+    v_draws = v_values[:, :, None] + np.linspace(-2, 2, 7)                 # (3, 2, 7)
+    for per_seed, expected in (([1.0, 2.0, 3.0], False),   # 2 -+ 2.484: [-0.48, 4.48]
+                               ([2.0, 3.0, 4.0], True)):   # 3 -+ 2.484: [0.52, 5.48]
+        shift = np.zeros((3, 2))
+        shift[:, 1] = per_seed                             # the AUC only; clean TVDI equal
+        b_values, b_draws = v_values + shift, v_draws + shift[:, :, None]
+        d = paired_difference(b_values[:, 1], b_draws[:, 1], v_values[:, 1], v_draws[:, 1])
+        mean = np.mean(per_seed)
+        assert (d.low, d.high) == pytest.approx((mean, mean))
+        assert (d.seed_low, d.seed_high) == pytest.approx(
+            (mean - 4.303 / math.sqrt(3), mean + 4.303 / math.sqrt(3)))
+        assert dominates(b_values, b_draws, v_values, v_draws) is expected
+
+
+def test_domination_refuses_unpaired_scores():
+    with pytest.raises(ValueError, match=r"\(S, A\) values and \(S, A, R\) draws"):
+        dominates(V_VALUES[0], V_DRAWS[0], V_VALUES[0], V_DRAWS[0])
+    with pytest.raises(ValueError, match="same seeds, scores and draws"):
+        dominates(V_VALUES, V_DRAWS, V_VALUES, V_DRAWS[:, :, :4])

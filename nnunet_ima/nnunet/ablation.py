@@ -11,16 +11,17 @@ On one planned and split nnU-Net dataset, with one schedule and one or more seed
   printed reading (``authors-<factor>``), and the printed recipe with the authors' adversarial
   term (``printed+term``);
 * the baselines and controls a reviewer asks for (:data:`EXTRA_VARIANTS`): TRADES and N-FGSM
-  at the Adv budgets, Adv at IMA's ``eps_max`` (with nnU-Net's and with the constant learning
-  rate), the authors' recipe with the ``min`` slice Dice, and the clean model fine-tuned for a
-  few epochs by Adv, IMA, TRADES or N-FGSM (trained after every other model: they start from
-  the ``clean`` model of their seed);
+  at the baseline budgets (``--baseline-eps``, default the Adv budgets), Adv at IMA's
+  ``eps_max`` (with nnU-Net's and with the constant learning rate), the authors' recipe with
+  the ``min`` slice Dice, and the clean model fine-tuned for a few epochs by Adv, IMA, TRADES or
+  N-FGSM (trained after every other model: they start from the ``clean`` model of their seed);
 
 each as a real ``nnUNetv2_train`` in its own ``nnUNet_results`` folder (side by side with
 ``jobs``), once per seed, then attacks every model with the evaluator of ``nnunet-ima-eval``
 (:func:`nnunet_ima.evaluation.run.evaluate`; PGD and APGD by default) and writes, per case set,
 a table of the means over the seeds, a table of their intervals and paired differences
-(:mod:`nnunet_ima.statistics`, from the evaluations' per-slice counts) and one picture.
+(:mod:`nnunet_ima.statistics`, from the evaluations' per-slice counts), with the models that
+dominate each one within the intervals, and one picture.
 Everything is resumable: a trained model, and each (model, attack, case set) evaluation, is
 reused when the command runs again with the same options. The table also gives each model's
 seconds per training epoch and, for IMA, the share of margins saturated at ``eps_max``.
@@ -36,7 +37,7 @@ import csv
 import json
 import math
 import os
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -50,8 +51,8 @@ from nnunet_ima.nnunet.experiment import final_checkpoint, training_command
 from nnunet_ima.nnunet.pipeline import run_side_by_side, threads_per_job
 from nnunet_ima.nnunet.settings import RECIPES, settings_from_dict
 from nnunet_ima.nnunet.training_stats import STATS_FILENAME
-from nnunet_ima.statistics import (Estimate, case_slice_draws, estimate, paired_difference,
-                                   tvdi_draws)
+from nnunet_ima.statistics import (Estimate, case_slice_draws, dominates, estimate,
+                                   paired_difference, tvdi_draws)
 
 if TYPE_CHECKING:  # the evaluator imports torch; checking the options needs none of it
     from nnunet_ima.evaluation.options import EvalOptions
@@ -76,7 +77,8 @@ DEFAULT_VARIANTS = ("clean", "clean_half_lr", "adv", "ima_printed", "ima_authors
                     "printed+term", "authors-term", "authors-growth", "authors-slices",
                     "authors-lr")
 # Baselines and controls beside the ablation proper (none of them is trained by default).
-# name -> what it trains; the ``<eps>`` ones are one model per --adv-eps.
+# name -> what it trains; the ``<eps>`` ones are one model per --baseline-eps (default
+# --adv-eps).
 EXTRA_VARIANTS: Dict[str, str] = {
     "adv_constant_lr": "Adv at the constant learning rate",
     "trades": "TRADES",
@@ -95,6 +97,9 @@ BASELINE_TRAINERS = {"trades": "nnUNetTrainerTRADES", "nfgsm": "nnUNetTrainerNFG
 # What a variant of each kind is. The reference of the paired differences, the Adv front of the
 # picture and the "dominated by (Adv)" column take the "adv" models (vanilla Adv) only.
 KINDS = ("clean", "adv", "ima", "baseline", "finetune")
+# The kinds whose models may dominate a row within the intervals (RowStatistics.dominated_by):
+# every kind but IMA, whose readings are what the comparison is about.
+DOMINATING_KINDS = ("clean", "adv", "baseline", "finetune")
 FINETUNE_WARMUP_EPOCHS = 1  # the fine-tunings' linear learning-rate warm-up
 
 
@@ -187,12 +192,18 @@ class AblationOptions:
         DEFAULT_VARIANTS, rule=Several(Text()),
         help=f"models to train; 'adv' is one model per --adv-eps; authors-<factor> / "
              f"printed+<factor> with factor in {', '.join(FACTORS)}; baselines and controls: "
-             f"trades, nfgsm (one per --adv-eps), adv_constant_lr, adv_max, "
+             f"trades, nfgsm (one per --baseline-eps), adv_constant_lr, adv_max, "
              f"adv_max_constant_lr, ima_authors_min; fine-tunings of the clean model (need "
              f"'clean', trained after the others): ft_adv, ft_trades, ft_nfgsm (one per "
-             f"--adv-eps), ft_ima")
+             f"--baseline-eps), ft_ima")
     adv_eps: Sequence[float] = setting((4.0, 8.0, 16.0), help="budgets of the Adv models",
                                        rule=Several(BUDGET))
+    baseline_eps: Sequence[float] = setting(
+        (), rule=Several(BUDGET, minimum=0),
+        help="budgets of trades, nfgsm, ft_adv, ft_trades and ft_nfgsm, default the --adv-eps "
+             "budgets (e.g. --baseline-eps 8: one TRADES and one N-FGSM model, not one per Adv "
+             "budget); a model keeps its name and settings (trades8 is TRADES at 8 whichever "
+             "option chose it), so a workdir takes other budgets later")
     eps_max: float = setting(16.0, help="eps_max of every IMA model", rule=BUDGET)
     epochs: int = setting(10, help="training epochs of every model", rule=_whole(1))
     iterations: int = setting(10, help="training iterations per epoch", rule=_whole(1))
@@ -250,18 +261,28 @@ class AblationOptions:
         """The seeds every variant is trained with: ``seeds``, or ``seed`` alone."""
         return tuple(self.seeds) or (self.seed,)
 
+    @property
+    def baseline_budgets(self) -> Tuple[float, ...]:
+        """The budgets of the baselines and of the fine-tunings other than ft_ima:
+        ``baseline_eps``, or ``adv_eps``."""
+        return tuple(self.baseline_eps) or tuple(self.adv_eps)
+
     def resume_key(self) -> dict:
         """The options a result depends on (``jobs`` and ``workdir`` do not change results, more
-        seeds add models beside those of ``seed``, the bootstrap is redrawn with each report)."""
+        seeds add models beside those of ``seed``, the bootstrap is redrawn with each report;
+        ``baseline_eps``, like ``variants``, chooses which models are built, each named by its
+        budget, and changes none of them)."""
         key = asdict(self)
-        for name in ("jobs", "workdir", "variants", "attacks", "cases", "seeds", "bootstrap"):
+        for name in ("jobs", "workdir", "variants", "attacks", "cases", "seeds", "bootstrap",
+                     "baseline_eps"):
             key.pop(name)
         return key
 
 
 def build_variants(options: AblationOptions, dataset_name: Optional[str] = None) -> List[Variant]:
-    """The models named by ``options.variants`` (``adv`` expands to one per ``adv_eps``), for
-    every seed of ``options.training_seeds`` in turn.
+    """The models named by ``options.variants`` (``adv`` expands to one per ``adv_eps``, the
+    baselines and ft_adv / ft_trades / ft_nfgsm to one per ``baseline_budgets``), for every
+    seed of ``options.training_seeds`` in turn.
 
     ``dataset_name``: the dataset's full name, default ``options.dataset``. A fine-tuning's
     settings name the checkpoint of its seed's clean model by its absolute path in the model
@@ -316,7 +337,7 @@ def _variants_of_seed(options: AblationOptions, seed: int, seed_folder: str = ""
                                     dict(ima, recipe="printed", **added), "ima"))
         elif name in BASELINE_TRAINERS:
             # Adv's settings for another attack: the baselines differ from adv<eps> there only.
-            for eps in options.adv_eps:
+            for eps in options.baseline_budgets:
                 variants.append(Variant(f"{name}{eps:g}", BASELINE_TRAINERS[name],
                                         dict(schedule, **attack, adv_eps=float(eps)),
                                         "baseline"))
@@ -346,7 +367,7 @@ def _variants_of_seed(options: AblationOptions, seed: int, seed_folder: str = ""
                                              binary_steps=options.binary_steps,
                                              recipe="authors"), "finetune"))
             else:
-                for eps in options.adv_eps:
+                for eps in options.baseline_budgets:
                     variants.append(Variant(f"{name}{eps:g}", trainer,
                                             dict(tuning, **attack, adv_eps=float(eps)),
                                             "finetune"))
@@ -363,7 +384,7 @@ def _variants_of_seed(options: AblationOptions, seed: int, seed_folder: str = ""
     return variants
 
 
-# fine-tuning variant -> its trainer; the ones other than IMA are one model per --adv-eps.
+# fine-tuning variant -> its trainer; the ones other than IMA are one model per --baseline-eps.
 FINETUNE_VARIANTS = {"ft_adv": "nnUNetTrainerAdv", "ft_trades": "nnUNetTrainerTRADES",
                      "ft_nfgsm": "nnUNetTrainerNFGSM", "ft_ima": "nnUNetTrainerIMA"}
 
@@ -438,7 +459,8 @@ def check_values(options: AblationOptions) -> None:
     noise = list(options.noise)
     for option, values, known in (("--noise", noise, None), ("--cases", options.cases, CASE_SETS),
                                   ("--attacks", options.attacks, _attack_names()),
-                                  ("--seeds", options.seeds, None)):
+                                  ("--seeds", options.seeds, None),
+                                  ("--baseline-eps", options.baseline_eps, None)):
         repeated = sorted({f"{v:g}" if isinstance(v, float) else str(v)
                            for v in values if list(values).count(v) > 1})
         if repeated:
@@ -820,14 +842,17 @@ def slice_counts(folder: str) -> Dict[float, NoiseResult]:
 @dataclass
 class RowStatistics:
     """Clean TVDI and TVDI AUC (%) of one variant with their intervals
-    (:class:`~nnunet_ima.statistics.Estimate`), their values per seed, and their paired
-    differences against the reference Adv model (``None`` for it, and where there is none)."""
+    (:class:`~nnunet_ima.statistics.Estimate`), their values per seed, their paired
+    differences against the reference Adv model (``None`` for it, and where there is none), and
+    the models of :data:`DOMINATING_KINDS` that dominate it within the intervals
+    (:func:`~nnunet_ima.statistics.dominates` on clean TVDI and TVDI AUC), in table order."""
 
     clean_tvdi: Estimate
     auc_tvdi: Estimate
     per_seed: Dict[int, Dict[str, float]]
     clean_difference: Optional[Estimate] = None
     auc_difference: Optional[Estimate] = None
+    dominated_by: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -857,7 +882,9 @@ def collect_statistics(options: AblationOptions, variants: List[Variant],
                        cases: str) -> CaseSetStatistics:
     """The intervals of one case set (see :mod:`nnunet_ima.statistics`): every model of every
     seed is scored on the same bootstrap draws of the slices (``options.bootstrap`` of them,
-    from a generator seeded with ``options.seed``), so that the differences are paired.
+    from a generator seeded with ``options.seed``), so that the differences are paired; and,
+    for every model, the models of :data:`DOMINATING_KINDS` that dominate it within those
+    intervals.
 
     Raises:
         UserInputError: an evaluation was made on other slices than the others.
@@ -896,6 +923,12 @@ def collect_statistics(options: AblationOptions, variants: List[Variant],
                                                                 base[:, 0, 0], base[:, 0, 1:])
                 rows[name].auc_difference = paired_difference(s[:, 1, 0], s[:, 1, 1:],
                                                               base[:, 1, 0], base[:, 1, 1:])
+    # Every row, of every kind, against every model that is no IMA reading: whether a baseline
+    # beats an IMA reading, and whether Adv beats a baseline, on the same seeds and draws.
+    dominating = [name for name, runs in groups.items() if runs[0].kind in DOMINATING_KINDS]
+    for name, s in scores.items():
+        rows[name].dominated_by = [b for b in dominating if b != name and dominates(
+            scores[b][:, :, 0], scores[b][:, :, 1:], s[:, :, 0], s[:, :, 1:])]
     return CaseSetStatistics(rows, reference, len(set(first.cases)), len(keys),
                              options.bootstrap, options.training_seeds)
 
@@ -956,9 +989,9 @@ def _difference(e: Optional[Estimate]) -> str:
 
 
 def interval_table(statistics: CaseSetStatistics, options: AblationOptions, cases: str) -> str:
-    """One row per model: clean TVDI and TVDI AUC with their intervals and, where there is an
-    Adv model, their paired differences against the best of them (``*`` where the intervals
-    exclude 0)."""
+    """One row per model: clean TVDI and TVDI AUC with their intervals, where there is an Adv
+    model their paired differences against the best of them (``*`` where the intervals exclude
+    0), and the models that dominate it within the intervals."""
     seeds = statistics.seeds
     several = len(seeds) > 1
     header = ["model", "clean TVDI", "TVDI AUC"]
@@ -978,11 +1011,18 @@ def interval_table(statistics: CaseSetStatistics, options: AblationOptions, case
                     f"{'both intervals exclude' if several else 'the interval excludes'} 0.")
     else:
         caption += ". No Adv model to compare with."
+    header.append("dominated by (within intervals)")
+    caption += (" Dominated by (within intervals): the clean, Adv, baseline and fine-tuned models "
+                "whose mean is at least this model's on clean TVDI and on TVDI AUC, and whose "
+                "paired difference from it lies above 0 on at least one of the two (its "
+                f"bootstrap interval{' and its seeds interval' * several}); IMA readings are "
+                "never named here.")
     lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in statistics.rows.items():
         cells = [name, _interval(row.clean_tvdi), _interval(row.auc_tvdi)]
         if reference is not None:
             cells += [_difference(row.clean_difference), _difference(row.auc_difference)]
+        cells.append(", ".join(row.dominated_by) or "none")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -1051,7 +1091,7 @@ def write_report(options: AblationOptions, variants: List[Variant], dataset_name
     text = "\n".join(tables)
     write_text(os.path.join(options.workdir, TABLE_FILENAME), text)
     write_json(os.path.join(options.workdir, RESULTS_FILENAME),
-               {"options": asdict(options), "cases": everything})
+               {"options": asdict(options), "dataset_name": dataset_name, "cases": everything})
     return text
 
 
