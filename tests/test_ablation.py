@@ -326,6 +326,9 @@ def test_a_workdir_of_one_seed_takes_more_seeds_and_keeps_its_key(tmp_path):
         check_options(_options(tmp_path, seeds=[0, -1]))
     with pytest.raises(UserInputError, match="--bootstrap must be a whole number >= 1"):
         check_options(_options(tmp_path, bootstrap=0))
+    # the trainers refuse 0 validation iterations (nnU-Net's epoch end needs their outputs)
+    with pytest.raises(UserInputError, match="--val-iterations must be a whole number >= 1"):
+        check_options(_options(tmp_path, val_iterations=0))
 
 
 def test_report_of_two_seeds_by_hand(tmp_path):

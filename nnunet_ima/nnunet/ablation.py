@@ -207,8 +207,9 @@ class AblationOptions:
     eps_max: float = setting(16.0, help="eps_max of every IMA model", rule=BUDGET)
     epochs: int = setting(10, help="training epochs of every model", rule=_whole(1))
     iterations: int = setting(10, help="training iterations per epoch", rule=_whole(1))
-    val_iterations: int = setting(2, help="validation iterations per epoch",
-                                  rule=_whole(0))
+    val_iterations: int = setting(2, help="validation iterations per epoch (nnU-Net needs one: "
+                                          "its epoch end reads the validation outputs)",
+                                  rule=_whole(1))
     initial_lr: float = setting(0.01, help="learning rate of every model but clean_half_lr",
                                 rule=BUDGET)
     finetune_epochs: int = setting(5, help="training epochs of the fine-tunings (ft_*) of the "
