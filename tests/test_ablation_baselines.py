@@ -118,7 +118,11 @@ def test_fine_tunings_start_from_the_clean_model_of_their_seed(tmp_path):
     assert [v.trainer for v in variants[:5]] == ["nnUNetTrainerClean", "nnUNetTrainerAdv",
                                                  "nnUNetTrainerIMA", "nnUNetTrainerTRADES",
                                                  "nnUNetTrainerNFGSM"]
-    assert {v.kind for v in variants if v.name != "clean"} == {"finetune"}
+    # ft_ima is an IMA reading (a candidate, never a dominator); the others are fine-tunings
+    assert {v.name: v.kind for v in variants if v.name != "clean"} == {
+        v.name: "ima" if v.name == "ft_ima" else "finetune"
+        for v in variants if v.name != "clean"}
+    assert all(v.finetunes == (v.name != "clean") for v in variants)
     for v in variants[1:5] + variants[6:]:
         clean = next(c for c in variants if c.name == "clean" and c.seed == v.seed)
         start = v.settings["finetune_from"]

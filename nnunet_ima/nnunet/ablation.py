@@ -96,6 +96,8 @@ EXTRA_VARIANTS: Dict[str, str] = {
 BASELINE_TRAINERS = {"trades": "nnUNetTrainerTRADES", "nfgsm": "nnUNetTrainerNFGSM"}
 # What a variant of each kind is. The reference of the paired differences, the Adv front of the
 # picture and the "dominated by (Adv)" column take the "adv" models (vanilla Adv) only.
+# ft_ima is of kind "ima": an IMA reading (a candidate of the default, never a dominator); the
+# other fine-tunings are of kind "finetune".
 KINDS = ("clean", "adv", "ima", "baseline", "finetune")
 # The kinds whose models may dominate a row within the intervals (RowStatistics.dominated_by):
 # every kind but IMA, whose readings are what the comparison is about.
@@ -118,6 +120,11 @@ class Variant:
     @property
     def seed(self) -> int:
         return int(self.settings["seed"])
+
+    @property
+    def finetunes(self) -> bool:
+        """Whether the model starts from a clean model (trained after it)."""
+        return self.settings.get("finetune_from") is not None
 
     @property
     def label(self) -> str:
@@ -366,7 +373,7 @@ def _variants_of_seed(options: AblationOptions, seed: int, seed_folder: str = ""
                 variants.append(Variant(name, trainer,
                                         dict(tuning, **attack, eps_max=options.eps_max,
                                              binary_steps=options.binary_steps,
-                                             recipe="authors"), "finetune"))
+                                             recipe="authors"), "ima"))
             else:
                 for eps in options.baseline_budgets:
                     variants.append(Variant(f"{name}{eps:g}", trainer,
@@ -603,8 +610,8 @@ def train_all(options: AblationOptions, variants: List[Variant], dataset_name: s
         UserInputError: a training failed (the fine-tunings are not started then), or a clean
             model a fine-tuning starts from is missing after the first phase.
     """
-    first = [v for v in variants if v.kind != "finetune"]
-    tunings = [v for v in variants if v.kind == "finetune"]
+    first = [v for v in variants if not v.finetunes]
+    tunings = [v for v in variants if v.finetunes]
     _train(options, first, dataset_name, env)
     if not tunings:
         return
