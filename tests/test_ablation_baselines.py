@@ -454,3 +454,16 @@ def test_the_command_line_takes_baseline_budgets():
     shown = " ".join(parser.commands["ablation"].format_help().split())
     assert "--baseline-eps BASELINE_EPS [BASELINE_EPS ...]" in shown
     assert "trades, nfgsm (one per --baseline-eps)" in shown
+
+
+def test_fine_tuned_adv_is_the_reference_where_no_adv_trained_from_scratch(tmp_path):
+    from nnunet_ima.nnunet.ablation import by_name, reference_candidates
+    tunings = build_variants(_options(tmp_path, variants=["clean", "ft_adv", "ft_ima", "ft_nfgsm"],
+                                      adv_eps=[4.0, 8.0]), DATASET)
+    assert reference_candidates(by_name(tunings)) == ["ft_adv4", "ft_adv8"]
+    # with vanilla Adv from scratch, only it is a reference
+    mixed = build_variants(_options(tmp_path, variants=["clean", "adv", "ft_adv"],
+                                    adv_eps=[4.0]), DATASET)
+    assert reference_candidates(by_name(mixed)) == ["adv4"]
+    assert reference_candidates(by_name(build_variants(
+        _options(tmp_path, variants=["clean", "ft_ima"]), DATASET))) == []

@@ -868,7 +868,9 @@ class CaseSetStatistics:
     """The intervals of one case set: per variant, and what they were computed on."""
 
     rows: Dict[str, RowStatistics]
-    reference: Optional[str]  # the Adv model with the best mean TVDI AUC
+    # the Adv model with the best mean TVDI AUC (the best fine-tuned Adv where none trained from
+    # scratch: reference_candidates)
+    reference: Optional[str]
     cases: int
     slices: int
     draws: int
@@ -884,6 +886,15 @@ def _scores(options: AblationOptions, counts: Dict[str, Dict[float, NoiseResult]
     worst = 100 * np.min([[tvdi_draws(c[n].tp, c[n].fp, c[n].fn, weights) for n in noise]
                           for c in counts.values()], axis=0)                     # (L, R)
     return np.stack([worst[0], [robustness_auc(noise, column) for column in worst.T]])
+
+
+def reference_candidates(groups: Dict[str, List[Variant]]) -> List[str]:
+    """The models the paired differences may be taken against: vanilla Adv trained from scratch
+    (kind "adv"), or where there is none, vanilla Adv fine-tuned from the clean model (an
+    experiment of fine-tunings only compares like with like)."""
+    adv = [name for name, runs in groups.items() if runs[0].kind == "adv"]
+    return adv or [name for name, runs in groups.items()
+                   if runs[0].trainer == "nnUNetTrainerAdv" and runs[0].finetunes]
 
 
 def collect_statistics(options: AblationOptions, variants: List[Variant],
@@ -921,7 +932,7 @@ def collect_statistics(options: AblationOptions, variants: List[Variant],
         per_seed={v.seed: {"clean_tvdi": float(s[i, 0, 0]), "auc_tvdi": float(s[i, 1, 0])}
                   for i, v in enumerate(groups[name])})
         for name, s in scores.items()}
-    adv = [name for name, runs in groups.items() if runs[0].kind == "adv"]
+    adv = reference_candidates(groups)
     reference = max(adv, key=lambda name: rows[name].auc_tvdi.mean) if adv else None
     if reference is not None:
         base = scores[reference]
