@@ -12,10 +12,13 @@ network is first trained briefly by nnU-Net's plain step so that most slices are
 correctly, then every trainer gets those weights and learning rate 0, so that every repetition
 sees the same network. The three steps alternate so that machine noise hits them alike; the
 table gives the median time, peak memory (CUDA) and the forward / backward passes each made
-(counted per sample).
+(counted per sample). The baselines ``nnUNetTrainerTRADES`` and ``nnUNetTrainerNFGSM`` run in the
+same rounds, each with its class's own settings and Adv's eps and PGD steps (N-FGSM takes one
+step whatever ``pgd_steps`` says).
 
 The last line is ``ima_over_adv20=<ratio> ima_over_plain=<ratio> floor_efficiency=<fraction>
-recipe=<IMA's recipe>``; the floor is the time of the network passes IMA made, each priced at the
+recipe=<IMA's recipe> trades_over_adv20=<ratio> nfgsm_over_adv20=<ratio>`` (the baselines' keys
+come last so that the first four stay where readers of the line find them); the floor is the time of the network passes IMA made, each priced at the
 measured time of a pass of its kind (training fwd+bwd, attack fwd+bwd for the input gradient,
 forward-only) and its batch size, run the way the trainers run it: what IMA would cost with zero
 overhead around its passes.
@@ -38,7 +41,7 @@ import statistics
 import tempfile
 from collections import Counter
 from contextlib import contextmanager, redirect_stdout
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -76,6 +79,8 @@ def make_batch(patch, batch: int, num_scales: int, seed: int, device) -> dict:
 # The dataset of the step benchmark, and the trainers it times by their nnUNetv2_train names.
 DATASET = "Dataset990_TrainStepBenchmark"
 TRAINERS = {"plain": "nnUNetTrainer", "adv": "nnUNetTrainerAdv", "ima": "nnUNetTrainerIMA"}
+# Baselines timed beside them; they take Adv's settings (adv_eps, pgd_steps, ...).
+BASELINES = {"trades": "nnUNetTrainerTRADES", "nfgsm": "nnUNetTrainerNFGSM"}
 
 
 @contextmanager
@@ -284,7 +289,12 @@ def measure_and_report(steps, counters, make_pass, device, repeats: int):
     return report(times, passes, prices, memory, repeats), prices
 
 
-def print_step_ratios(medians: Dict[str, float], plain: str, adv: str, **labels: str) -> None:
+def print_step_ratios(medians: Dict[str, float], plain: str, adv: str,
+                      baselines: Iterable[str] = (), **labels: str) -> None:
+    """The last line; each of ``baselines`` (names in ``medians``) adds ``<name>_over_adv20``
+    after the labels, so the existing keys keep their places."""
+    for name in baselines:  # formatted as print_ratios formats a ratio
+        labels[f"{name}_over_adv20"] = f"{medians[name] / medians[adv]:.3f}"
     print_ratios({"ima_over_adv20": medians["ima"] / medians[adv],
                   "ima_over_plain": medians["ima"] / medians[plain],
                   "floor_efficiency": medians["ima floor"]}, **labels)
@@ -294,12 +304,14 @@ def benchmark_settings(args) -> Dict[str, Dict[str, object]]:
     """Per trainer, the settings the benchmark changes from the class's own defaults (its
     ``NNUNET_IMA_CONFIG`` file; empty: none). Adv and IMA get the same: ``--pgd-steps`` where
     it is not their default, and Adv's ``--eps``; IMA's margins are set to Adv's eps after
-    construction (:func:`time_steps`)."""
-    settings: Dict[str, Dict[str, object]] = {name: {} for name in TRAINERS}
+    construction (:func:`time_steps`). The baselines get Adv's changes (they read Adv's keys)."""
+    settings: Dict[str, Dict[str, object]] = {name: {} for name in {**TRAINERS, **BASELINES}}
     if args.pgd_steps is not None:
         settings["adv"]["pgd_steps"] = settings["ima"]["pgd_steps"] = args.pgd_steps
     if args.eps is not None:
         settings["adv"]["adv_eps"] = args.eps
+    for name in BASELINES:
+        settings[name].update(settings["adv"])
     return settings
 
 
@@ -318,7 +330,7 @@ def segmentation_benchmark(args, device) -> None:
         write_preprocessed(args.plan, batch_size, batch)
         settings = benchmark_settings(args)
         trainers = {name: new_trainer(cls, settings[name], device)
-                    for name, cls in TRAINERS.items()}
+                    for name, cls in {**TRAINERS, **BASELINES}.items()}
         time_steps(args, device, trainers, batch, train_batches)
 
 
@@ -336,6 +348,12 @@ def time_steps(args, device, trainers: Dict[str, object], batch: dict, train_bat
     ima.margins.initial = eps  # the same budget as Adv: every slice's margin is Adv's eps
     steps = adv_settings.attack.steps
     recipe = ima.ima_settings.recipe
+    for name in BASELINES:  # their class defaults could differ from Adv's; the run compares at one
+        b = trainers[name].ima_settings
+        if (b.adv_eps, b.attack.steps) != (eps, steps):
+            raise SystemExit(f"{BASELINES[name]} has eps {b.adv_eps:g} and {b.attack.steps} PGD "
+                             f"steps against Adv's {eps:g} and {steps}; give --eps and "
+                             f"--pgd-steps to run them at one budget")
 
     # Warm-up: nnU-Net's plain training at its own learning rate until the network segments
     # most slices; then every trainer starts from these weights, at learning rate 0, so that
@@ -361,9 +379,15 @@ def time_steps(args, device, trainers: Dict[str, object], batch: dict, train_bat
           f"{s.dice_reduce} >= {s.dice_threshold:g}) after warm-up")
     print(f"trainers: {', '.join(TRAINERS.values())} with their class defaults; IMA recipe "
           f"{recipe!r}; Adv eps {eps:g} and IMA margins {eps:g} (L2), {steps} PGD steps each")
+    print(f"baselines: {', '.join(BASELINES.values())} with their class defaults at Adv's eps "
+          f"{eps:g}; TRADES {steps} PGD steps on the KL, N-FGSM one step")
 
     adv = f"adv (PGD-{steps})"
-    names = {"plain": "plain", "adv": adv, "ima": "ima"}
+    # TRADES keeps its clean graph through the attack and back-propagates once through the clean
+    # and the adversarial forward: the hook still sees two training forwards and, under
+    # attack_mode's frozen parameters, the PGD passes; its floor prices them as two training
+    # passes and Dice + CE attack passes (its attack differentiates a KL), close but not exact.
+    names = {"plain": "plain", "adv": adv, "ima": "ima", "trades": "trades", "nfgsm": "nfgsm"}
     counters = {names[n]: PassCounter(t.network) for n, t in trainers.items()}
     step_fns = {names[n]: (lambda t=t: t.train_step(batch)) for n, t in trainers.items()}
     # The attacks' objective: nnU-Net's Dice + CE per slice (over the outputs Adv attacks).
@@ -395,7 +419,7 @@ def time_steps(args, device, trainers: Dict[str, object], batch: dict, train_bat
                 if device.type == "cuda" else "")
         print(f"IMA epoch of {args.epoch_iterations} train steps (batch {batch_size} x "
               f"{tuple(plan['patch'])}): {elapsed:.1f} s{peak}")
-    print_step_ratios(medians, "plain", adv, recipe=recipe)
+    print_step_ratios(medians, "plain", adv, BASELINES, recipe=recipe)
 
 
 CLASSIFICATION_MODELS = {"digits": "digits-cnn", "fashion-mnist": "fashion-cnn"}

@@ -21,11 +21,16 @@ def test_train_step_benchmark_prints_the_three_ratios_last():
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     # The shipped IMA trainer's recipe, measured: nnUNetTrainerIMA's own ("authors").
+    # The first four keys where they always were, the baselines' ratios after them.
     assert re.fullmatch(r"ima_over_adv20=\d+\.\d{3} ima_over_plain=\d+\.\d{3} "
-                        r"floor_efficiency=\d+\.\d{3} recipe=authors", lines[-1])
+                        r"floor_efficiency=\d+\.\d{3} recipe=authors "
+                        r"trades_over_adv20=\d+\.\d{3} nfgsm_over_adv20=\d+\.\d{3}", lines[-1])
     assert any(line.startswith("trainers: nnUNetTrainer, nnUNetTrainerAdv, nnUNetTrainerIMA "
                                "with their class defaults; IMA recipe 'authors'") for line in lines)
-    rows = {line.split()[0]: line.split() for line in lines if line.startswith(("plain", "adv", "ima "))}
+    assert any(line.startswith("baselines: nnUNetTrainerTRADES, nnUNetTrainerNFGSM with their "
+                               "class defaults at Adv's eps 15;") for line in lines)
+    rows = {line.split()[0]: line.split() for line in lines
+            if line.startswith(("plain", "adv", "ima ", "trades ", "nfgsm "))}
     # Samples per step (train, attack, forward-only): plain 6 training samples; Adv 6 clean + 6
     # adversarial training samples and 2 PGD steps x 6 attack samples; IMA attacks every slice
     # (the authors' recipe) and a slice takes no PGD step after it crossed.
@@ -33,7 +38,11 @@ def test_train_step_benchmark_prints_the_three_ratios_last():
     assert rows["plain"][-4:-1] == ["6", "0", "0"]
     assert rows["adv"][-4:-1] == ["12", "12", "0"]
     assert 6 <= int(rows["ima"][-4]) <= 12 and int(rows["ima"][-3]) <= 12
-    for name in ("plain", "adv", "ima"):
+    # TRADES: a clean and an adversarial training forward of the 6 slices, PGD on the KL with
+    # Adv's 2 steps x 6; N-FGSM: Adv's clean + adversarial 12 and one attack step x 6.
+    assert rows["trades"][-4:-1] == ["12", "12", "0"]
+    assert rows["nfgsm"][-4:-1] == ["12", "6", "0"]
+    for name in ("plain", "adv", "ima", "trades", "nfgsm"):
         assert 0 < float(rows[name][-1]) <= 10 * float(rows[name][-5])  # floor: a real time
     assert any(line.startswith("IMA epoch of 2 train steps") for line in lines)
 
