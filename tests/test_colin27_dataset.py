@@ -1,15 +1,14 @@
 """The raw-dataset builder of benchmarks/colin27_benchmark.py, on small NIfTI volumes written in the
 layout of ``mricron-data``'s templates (T1, atlas on its own grid, names file); nnU-Net checks
 the result. One test reads the installed templates themselves."""
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from benchmark_scripts import load_benchmark_script
 
-BENCHMARK = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "colin27_benchmark.py")
 TEMPLATES = "/usr/share/mricron/templates"
 LAS = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # the templates' direction
 # Hand-made regions: (AAL value, AAL name, coarse label), one each of four coarse classes.
@@ -17,16 +16,9 @@ REGIONS = ((3, "Frontal_Sup_L", 1), (37, "Hippocampus_L", 6), (71, "Caudate_L", 
            (91, "Cerebelum_Crus1_L", 4))
 
 
-def _load_script(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench_module():
-    return _load_script(BENCHMARK, "colin27_benchmark")
+    return load_benchmark_script("colin27_benchmark")
 
 
 def _image(array, spacing, origin):

@@ -1,21 +1,15 @@
 """benchmarks/correctness_rules.py: the fraction of slices each correctness rule calls correct,
 on hand-made counts."""
-import importlib.util
 import math
-import os
 
 import numpy as np
 import pytest
-
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "correctness_rules.py")
+from benchmark_scripts import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def rules():
-    spec = importlib.util.spec_from_file_location("correctness_rules", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("correctness_rules")
 
 
 def test_fractions_per_rule_hand_computed(rules):

@@ -1,22 +1,18 @@
 """The raw-dataset builder of benchmarks/pyradiomics_benchmark.py, on small NRRD pairs shaped like
 the archive's (int16 image, int32 mask with a flipped axis direction); nnU-Net checks the result."""
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from benchmark_scripts import load_benchmark_script
 
-BENCHMARK = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "pyradiomics_benchmark.py")
 
 
 @pytest.fixture(scope="module")
 def bench_module():
-    spec = importlib.util.spec_from_file_location("pyradiomics_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("pyradiomics_benchmark")
 
 
 def _write_pair(folder, case, shape, box, direction, seed):
