@@ -260,7 +260,7 @@ ABLATION_VALUES = [
     (["--initial-lr", "-0.01"], "--initial-lr must be > 0 and finite, got -0.01"),
     (["--epochs", "0"], "--epochs must be a whole number >= 1, got 0"),
     (["--iterations", "-2"], "--iterations must be a whole number >= 1, got -2"),
-    (["--val-iterations", "-1"], "--val-iterations must be a whole number >= 0, got -1"),
+    (["--val-iterations", "0"], "--val-iterations must be a whole number >= 1, got 0"),
     (["--pgd-steps", "0"], "--pgd-steps must be a whole number >= 1, got 0"),
     (["--binary-steps", "0"], "--binary-steps must be a whole number >= 1, got 0"),
     (["--eval-steps", "0"], "--eval-steps must be a whole number >= 1, got 0"),
