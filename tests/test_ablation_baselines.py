@@ -379,7 +379,9 @@ def test_baselines_and_a_fine_tuning_end_to_end(nnunet_workspace, tmp_path):
         text = f.read()
     for name in ("clean", "trades4", "nfgsm4", "ft_adv4"):
         assert f"| {name} |" in text
-    assert "| s/epoch |" in text and "No Adv model to compare with" in text
+    # no vanilla Adv from scratch: the differences are paired against the fine-tuned Adv
+    assert "| s/epoch |" in text and "Differences are paired against ft_adv4" in text
+    assert "| ft_adv4 | " in text and "| reference | reference |" in text
     results = os.path.join(workdir, "results")
     clean = os.path.join(results, "clean", ws.dataset_name,
                          "nnUNetTrainerClean__nnUNetPlans__2d", "fold_0", "checkpoint_final.pth")
