@@ -469,3 +469,24 @@ def test_fine_tuned_adv_is_the_reference_where_no_adv_trained_from_scratch(tmp_p
     assert reference_candidates(by_name(mixed)) == ["adv4"]
     assert reference_candidates(by_name(build_variants(
         _options(tmp_path, variants=["clean", "ft_ima"]), DATASET))) == []
+
+
+def test_adv_fine_tuning_at_eps_max_is_ft_imas_control(tmp_path):
+    """ft_adv_max fine-tunes Adv at --eps-max from the same clean model, with the same schedule
+    as ft_ima: it differs from the ft_adv of that budget in nothing, and is refused beside it."""
+    options = _options(tmp_path, variants=["clean", "ft_adv", "ft_adv_max", "ft_ima"],
+                       adv_eps=[4.0], eps_max=12.0)
+    variants = _by_name(options, DATASET)
+    assert list(variants) == ["clean", "ft_adv4", "ft_adv_max", "ft_ima"]
+    control = variants["ft_adv_max"]
+    assert (control.trainer, control.kind, control.finetunes) == ("nnUNetTrainerAdv", "finetune",
+                                                                  True)
+    assert _differences(control, variants["ft_adv4"]) == {"adv_eps"}
+    assert _resolved(control)["adv_eps"] == 12.0 == _resolved(variants["ft_ima"])["eps_max"]
+    assert control.settings["finetune_from"] == variants["ft_ima"].settings["finetune_from"]
+    # a fine-tuned Adv: a reference candidate where no Adv is trained from scratch
+    assert "ft_adv_max" in ablation.reference_candidates(ablation.by_name(list(variants.values())))
+    with pytest.raises(UserInputError, match=r"ft_adv_max fine-tunes Adv at --eps-max 12, which "
+                                             r"variant ft_adv trains already as ft_adv12"):
+        build_variants(_options(tmp_path, variants=["clean", "ft_adv", "ft_adv_max"],
+                                adv_eps=[4.0], baseline_eps=[4.0, 12.0], eps_max=12.0))

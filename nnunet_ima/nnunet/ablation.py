@@ -88,6 +88,8 @@ EXTRA_VARIANTS: Dict[str, str] = {
                            "recipe trains once its margins saturate)",
     "ima_authors_min": "the authors' recipe with the min slice Dice over the classes present",
     "ft_adv": "Adv fine-tuning the clean model",
+    "ft_adv_max": "Adv fine-tuning the clean model at --eps-max (what ft_ima trains once its "
+                  "margins saturate)",
     "ft_ima": "the authors' recipe fine-tuning the clean model",
     "ft_trades": "TRADES fine-tuning the clean model",
     "ft_nfgsm": "N-FGSM fine-tuning the clean model",
@@ -202,7 +204,7 @@ class AblationOptions:
              f"trades, nfgsm (one per --baseline-eps), adv_constant_lr, adv_max, "
              f"adv_max_constant_lr, ima_authors_min; fine-tunings of the clean model (need "
              f"'clean', trained after the others): ft_adv, ft_trades, ft_nfgsm (one per "
-             f"--baseline-eps), ft_ima")
+             f"--baseline-eps), ft_adv_max (Adv at --eps-max), ft_ima")
     adv_eps: Sequence[float] = setting((4.0, 8.0, 16.0), help="budgets of the Adv models",
                                        rule=Several(BUDGET))
     baseline_eps: Sequence[float] = setting(
@@ -369,7 +371,12 @@ def _variants_of_seed(options: AblationOptions, seed: int, seed_folder: str = ""
                           initial_lr=options.finetune_lr or options.initial_lr,
                           finetune_from=start, lr_warmup_epochs=FINETUNE_WARMUP_EPOCHS)
             trainer = FINETUNE_VARIANTS[name]
-            if trainer == "nnUNetTrainerIMA":
+            if name == "ft_adv_max":
+                # Adv at IMA's largest margin, from the same clean model: ft_ima's control.
+                variants.append(Variant(name, trainer,
+                                        dict(tuning, **attack, adv_eps=float(options.eps_max)),
+                                        "finetune"))
+            elif trainer == "nnUNetTrainerIMA":
                 variants.append(Variant(name, trainer,
                                         dict(tuning, **attack, eps_max=options.eps_max,
                                              binary_steps=options.binary_steps,
@@ -393,7 +400,8 @@ def _variants_of_seed(options: AblationOptions, seed: int, seed_folder: str = ""
 
 
 # fine-tuning variant -> its trainer; the ones other than IMA are one model per --baseline-eps.
-FINETUNE_VARIANTS = {"ft_adv": "nnUNetTrainerAdv", "ft_trades": "nnUNetTrainerTRADES",
+FINETUNE_VARIANTS = {"ft_adv": "nnUNetTrainerAdv", "ft_adv_max": "nnUNetTrainerAdv",
+                     "ft_trades": "nnUNetTrainerTRADES",
                      "ft_nfgsm": "nnUNetTrainerNFGSM", "ft_ima": "nnUNetTrainerIMA"}
 
 
@@ -413,6 +421,13 @@ def _check_variant_names(options: AblationOptions) -> None:
                 f"{twin} trains already as {same} (--adv-eps {_shown(options.adv_eps)}): the "
                 f"same model twice. Drop {name} from --variants, or {options.eps_max:g} from "
                 f"--adv-eps")
+    if {"ft_adv", "ft_adv_max"} <= chosen and \
+            float(options.eps_max) in [float(e) for e in options.baseline_budgets]:
+        raise UserInputError(
+            f"variant ft_adv_max fine-tunes Adv at --eps-max {options.eps_max:g}, which variant "
+            f"ft_adv trains already as ft_adv{options.eps_max:g} (budgets "
+            f"{_shown(options.baseline_budgets)}): the same model twice. Drop ft_adv_max from "
+            f"--variants, or {options.eps_max:g} from --baseline-eps")
     tunings = sorted(chosen & set(FINETUNE_VARIANTS))
     if tunings and "clean" not in chosen:
         raise UserInputError(f"variants {', '.join(tunings)} fine-tune the clean model of their "
