@@ -54,8 +54,9 @@ class NNUNetWorkspace:
             json.dump(values, f)
         return path
 
-    def model_folder(self, trainer: str) -> str:
-        return os.path.join(self.results, self.dataset_name, f"{trainer}__nnUNetPlans__2d")
+    def model_folder(self, trainer: str, configuration: str = "2d") -> str:
+        return os.path.join(self.results, self.dataset_name,
+                            f"{trainer}__nnUNetPlans__{configuration}")
 
 
 def _bin(name: str) -> str:
@@ -98,12 +99,14 @@ def nnunet_workspace(tmp_path_factory) -> NNUNetWorkspace:
 
 
 def train(ws: NNUNetWorkspace, trainer: str, config: dict, extra_args: List[str] = (),
-          check: bool = True) -> subprocess.CompletedProcess:
-    """``nnUNetv2_train 990 2d 0 -tr TRAINER -device cpu`` with ``config`` as NNUNET_IMA_CONFIG."""
-    path = ws.write_config(f"{trainer}.json", config)
-    return ws.run([_bin("nnUNetv2_train"), str(ws.dataset_id), "2d", "0", "-tr", trainer,
-                   "-device", "cpu", *extra_args], extra_env={"NNUNET_IMA_CONFIG": path},
-                  check=check)
+          check: bool = True, configuration: str = "2d") -> subprocess.CompletedProcess:
+    """``nnUNetv2_train ID CONFIGURATION 0 -tr TRAINER -device cpu`` with ``config`` as
+    NNUNET_IMA_CONFIG."""
+    suffix = "" if configuration == "2d" else f"_{configuration}"
+    path = ws.write_config(f"{trainer}{suffix}.json", config)
+    return ws.run([_bin("nnUNetv2_train"), str(ws.dataset_id), configuration, "0", "-tr",
+                   trainer, "-device", "cpu", *extra_args],
+                  extra_env={"NNUNET_IMA_CONFIG": path}, check=check)
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +117,38 @@ def trained_clean_model(nnunet_workspace) -> str:
           {"num_epochs": 8, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 1,
            "seed": 0})
     return nnunet_workspace.model_folder("nnUNetTrainerClean")
+
+
+DATASET_3D_ID = 996
+DATASET_3D_NAME = "Dataset996_SyntheticOrgan3d"
+
+
+@pytest.fixture(scope="session")
+def nnunet_workspace_3d(tmp_path_factory) -> NNUNetWorkspace:
+    """A second workspace with a tiny 3D dataset planned for ``3d_fullres``: 6 training cases
+    and 2 test cases (``imagesTs`` / ``labelsTs``) of 16 x 32 x 32 voxels at 1 mm isotropic, so
+    that nnU-Net's preprocessing keeps the voxel grid (no resampling; the images hold no zeros,
+    so no crop) and the patch is the whole volume. Its environment lives in ``env`` only (the
+    2D workspace owns ``os.environ``): run commands with :meth:`NNUNetWorkspace.run`, or pass
+    the folders to the evaluator's options."""
+    root = str(tmp_path_factory.mktemp("nnunet3d"))
+    ws = NNUNetWorkspace(root=root, raw=os.path.join(root, "nnUNet_raw"),
+                         preprocessed=os.path.join(root, "nnUNet_preprocessed"),
+                         results=os.path.join(root, "nnUNet_results"), dataset_id=DATASET_3D_ID,
+                         dataset_name=DATASET_3D_NAME)
+    for folder in (ws.raw, ws.preprocessed, ws.results):
+        os.makedirs(folder)
+    ws.env = {k: v for k, v in os.environ.items() if k != "NNUNET_IMA_CONFIG"}
+    ws.env.update({"nnUNet_raw": ws.raw, "nnUNet_preprocessed": ws.preprocessed,
+                   "nnUNet_results": ws.results, "nnUNet_def_n_proc": "1",
+                   "nnUNet_extTrainer": trainer_dir()})
+    ws.env.setdefault("OMP_NUM_THREADS", "2")
+    write_synthetic_dataset(ws.raw, DATASET_3D_ID, name="SyntheticOrgan3d", num_training=6,
+                            num_test=2, shape=(16, 32, 32), spacing=(1.0, 1.0, 1.0), seed=0)
+    ws.run([_bin("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_3D_ID), "-c", "3d_fullres",
+            "-npfp", "1", "-np", "1", "--verify_dataset_integrity"])
+    ws.env["nnUNet_n_proc_DA"] = "0"
+    return ws
 
 
 @pytest.fixture
@@ -128,7 +163,7 @@ def one_thread():
 
 # Tests that run real nnU-Net (planning, training, prediction) or train classification models
 # for many epochs are the slow tier: `pytest -m "not slow"` is the developers' loop, CI runs all.
-SLOW_FIXTURES = {"nnunet_workspace", "trained_clean_model", "moons_runs"}
+SLOW_FIXTURES = {"nnunet_workspace", "nnunet_workspace_3d", "trained_clean_model", "moons_runs"}
 SLOW_MODULES = {"test_ddp_training", "test_demo", "test_benchmark_scripts", "test_packaging",
                 "test_classification_compare"}
 
