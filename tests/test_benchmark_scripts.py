@@ -54,6 +54,14 @@ def test_pyradiomics_benchmark_refuses_jobs_below_one(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_benchmark_refuses_val_iterations_below_one(tmp_path):
+    result = _run("colin27_benchmark.py", "--workdir", str(tmp_path / "w"), "--val-iterations",
+                  "0")
+    assert result.returncode == 2
+    assert "--val-iterations must be >= 1, got 0" in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_train_step_benchmark_runs_the_classification_trainer_on_digits():
     result = _run("train_step.py", "--classification", "digits", "--repeats", "1",
                   "--warmup-steps", "30", "--pgd-steps", "2", "--batch-size", "16", "--device", "cpu")

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from nnunet_ima import cli
 from nnunet_ima.cli import main
@@ -66,6 +67,27 @@ def test_check_config_refuses_a_bad_file_with_one_message(tmp_path, capsys, cont
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("nnunet-ima check-config: error: ")
     assert message in lines[0]
+
+
+def test_check_config_checks_the_fine_tuning_checkpoint(tmp_path, capsys):
+    """A finetune_from that the trainer would refuse at its start is refused here too; a real
+    nnU-Net checkpoint passes."""
+    path = tmp_path / "ft.json"
+    missing = tmp_path / "absent" / "checkpoint_final.pth"
+    path.write_text(json.dumps({"finetune_from": str(missing)}))
+    assert main(["check-config", str(path), "-tr", "nnUNetTrainerAdv"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"finetune_from: {missing} does not exist" in captured.err
+    foreign = tmp_path / "weights.pth"
+    torch.save({"state_dict": {}}, foreign)
+    path.write_text(json.dumps({"finetune_from": str(foreign)}))
+    assert main(["check-config", str(path), "-tr", "nnUNetTrainerAdv"]) == 2
+    assert "is not an nnU-Net checkpoint" in capsys.readouterr().err
+    real = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": {"w": torch.zeros(1)}}, real)
+    path.write_text(json.dumps({"finetune_from": str(real)}))
+    assert main(["check-config", str(path), "-tr", "nnUNetTrainerAdv"]) == 0
+    assert json.loads(capsys.readouterr().out)["finetune_from"] == str(real)
 
 
 def test_check_config_refuses_an_unknown_trainer_and_a_missing_file(tmp_path, capsys, monkeypatch):

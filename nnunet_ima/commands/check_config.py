@@ -67,5 +67,9 @@ def run(args: argparse.Namespace) -> int:
     trainer = trainer_class(args.trainer)
     # What nnUNetv2_train -tr TRAINER does with the file in a new run (resolve_settings).
     settings = settings_for_trainer(trainer.class_defaults(), values, trainer, source=path)
+    if settings.finetune_from:
+        # What the trainer would refuse at its start: a missing or foreign checkpoint.
+        from nnunet_ima.nnunet.finetune import read_checkpoint
+        read_checkpoint(settings.finetune_from)
     print(json.dumps(settings.to_dict(), indent=2, sort_keys=True))
     return 0

@@ -294,11 +294,14 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser, stages: Sequence[st
 
 def parse_benchmark_arguments(parser: argparse.ArgumentParser,
                               argv: Optional[List[str]]) -> argparse.Namespace:
-    """Parse a benchmark's command line; a ``--jobs`` below 1 is refused (exit 2) before the
-    workdir is made."""
+    """Parse a benchmark's command line; a ``--jobs`` or ``--val-iterations`` below 1 is refused
+    (exit 2) before the workdir is made."""
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.val_iterations < 1:
+        # nnU-Net's validation of an epoch averages over its iterations: 0 divides by zero.
+        parser.error(f"--val-iterations must be >= 1, got {args.val_iterations}")
     return args
 
 
