@@ -23,6 +23,7 @@ from nnunet_ima.io import check_output_folder
 
 from nnunet_ima.evaluation.ensemble import EnsembleLevel, iter_ensemble, member_settings
 from nnunet_ima.evaluation.lock import output_lock
+from nnunet_ima.evaluation.memory import measure_peak
 from nnunet_ima.evaluation.masking import run_masking_checks
 from nnunet_ima.evaluation.models import LoadedModel, load_models
 from nnunet_ima.evaluation.options import EvalOptions
@@ -102,7 +103,8 @@ def _evaluate(options: EvalOptions) -> dict:
               f"({' '.join(config['models'][m.name]['case_source'])})", flush=True)
     report_stale(stale)
     report_reused(options.output, finished, len(models) * len(noise))
-    levels = _attack(models, samples, noise, options, device, finished, records)
+    peaks: Dict[str, dict] = {}  # the attacks' peak memory per model (evaluation.memory)
+    levels = _attack(models, samples, noise, options, device, finished, records, peaks)
     results: Results = {name: {n: level.worst for n, level in by_noise.items()}
                         for name, by_noise in levels.items()}
     if options.ensemble:
@@ -111,6 +113,7 @@ def _evaluate(options: EvalOptions) -> dict:
     else:
         summary = {"config": config,
                    "models": {m.name: summarise(results[m.name], m.class_names) for m in models}}
+    summary["peak_memory"] = peaks
     if options.masking_checks:
         summary["masking_checks"] = _masking_checks(models, samples, results, options, device)
     rows = [r for m in models for r in per_slice_rows(m.name, results[m.name], m.class_names)]
@@ -122,10 +125,11 @@ def _evaluate(options: EvalOptions) -> dict:
 
 def _attack(models: Sequence[LoadedModel], samples: Dict[str, List[SliceSample]],
             noise: Sequence[float], options: EvalOptions, device: torch.device,
-            finished: FinishedParts, records: PartRecords) -> Levels:
+            finished: FinishedParts, records: PartRecords, peaks: Dict[str, dict]) -> Levels:
     """Run the members of ``options`` (one for a single attack) on every model at every noise
     level, reusing the parts ``finished`` (of :func:`.resume.finished_parts`); each new member
-    result is saved as a part with its record as soon as it is done."""
+    result is saved as a part with its record as soon as it is done. ``peaks`` receives the
+    peak memory of each model's attacks (:func:`.memory.measure_peak`)."""
     members = options.members
     attacked_levels = [n for n in noise if n > 0]
     total = sum(len(samples[m.name]) * ((0.0 in noise) + len(attacked_levels) * len(members))
@@ -151,8 +155,9 @@ def _attack(models: Sequence[LoadedModel], samples: Dict[str, List[SliceSample]]
                 if n > 0:
                     bar.update(count - attacked)   # the skipped slices: already at Dice 0
 
-            levels[m.name] = dict(iter_ensemble(m, samples[m.name], noise, options.attack,
-                                                members, device, done, save, bar))
+            with measure_peak(device, peaks, m.name):
+                levels[m.name] = dict(iter_ensemble(m, samples[m.name], noise, options.attack,
+                                                    members, device, done, save, bar))
     return levels
 
 
