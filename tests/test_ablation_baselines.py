@@ -490,3 +490,31 @@ def test_adv_fine_tuning_at_eps_max_is_ft_imas_control(tmp_path):
                                              r"variant ft_adv trains already as ft_adv12"):
         build_variants(_options(tmp_path, variants=["clean", "ft_adv", "ft_adv_max"],
                                 adv_eps=[4.0], baseline_eps=[4.0, 12.0], eps_max=12.0))
+
+
+def test_a_variant_spelled_with_a_budget_builds_that_model_alone(tmp_path):
+    """``ft_trades10`` is the model ``ft_trades`` builds at budget 10, whatever the budget
+    options say, so one run can fine-tune Adv at two budgets and TRADES at one."""
+    options = _options(tmp_path, variants=["clean", "ft_adv", "ft_trades10", "nfgsm4", "adv8"],
+                       adv_eps=[10.0, 20.0])
+    variants = _by_name(options, DATASET)
+    assert list(variants) == ["clean", "ft_adv10", "ft_adv20", "ft_trades10", "nfgsm4", "adv8"]
+    # the same model, settings and folder as the default expansion builds
+    full = _by_name(_options(tmp_path, variants=["clean", "ft_trades", "nfgsm", "adv"],
+                             adv_eps=[4.0, 8.0, 10.0]), DATASET)
+    for name in ("ft_trades10", "nfgsm4", "adv8"):
+        assert variants[name] == full[name]
+    assert ablation.family_and_budgets("ft_adv2.5", options) == ("ft_adv", (2.5,))
+    assert ablation.family_and_budgets("adv", options) == ("adv", (10.0, 20.0))
+    assert ablation.family_and_budgets("ima_authors", options) == ("ima_authors", None)
+    # the checks see through the spelling
+    with pytest.raises(UserInputError, match="ft_trades10 fine-tune the clean model"):
+        build_variants(_options(tmp_path, variants=["ft_trades10"]))
+    with pytest.raises(UserInputError, match="repeat a model"):
+        build_variants(_options(tmp_path, variants=["clean", "ft_trades", "ft_trades10"],
+                                adv_eps=[10.0]))
+    with pytest.raises(UserInputError, match="ft_adv_max fine-tunes Adv at --eps-max 12"):
+        build_variants(_options(tmp_path, variants=["clean", "ft_adv12", "ft_adv_max"],
+                                eps_max=12.0))
+    with pytest.raises(UserInputError, match="unknown variant 'ft_tradesX'"):
+        build_variants(_options(tmp_path, variants=["clean", "ft_tradesX"]))

@@ -37,6 +37,7 @@ import csv
 import json
 import math
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
@@ -204,7 +205,8 @@ class AblationOptions:
              f"trades, nfgsm (one per --baseline-eps), adv_constant_lr, adv_max, "
              f"adv_max_constant_lr, ima_authors_min; fine-tunings of the clean model (need "
              f"'clean', trained after the others): ft_adv, ft_trades, ft_nfgsm (one per "
-             f"--baseline-eps), ft_adv_max (Adv at --eps-max), ft_ima")
+             f"--baseline-eps), ft_adv_max (Adv at --eps-max), ft_ima; a budgeted variant spelled "
+             f"with its budget (adv8, ft_trades10) builds that model alone")
     adv_eps: Sequence[float] = setting((4.0, 8.0, 16.0), help="budgets of the Adv models",
                                        rule=Several(BUDGET))
     baseline_eps: Sequence[float] = setting(
@@ -289,6 +291,28 @@ class AblationOptions:
         return key
 
 
+# Variants of one model per budget; spelled with a number (``ft_trades10``) they build the model
+# of that budget alone, whatever --adv-eps / --baseline-eps say.
+BUDGETED_FAMILIES = ("adv", "trades", "nfgsm", "ft_adv", "ft_trades", "ft_nfgsm")
+_BUDGETED = re.compile(r"(%s)(\d+(?:\.\d+)?)\Z" % "|".join(
+    sorted(BUDGETED_FAMILIES, key=len, reverse=True)))
+
+
+def family_and_budgets(entry: str, options: AblationOptions
+                       ) -> Tuple[str, Optional[Tuple[float, ...]]]:
+    """``(family, budgets)`` of one ``--variants`` entry: ``ft_trades10`` -> ``("ft_trades",
+    (10.0,))``; ``adv`` -> ``("adv", --adv-eps)``; the other budgeted families take
+    ``options.baseline_budgets``; a variant without budgets -> ``(entry, None)``."""
+    match = _BUDGETED.match(entry)
+    if match:
+        return match.group(1), (float(match.group(2)),)
+    if entry == "adv":
+        return entry, tuple(float(e) for e in options.adv_eps)
+    if entry in BUDGETED_FAMILIES:
+        return entry, tuple(float(e) for e in options.baseline_budgets)
+    return entry, None
+
+
 def build_variants(options: AblationOptions, dataset_name: Optional[str] = None) -> List[Variant]:
     """The models named by ``options.variants`` (``adv`` expands to one per ``adv_eps``, the
     baselines and ft_adv / ft_trades / ft_nfgsm to one per ``baseline_budgets``), for every
@@ -316,14 +340,15 @@ def _variants_of_seed(options: AblationOptions, seed: int, seed_folder: str = ""
     ima = dict(schedule, **attack, eps_max=options.eps_max, binary_steps=options.binary_steps)
     _check_variant_names(options)
     variants: List[Variant] = []
-    for name in options.variants:
+    for entry in options.variants:
+        name, budgets = family_and_budgets(entry, options)
         if name == "clean":
             variants.append(Variant("clean", "nnUNetTrainerClean", dict(schedule), "clean"))
         elif name == "clean_half_lr":
             variants.append(Variant(name, "nnUNetTrainerClean",
                                     dict(schedule, initial_lr=options.initial_lr / 2), "clean"))
         elif name == "adv":
-            for eps in options.adv_eps:
+            for eps in budgets:
                 variants.append(Variant(f"adv{eps:g}", "nnUNetTrainerAdv",
                                         dict(schedule, **attack, adv_eps=float(eps)), "adv"))
         elif name == "adv_constant_lr":
@@ -347,7 +372,7 @@ def _variants_of_seed(options: AblationOptions, seed: int, seed_folder: str = ""
                                     dict(ima, recipe="printed", **added), "ima"))
         elif name in BASELINE_TRAINERS:
             # Adv's settings for another attack: the baselines differ from adv<eps> there only.
-            for eps in options.baseline_budgets:
+            for eps in budgets:
                 variants.append(Variant(f"{name}{eps:g}", BASELINE_TRAINERS[name],
                                         dict(schedule, **attack, adv_eps=float(eps)),
                                         "baseline"))
@@ -382,7 +407,7 @@ def _variants_of_seed(options: AblationOptions, seed: int, seed_folder: str = ""
                                              binary_steps=options.binary_steps,
                                              recipe="authors"), "ima"))
             else:
-                for eps in options.baseline_budgets:
+                for eps in budgets:
                     variants.append(Variant(f"{name}{eps:g}", trainer,
                                             dict(tuning, **attack, adv_eps=float(eps)),
                                             "finetune"))
@@ -411,24 +436,29 @@ def _check_variant_names(options: AblationOptions) -> None:
     Raises:
         UserInputError: naming the variants and the fix.
     """
-    chosen = set(options.variants)
-    budgets = [float(e) for e in options.adv_eps]
+    families = [family_and_budgets(entry, options) for entry in options.variants]
+    chosen = {family for family, _ in families}
+    built = {family: set() for family in chosen}
+    for family, entry_budgets in families:
+        built[family].update(entry_budgets or ())
     for name, twin in (("adv_max", "adv"), ("adv_max_constant_lr", "adv_constant_lr")):
+        budgets = sorted(built["adv"]) if twin == "adv" and twin in chosen else \
+            [float(e) for e in options.adv_eps]
         if name in chosen and twin in chosen and float(options.eps_max) in budgets:
             same = f"adv{options.eps_max:g}" + name[len("adv_max"):]
             raise UserInputError(
                 f"variant {name} trains Adv at --eps-max {options.eps_max:g}, which variant "
-                f"{twin} trains already as {same} (--adv-eps {_shown(options.adv_eps)}): the "
+                f"{twin} trains already as {same} (budgets {_shown(budgets)}): the "
                 f"same model twice. Drop {name} from --variants, or {options.eps_max:g} from "
                 f"--adv-eps")
-    if {"ft_adv", "ft_adv_max"} <= chosen and \
-            float(options.eps_max) in [float(e) for e in options.baseline_budgets]:
+    if {"ft_adv", "ft_adv_max"} <= chosen and float(options.eps_max) in built["ft_adv"]:
         raise UserInputError(
             f"variant ft_adv_max fine-tunes Adv at --eps-max {options.eps_max:g}, which variant "
             f"ft_adv trains already as ft_adv{options.eps_max:g} (budgets "
-            f"{_shown(options.baseline_budgets)}): the same model twice. Drop ft_adv_max from "
+            f"{_shown(sorted(built['ft_adv']))}): the same model twice. Drop ft_adv_max from "
             f"--variants, or {options.eps_max:g} from --baseline-eps")
-    tunings = sorted(chosen & set(FINETUNE_VARIANTS))
+    tunings = sorted(entry for entry, (family, _) in zip(options.variants, families)
+                     if family in FINETUNE_VARIANTS)
     if tunings and "clean" not in chosen:
         raise UserInputError(f"variants {', '.join(tunings)} fine-tune the clean model of their "
                              f"seed, which this run does not train: add clean to --variants")
