@@ -1,4 +1,9 @@
-"""The evaluator's attacks on 2D slices: PGD, SegPGD and APGD, each from a given start offset.
+"""The evaluator's attacks on 2D slices and 3D volumes: PGD, SegPGD and APGD, each from a given
+start offset.
+
+Shapes are written for slices, ``(B, C, H, W)``; a batch of volumes ``(B, C, D, H, W)`` works
+the same way, every norm, projection, step size and loss taken per sample over all its axes (a
+volume's budget is its own; the evaluator attacks one volume per batch).
 
 All three take per-sample budgets ``eps`` ``(B,)`` and a start offset ``start`` ``(B, C, H, W)``
 with ``||start[i]|| <= eps[i]`` (``None``: start at ``x``). The caller draws the offset so that

@@ -1,5 +1,6 @@
 """The worst case over an ensemble of attacks: every slice is attacked by each member in turn,
-and the worst outcome per slice becomes the headline.
+and the worst outcome per slice becomes the headline. For a 3D configuration every "slice"
+below is a whole case (:data:`.samples.WHOLE_CASE`): the choices are made per case.
 
 A member is an attack with its loss (:data:`MEMBERS`). At each noise level the members run in
 order; a member after the first attacks only the slices that are not fully broken yet (slice

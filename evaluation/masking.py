@@ -1,10 +1,12 @@
-"""Gradient-masking checks of a segmentation evaluation, run on a few slices after the main run.
+"""Gradient-masking checks of a segmentation evaluation, run on a few samples (slices, or whole
+cases of a 3D configuration) after the main run.
 
 A robustness number from gradient attacks is only as good as the gradients. As AutoAttack and
 RobustBench do for classifiers, three symptoms are checked, each against the headline result:
 
 * **black box beats white box**: a score-based random search (Square-style: random square
-  windows of a shrinking size, accepted when the slice loss rises; it never sees a gradient)
+  windows of a shrinking size, in 3D random boxes, accepted when the sample's loss rises; it
+  never sees a gradient)
   at one noise level must not leave a TVDI more than :data:`BLACK_BOX_POINTS` points below the
   white-box attacks' on the same slices;
 * **monotonicity**: TVDI must not rise with the noise level (by more than
@@ -17,12 +19,18 @@ RobustBench do for classifiers, three symptoms are checked, each against the hea
 
 A check that fires yields a warning; the evaluator prints it and adds it as a footnote to the
 tables.
+
+In 3D the search windows are boxes in the volume (not windows of the flattened volume: a box
+keeps the spatial structure a convolutional network responds to), with the sides of the volume
+scaled by one factor, so a box covers the same fraction of any volume, however anisotropic
+(a cube would be capped by the thinnest axis of a volume of few slices). Volumes are searched
+and attacked one at a time, as in the main run.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,7 +45,7 @@ from nnunet_ima.norms import per_sample_norm, per_sample_view, random_on_sphere
 from nnunet_ima.evaluation.models import LoadedModel
 from nnunet_ima.evaluation.predictor_path import segmentation
 from nnunet_ima.evaluation.robustness import (AttackSettings, NoiseResult, attack_loss,
-                                              scored_counts)
+                                              batch_size_for, scored_counts)
 from nnunet_ima.evaluation.samples import SliceSample
 
 BLACK_BOX_POINTS = 2.0
@@ -77,53 +85,76 @@ class MaskingReport:
                 "unbounded": self.unbounded, "warnings": list(self.warnings)}
 
 
-def _window_side(query: int, queries: int, height: int, width: int, start_fraction: float = 0.3
-                 ) -> int:
-    """Square's schedule: the window covers ``start_fraction`` of the slice at first and is
-    halved in area at 10, 50, 200, 500, ... per 10 000 queries (rescaled to ``queries``)."""
+def _window_fraction(query: int, queries: int, start_fraction: float = 0.3) -> float:
+    """Square's schedule: the window covers ``start_fraction`` of the sample at first and is
+    halved in area (volume) at 10, 50, 200, 500, ... per 10 000 queries (rescaled to
+    ``queries``)."""
     step = query * 10000 // max(queries, 1)
     halvings = sum(step > t for t in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
-    fraction = start_fraction / 2 ** halvings
+    return start_fraction / 2 ** halvings
+
+
+def _window_side(query: int, queries: int, height: int, width: int, start_fraction: float = 0.3
+                 ) -> int:
+    """The side of the square window of a ``height x width`` slice (:func:`_window_fraction`)."""
+    fraction = _window_fraction(query, queries, start_fraction)
     return max(1, min(height, width, int(round(math.sqrt(fraction * height * width)))))
+
+
+def window_sides(query: int, queries: int, size: Sequence[int]) -> Tuple[int, ...]:
+    """The window of a sample of spatial ``size``: a square of :func:`_window_side` for a slice
+    ``(H, W)``; for a volume ``(D, H, W)`` a box with every side ``size_i * f**(1/3)`` (at least
+    1), ``f`` the fraction of :func:`_window_fraction`, so it covers about ``f`` of the volume."""
+    if len(size) == 2:
+        side = _window_side(query, queries, *size)
+        return side, side
+    scale = _window_fraction(query, queries) ** (1 / len(size))
+    return tuple(max(1, min(n, int(round(n * scale)))) for n in size)
 
 
 @torch.no_grad()
 def random_search(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                   norm: str, loss: Callable, queries: int, generator: torch.Generator
                   ) -> torch.Tensor:
-    """Score-based attack: ``(B, C, H, W)`` points with ``||delta|| <= eps`` that raise ``loss``.
+    """Score-based attack: ``(B, C, *spatial)`` points with ``||delta|| <= eps`` that raise
+    ``loss``, for slices ``(H, W)`` or volumes ``(D, H, W)``.
 
     Square-style random search (Andriushchenko et al., ECCV 2020) on the perturbation: each
-    query redraws one square window (all channels) of every slice's perturbation at a random
-    place, in L2 rescaling the whole perturbation back onto the sphere of radius ``eps``, in
-    Linf as ``+-eps`` per channel; a slice keeps the proposal when its loss rises. Only the
-    loss values are used, never a gradient.
+    query redraws one window (all channels; :func:`window_sides`) of every sample's
+    perturbation at a random place, in L2 rescaling the whole perturbation back onto the sphere
+    of radius ``eps``, in Linf as ``+-eps`` per channel; a sample keeps the proposal when its
+    loss rises. Only the loss values are used, never a gradient. The Linf start is Square's
+    vertical stripes (one sign per channel and position along the last axis).
 
     Args:
-        x: ``(B, C, H, W)``; y: ``(B, 1, H, W)``; loss: ``(logits, y) -> (B,)``.
+        x: ``(B, C, *spatial)``; y: ``(B, 1, *spatial)``; loss: ``(logits, y) -> (B,)``.
     """
-    b, c, h, w = x.shape
+    b, c, size = x.shape[0], x.shape[1], tuple(x.shape[2:])
+    ones = (1,) * (len(size) - 1)
     eps_t = torch.full((b,), float(eps), dtype=x.dtype, device=x.device)
     with attack_mode(network):
         if norm == "l2":
             delta = random_on_sphere(x, eps_t, "l2", generator)
         else:
-            signs = torch.randint(0, 2, (b, c, 1, w), generator=generator).to(x) * 2 - 1
-            delta = signs.expand(b, c, h, w) * eps
+            signs = torch.randint(0, 2, (b, c, *ones, size[-1]), generator=generator).to(x) * 2 - 1
+            delta = signs.expand(x.shape) * eps
         best = loss(network(x + delta), y)
         for query in range(1, queries):
-            side = _window_side(query, queries, h, w)
-            top = int(torch.randint(0, h - side + 1, (1,), generator=generator))
-            left = int(torch.randint(0, w - side + 1, (1,), generator=generator))
+            sides = window_sides(query, queries, size)
+            # One corner per axis, drawn in axis order (top, then left, for a slice).
+            corner = [int(torch.randint(0, n - s + 1, (1,), generator=generator))
+                      for n, s in zip(size, sides)]
+            window = (slice(None), slice(None),
+                      *(slice(at, at + s) for at, s in zip(corner, sides)))
             proposal = delta.clone()
             if norm == "l2":
-                block = torch.randn((b, c, side, side), generator=generator).to(x)
-                proposal[:, :, top:top + side, left:left + side] = block
+                block = torch.randn((b, c, *sides), generator=generator).to(x)
+                proposal[window] = block
                 length = per_sample_norm(proposal, "l2").clamp_min(1e-12)
                 proposal = proposal * per_sample_view(eps_t / length, proposal)
             else:
-                signs = torch.randint(0, 2, (b, c, 1, 1), generator=generator).to(x) * 2 - 1
-                proposal[:, :, top:top + side, left:left + side] = signs * eps
+                signs = torch.randint(0, 2, (b, c, *ones, 1), generator=generator).to(x) * 2 - 1
+                proposal[window] = signs * eps
             value = loss(network(x + proposal), y)
             better = value > best
             delta = torch.where(per_sample_view(better, delta), proposal, delta)
@@ -140,14 +171,16 @@ def _tvdi_of(result: NoiseResult, rows: Optional[Sequence[int]] = None) -> float
 
 def _attack_by_shape(model: LoadedModel, subset: Sequence[SliceSample], device: torch.device,
                      attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> NoiseResult:
-    """The counts of ``subset`` after ``attack(x (B, C, H, W), y (B, 1, H, W)) -> x_adv``, run
-    on one batch per slice shape (slices of several cases may differ in size)."""
+    """The counts of ``subset`` after ``attack(x (B, C, *spatial), y (B, 1, *spatial)) ->
+    x_adv``, run on one batch per slice shape (slices of several cases may differ in size),
+    one volume at a time in 3D."""
     k = model.num_classes - 1
     tp, fp, fn = (np.zeros((len(subset), k), dtype=np.int64) for _ in range(3))
     shapes: Dict[tuple, List[int]] = {}
     for i, s in enumerate(subset):
         shapes.setdefault(s.image.shape, []).append(i)
-    for idx in shapes.values():
+    size = batch_size_for(subset, len(subset))
+    for idx in [idx[j:j + size] for idx in shapes.values() for j in range(0, len(idx), size)]:
         x = torch.from_numpy(np.stack([subset[i].image for i in idx])).to(device)
         labels = torch.from_numpy(np.stack([subset[i].label for i in idx]).astype(np.int64))
         x_adv = attack(x, labels[:, None].to(device))
@@ -159,8 +192,10 @@ def _attack_by_shape(model: LoadedModel, subset: Sequence[SliceSample], device: 
 
 
 def _towards_background(logits: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` minus the mean CE towards label 0: maximised when every pixel is background."""
-    return -F.cross_entropy(logits, background[:, 0], reduction="none").mean(dim=(1, 2))
+    """``(B,)`` minus the mean CE towards label 0 over all spatial axes: maximised when every
+    pixel (voxel) is background."""
+    pixel = F.cross_entropy(logits, background[:, 0], reduction="none")
+    return -pixel.mean(dim=tuple(range(1, pixel.dim())))
 
 
 def check_subset(samples: Sequence[SliceSample], count: int, seed: int) -> List[int]:
@@ -182,8 +217,9 @@ def monotonicity_check(tvdi_by_noise: Dict[float, float]) -> dict:
 
 
 def unbounded_budget(samples: Sequence[SliceSample], norm: str) -> float:
-    """The unbounded check's budget: RMS :data:`UNBOUNDED_RMS` per pixel of the largest slice
-    in L2 (``UNBOUNDED_RMS * sqrt(C * H * W)``), :data:`UNBOUNDED_RMS` in Linf."""
+    """The unbounded check's budget: RMS :data:`UNBOUNDED_RMS` per pixel of the largest sample
+    in L2 (``UNBOUNDED_RMS * sqrt(C * H * W)``, ``sqrt(C * D * H * W)`` for a volume),
+    :data:`UNBOUNDED_RMS` in Linf."""
     if norm == "linf":
         return UNBOUNDED_RMS
     return UNBOUNDED_RMS * math.sqrt(max(s.image.size for s in samples))

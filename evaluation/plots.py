@@ -44,7 +44,9 @@ def plot_examples(results: Dict[str, Dict[float, NoiseResult]], noise_levels: Se
                   path: str) -> None:
     """One row per model: the clean input and its prediction, then the attacked input and its
     prediction at each noise level > 0, then the ground truth (the slice with the most
-    foreground; the same slice for every model evaluated on the same slices)."""
+    foreground; the same slice for every model evaluated on the same slices). For whole cases
+    (3D) the case with the most foreground, shown by its slice along ``D`` (axial for scans
+    stored as ``(z, y, x)``) with the most foreground; the row names the case and the slice."""
     plt = pyplot()
     models = list(results)
     attacked = [n for n in noise_levels if n > 0]
@@ -74,7 +76,8 @@ def plot_examples(results: Dict[str, Dict[float, NoiseResult]], noise_levels: Se
             if image is not None:
                 axes[row, col].imshow(image, **style)
             axes[row, col].set_title(title, fontsize=7)
-        axes[row, 0].set_ylabel(model, fontsize=7)
+        where = f"\n{first['case']}, slice {int(first['plane'])}" if "plane" in first else ""
+        axes[row, 0].set_ylabel(model + where, fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

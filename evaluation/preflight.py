@@ -14,13 +14,13 @@ from nnunet_ima.errors import UserInputError
 from nnunet_ima.model_mode import attack_mode
 
 from nnunet_ima.evaluation.models import LoadedModel
-from nnunet_ima.evaluation.robustness import AttackSettings, attack_loss
+from nnunet_ima.evaluation.robustness import AttackSettings, attack_loss, batch_size_for
 from nnunet_ima.evaluation.samples import SliceSample
 
 
 def preflight(name: str, network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
               loss_fn: Callable) -> None:
-    """``x``: ``(B, C, H, W)`` test slices, ``y``: ``(B, 1, H, W)`` labels.
+    """``x``: ``(B, C, *spatial)`` test slices or volumes, ``y``: ``(B, 1, *spatial)`` labels.
 
     Raises:
         UserInputError: outputs that look like probabilities, two forward passes that differ,
@@ -54,11 +54,12 @@ def preflight(name: str, network: torch.nn.Module, x: torch.Tensor, y: torch.Ten
 def preflight_models(models: Sequence[LoadedModel], samples: Dict[str, List[SliceSample]],
                      settings: AttackSettings, device: torch.device) -> None:
     """:func:`preflight` every model on its first batch: up to ``settings.batch_size`` of its
-    slices of the first slice's shape, with the loss the attack maximises."""
+    slices of the first slice's shape (its first volume in 3D, attacked alone as the attacks
+    do), with the loss the attack maximises."""
     for m in models:
         first = samples[m.name][0]
         same_shape = [s for s in samples[m.name] if s.image.shape == first.image.shape]
-        batch = same_shape[: settings.batch_size]
+        batch = same_shape[: batch_size_for(same_shape, settings.batch_size)]
         x = torch.from_numpy(np.stack([s.image for s in batch])).to(device)
         y = torch.from_numpy(np.stack([s.label for s in batch])[:, None].astype(np.int64)).to(device)
         # SegPGD maximises a (weighted) CE: check the gradient of the CE for it.

@@ -1,5 +1,10 @@
 """Results on disk: per-(model, noise) parts, summary.json, per_slice.csv, tables in markdown.
 
+Where the samples are whole cases (a 3D configuration, :data:`.samples.WHOLE_CASE`), every
+noise level of ``summary.json`` also holds the per-case per-class metrics in the convention of
+nnU-Net's ``summary.json`` (:func:`nnunet_case_summary`), and ``per_slice.csv`` has one row per
+case (``slice`` reads ``volume``) with nnU-Net's Dice beside the evaluator's.
+
 Every file is written to a temporary name and renamed, so an interrupted run leaves either the
 old file or the new one, never a truncated one. A part (``parts/<model>__<noise>.npz``) holds
 the per-slice counts of one (model, noise level), its example slice and the record of what
@@ -23,6 +28,7 @@ from nnunet_ima.io import replace_atomically, write_text
 from nnunet_ima.metrics import adi, robustness_auc, tvdi
 
 from nnunet_ima.evaluation.robustness import NoiseResult
+from nnunet_ima.evaluation.samples import WHOLE_CASE
 from nnunet_ima.evaluation.training_cases import footnote
 
 CONFIG_FILENAME = "config.json"
@@ -99,8 +105,76 @@ def load_part(path: str, expected_keys: Optional[Sequence[Tuple[str, int]]] = No
     return result
 
 
+def whole_cases(result: NoiseResult) -> bool:
+    """Whether every sample of ``result`` is a whole case (a 3D configuration's samples)."""
+    return bool(result.slices) and all(int(s) == WHOLE_CASE for s in result.slices)
+
+
+NNUNET_METRICS = ("Dice", "IoU", "FP", "TP", "FN", "n_pred", "n_ref")
+"""The metrics of nnU-Net's ``summary.json`` that TP / FP / FN determine (not ``TN``: it needs
+the number of voxels, which the counts do not keep)."""
+
+
+def nnunet_metrics(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> Dict[str, np.ndarray]:
+    """``(N, K)`` counts -> nnU-Net's per-case per-class metrics, each ``(N, K)`` (nnunetv2's
+    ``evaluation.evaluate_predictions.compute_metrics``): ``Dice = 2 TP / (2 TP + FP + FN)`` and
+    ``IoU = TP / (TP + FP + FN)``, both NaN where ``TP + FP + FN == 0`` (a class absent from
+    reference and prediction); ``n_pred = TP + FP``, ``n_ref = TP + FN``."""
+    tp, fp, fn = (np.asarray(c, dtype=np.int64) for c in (tp, fp, fn))
+    union = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = np.where(union > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+        iou = np.where(union > 0, tp / union, np.nan)
+    return {"Dice": dice, "IoU": iou, "FP": fp, "TP": tp, "FN": fn, "n_pred": tp + fp,
+            "n_ref": tp + fn}
+
+
+def _json_number(value) -> Optional[float]:
+    """A float for JSON, ``None`` (``null``) for NaN: strict JSON has no NaN, which nnU-Net's
+    own ``summary.json`` writes there."""
+    value = float(value)
+    return None if np.isnan(value) else value
+
+
+def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
+    """``np.nanmean`` without its warning for an all-NaN column (NaN, as nnU-Net gets)."""
+    with np.errstate(invalid="ignore"):
+        count = (~np.isnan(values)).sum(axis=axis)
+        total = np.nansum(values, axis=axis)
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def nnunet_case_summary(result: NoiseResult, class_names: Sequence[str]) -> dict:
+    """One noise level's per-case metrics as ``nnUNetv2_evaluate_folder`` writes them to its
+    ``summary.json``, keyed by class name instead of label value:
+
+    * ``metric_per_case``: per case, in the run's order, ``{"case", "metrics": {class:
+      {Dice, IoU, FP, TP, FN, n_pred, n_ref}}}`` (:func:`nnunet_metrics`);
+    * ``mean``: per class, the mean of each metric over the cases, NaN cases left out
+      (``np.nanmean``);
+    * ``foreground_mean``: per metric, the plain mean of ``mean`` over the classes (NaN if any
+      class mean is NaN, as ``np.mean`` gives).
+
+    nnU-Net's NaN is written as ``null``. The ignore label's voxels count nowhere, as in
+    nnU-Net's ignore mask; background is not among the classes, as in nnU-Net's label list.
+    """
+    metrics = nnunet_metrics(result.tp, result.fp, result.fn)
+    per_case = [{"case": case,
+                 "metrics": {name: {m: (_json_number(metrics[m][i, c]) if m in ("Dice", "IoU")
+                                        else int(metrics[m][i, c])) for m in NNUNET_METRICS}
+                             for c, name in enumerate(class_names)}}
+                for i, case in enumerate(result.cases)]
+    means = {m: _nanmean(metrics[m].astype(np.float64), axis=0) for m in NNUNET_METRICS}
+    return {"metric_per_case": per_case,
+            "mean": {name: {m: _json_number(means[m][c]) for m in NNUNET_METRICS}
+                     for c, name in enumerate(class_names)},
+            "foreground_mean": {m: _json_number(np.mean(means[m])) for m in NNUNET_METRICS}}
+
+
 def summarise(results: Dict[float, NoiseResult], class_names: Sequence[str]) -> dict:
-    """The ``summary.json`` entry of one model: TVDI, ADI, per-class values per noise, AUCs."""
+    """The ``summary.json`` entry of one model: TVDI, ADI, per-class values per noise, AUCs;
+    for whole cases (3D) also ``n_cases`` and nnU-Net's per-case metrics
+    (:func:`nnunet_case_summary`) at each noise level."""
     noise_entries = {}
     for noise in sorted(results):
         r = results[noise]
@@ -110,6 +184,9 @@ def summarise(results: Dict[float, NoiseResult], class_names: Sequence[str]) -> 
             "tvdi": total, "adi": adi(r.slice_dice), "n_slices": len(r.cases),
             "per_class": {name: {"tvdi": float(per_class[i]), "adi": float(per_class_adi[i])}
                           for i, name in enumerate(class_names)}}
+        if whole_cases(r):
+            noise_entries[noise_key(noise)].update(
+                n_cases=len(r.cases), nnunet_per_case=nnunet_case_summary(r, class_names))
     entry = {"noise": noise_entries}
     levels = sorted(results)
     if len(levels) >= 2 and levels[-1] > 0:
@@ -183,6 +260,8 @@ def markdown_table(summary: dict, metric: str, noise_levels: Sequence[float]) ->
                     f"{'mirroring' if inference['mirroring'] else 'no mirroring'})")
     lines = [f"{metric.upper()} (%)" + (f" under {caption}" if caption else ""), "", header,
              "|" + "---|" * (header.count("|") - 1)]
+    if _scores_cases(summary):
+        lines[1:1] = ["", CASES_CAPTION]
     masking = summary.get("masking_checks", {})
     notes: List[str] = []
     for name, entry in summary["models"].items():
@@ -204,6 +283,17 @@ def markdown_table(summary: dict, metric: str, noise_levels: Sequence[float]) ->
     if "ensemble" in summary:
         lines += ["", per_attack_table(summary, metric, noise_levels)]
     return "\n".join(lines) + "\n"
+
+
+CASES_CAPTION = ("Each sample is a whole case (3D configuration; the noise budget is per volume): "
+                 "TVDI pools TP / FP / FN over the cases, ADI averages the cases' Dice. "
+                 "summary.json has nnU-Net's per-case per-class Dice (nnunet_per_case).")
+
+
+def _scores_cases(summary: dict) -> bool:
+    """Whether the models of ``summary`` were scored on whole cases."""
+    return any("n_cases" in level for entry in summary["models"].values()
+               for level in entry["noise"].values())
 
 
 def per_attack_table(summary: dict, metric: str, noise_levels: Sequence[float]) -> str:
@@ -235,16 +325,30 @@ def per_attack_table(summary: dict, metric: str, noise_levels: Sequence[float]) 
     return "\n".join(lines)
 
 
+VOLUME = "volume"
+"""The ``slice`` of a whole case in ``per_slice.csv``."""
+
+
 def per_slice_rows(model: str, results: Dict[float, NoiseResult], class_names: Sequence[str]
                    ) -> List[dict]:
+    """The rows of ``per_slice.csv``: one per (noise level, sample). ``dice_<class>`` and
+    ``slice_dice`` in the evaluator's convention (1 for a class absent from both); a whole case
+    (3D) reads ``volume`` in ``slice`` and has ``nnunet_dice_<class>`` too, nnU-Net's Dice
+    (``nan`` for a class absent from both)."""
     rows = []
     for noise in sorted(results):
         r = results[noise]
         dice = r.per_class_dice
+        nnunet = nnunet_metrics(r.tp, r.fp, r.fn)["Dice"]
         for i, (case, index) in enumerate(zip(r.cases, r.slices)):
-            row = {"model": model, "noise": noise_key(noise), "case": case, "slice": index,
+            volume = int(index) == WHOLE_CASE
+            row = {"model": model, "noise": noise_key(noise), "case": case,
+                   "slice": VOLUME if volume else index,
                    "slice_dice": f"{r.slice_dice[i]:.6f}"}
             row.update({f"dice_{name}": f"{dice[i, c]:.6f}" for c, name in enumerate(class_names)})
+            if volume:
+                row.update({f"nnunet_dice_{name}": f"{nnunet[i, c]:.6f}"
+                            for c, name in enumerate(class_names)})
             rows.append(row)
     return rows
 

@@ -1,12 +1,17 @@
-"""Attack one model's test slices at one or several noise levels and count TP / FP / FN per
-slice and class.
+"""Attack one model's test samples at one or several noise levels and count TP / FP / FN per
+sample and class.
+
+A sample is a 2D slice ``(C, H, W)`` or, for a 3D configuration, a whole case ``(C, D, H, W)``
+(:data:`.samples.WHOLE_CASE`); everything below is per sample, over all its spatial axes, so
+in 3D the noise budget is per volume and the counts are per case.
 
 The default attack is PGD maximising nnU-Net's Dice + CE of the full-resolution output per
-slice (or plain CE), L2 by default, 100 steps of ``alpha * eps / steps`` (alpha 5: a step of
+sample (or plain CE), L2 by default, 100 steps of ``alpha * eps / steps`` (alpha 5: a step of
 0.05 eps), one random start; SegPGD and APGD are the alternatives (:mod:`.attacks`). Noise 0 is
-the clean prediction. Slices are batched by shape in batches of ``batch_size``; each batch draws
-its random start at each level from a generator seeded by ``(seed, noise, batch index)``, so a
-result does not depend on what else ran before it.
+the clean prediction. Slices are batched by shape in batches of ``batch_size``; volumes are
+attacked one at a time (a batch of one: a volume's tiles are batched inside the network). Each
+batch draws its random start at each level from a generator seeded by ``(seed, noise, batch
+index)``, so a result does not depend on what else ran before it.
 """
 from __future__ import annotations
 
@@ -66,7 +71,8 @@ class AttackSettings:
         help="pgd, apgd, apgd_sea: loss maximised, nnU-Net's Dice + CE, CE, or SEA's masked CE, "
              "class-balanced masked CE, Jensen-Shannon (segpgd maximises its own weighted CE; "
              "ensemble members bring their own)")
-    batch_size: int = setting(16, rule=Count(1), help="slices per attack batch")
+    batch_size: int = setting(16, rule=Count(1),
+                              help="slices per attack batch (3D volumes: one at a time)")
     seed: int = setting(0, rule=Integer(),
                         help="random starts of the attacks and the --max-slices draw")
 
@@ -79,9 +85,10 @@ class NoiseResult:
     """Per-slice outcome of one (model, noise level).
 
     ``tp``, ``fp``, ``fn``: ``(N, K)`` counts over the ``K`` foreground classes;
-    ``example``: the example slice (:func:`example_index`): ``image`` and ``adversarial``
+    ``example``: the example sample (:func:`example_index`): ``image`` and ``adversarial``
     ``(C, H, W)``, ``prediction`` (of the adversarial input), ``clean_prediction`` and ``label``
-    ``(H, W)``.
+    ``(H, W)``; of a volume, its slice with the most foreground (:func:`example_plane`), whose
+    index along ``D`` is ``example["plane"]`` (a 0-d int array).
     """
 
     cases: List[str]
@@ -105,7 +112,8 @@ class NoiseResult:
 
 
 def attack_loss(name: str, ignore_label) -> Callable:
-    """``(logits (B, K, H, W), target (B, 1, H, W)) -> (B,)`` loss the attack maximises."""
+    """``(logits (B, K, *spatial), target (B, 1, *spatial)) -> (B,)`` loss the attack maximises,
+    each sample's mean over all its spatial axes (``(H, W)`` or ``(D, H, W)``)."""
     if name == "dc_ce":
         return PerSampleDiceCE(ignore_label=ignore_label)
     if name == "ce":
@@ -113,7 +121,8 @@ def attack_loss(name: str, ignore_label) -> Callable:
             labels, scored = scored_labels(label_map(target, logits), ignore_label)
             pixel = F.cross_entropy(logits, labels, reduction="none")
             # Every pixel scored: the plain mean, whose reduction rounds as it always has.
-            return pixel.mean(dim=(1, 2)) if ignore_label is None else scored_mean(pixel, scored)
+            return (pixel.mean(dim=tuple(range(1, pixel.dim()))) if ignore_label is None
+                    else scored_mean(pixel, scored))
         return ce
     if name in SEA_LOSSES:
         return sea_loss(name, ignore_label)
@@ -122,15 +131,16 @@ def attack_loss(name: str, ignore_label) -> Callable:
 
 def scored_counts(pred: torch.Tensor, labels: torch.Tensor, num_classes: int,
                   ignore_label: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TP, FP, FN ``(B, K)`` of predicted labels ``(B, H, W)`` against ``labels`` ``(B, H, W)``,
-    the ignore label's pixels counted nowhere (:func:`nnunet_ima.label_mask.scored_label_maps`)."""
+    """TP, FP, FN ``(B, K)`` of predicted labels ``(B, *spatial)`` against ``labels``
+    ``(B, *spatial)`` (slices or volumes), the ignore label's pixels counted nowhere
+    (:func:`nnunet_ima.label_mask.scored_label_maps`)."""
     pred, labels = scored_label_maps(pred, labels, ignore_label)
     return confusion_counts(pred.cpu(), labels.cpu(), num_classes)
 
 
 def slice_dice_score(num_classes: int, ignore_label: Optional[int]) -> Callable:
-    """``(logits (B, K, H, W), target (B, 1, H, W)) -> (B,)`` slice Dice of the argmax, the
-    tables' convention (ignore-label pixels unscored): what ``apgd_sea`` drives down."""
+    """``(logits (B, K, *spatial), target (B, 1, *spatial)) -> (B,)`` sample Dice of the argmax,
+    the tables' convention (ignore-label pixels unscored): what ``apgd_sea`` drives down."""
     def score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         counts = scored_counts(logits.argmax(dim=1), target[:, 0].long(), num_classes,
                                ignore_label)
@@ -139,11 +149,38 @@ def slice_dice_score(num_classes: int, ignore_label: Optional[int]) -> Callable:
 
 
 def example_index(samples: List[SliceSample]) -> int:
-    """The slice shown in ``examples.png``: the one with the most foreground (first on ties)."""
+    """The sample shown in ``examples.png``: the one with the most foreground (first on ties)."""
     return int(np.argmax([int((s.label > 0).sum()) for s in samples]))
 
 
+def example_plane(label: np.ndarray, ignore_label: Optional[int] = None) -> int:
+    """The slice of a volume's ``label`` ``(D, H, W)`` shown in ``examples.png``: the one along
+    ``D`` (nnU-Net's slicing axis, axial for scans stored as ``(z, y, x)``) with the most
+    scored foreground voxels, first on ties."""
+    labels = scored_labels(torch.from_numpy(np.asarray(label)), ignore_label)[0]
+    return int(np.argmax((labels > 0).flatten(1).sum(1).numpy()))
+
+
+def _example_view(example: Dict[str, np.ndarray], plane: Optional[int], case: str
+                  ) -> Dict[str, np.ndarray]:
+    """``example`` as stored: a slice as it is; of a volume, the 2D slice ``plane`` along ``D``
+    (images ``(C, D, H, W)`` -> ``(C, H, W)``, label maps ``(D, H, W)`` -> ``(H, W)``), with
+    ``plane`` and ``case`` (0-d arrays) for the figure, so a part never holds whole volumes."""
+    if plane is None:
+        return example
+    cut = {k: (v[:, plane] if k in ("image", "adversarial") else v[plane])
+           for k, v in example.items()}
+    return {**cut, "plane": np.array(plane), "case": np.array(case)}
+
+
+def batch_size_for(samples: Sequence[SliceSample], batch_size: int) -> int:
+    """``batch_size`` for slices, 1 for whole volumes: a 3D attack holds the activations of all
+    of a volume's tiles, so volumes are attacked one at a time."""
+    return 1 if any(s.image.ndim == 4 for s in samples) else batch_size
+
+
 def _batches(samples: List[SliceSample], batch_size: int) -> List[List[int]]:
+    batch_size = batch_size_for(samples, batch_size)
     by_shape: Dict[tuple, List[int]] = {}
     for i, s in enumerate(samples):
         by_shape.setdefault(s.image.shape, []).append(i)
@@ -181,9 +218,9 @@ def full_precision():
 
 def _attack(model: LoadedModel, x: torch.Tensor, y: torch.Tensor, noise: float,
             settings: AttackSettings, batch_index: int, loss_fn: Callable):
-    """Attack the slices ``x`` ``(B, C, H, W)`` (labels ``y`` ``(B, 1, H, W)``) at ``noise``:
-    the ``(B, C, H, W)`` adversarial inputs and their ``(B, K, H, W)`` logits. The start is
-    drawn from the generator of ``(seed, noise, batch_index)``."""
+    """Attack the samples ``x`` ``(B, C, *spatial)`` (labels ``y`` ``(B, 1, *spatial)``) at
+    ``noise``: the ``(B, C, *spatial)`` adversarial inputs and their ``(B, K, *spatial)``
+    logits. The start is drawn from the generator of ``(seed, noise, batch_index)``."""
     eps = torch.full((x.shape[0],), float(noise), dtype=x.dtype, device=x.device)
     start = (random_in_ball(x, eps, settings.norm, _generator(settings.seed, noise, batch_index))
              if settings.random_start else None)
@@ -199,13 +236,16 @@ def _attack(model: LoadedModel, x: torch.Tensor, y: torch.Tensor, noise: float,
 def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Sequence[float],
                 settings: AttackSettings, device: torch.device, progress: Optional[tqdm] = None
                 ) -> Iterator[Tuple[float, NoiseResult]]:
-    """Attack every slice at each of ``noise_levels`` (0: clean) and count TP / FP / FN per slice;
-    yields ``(noise, result)`` in increasing noise, each as soon as all its batches are done."""
+    """Attack every sample at each of ``noise_levels`` (0: clean) and count TP / FP / FN per
+    sample; yields ``(noise, result)`` in increasing noise, each as soon as all its batches are
+    done."""
     if settings.attack not in ATTACKS:
         raise ValueError(f"attack must be one of {ATTACKS}, got {settings.attack!r}")
     loss_fn = attack_loss(settings.loss, model.ignore_label)
     n, k = len(samples), model.num_classes - 1
     show = example_index(samples)
+    plane = (example_plane(samples[show].label, model.ignore_label)
+             if samples[show].image.ndim == 4 else None)
     batches = _batches(samples, settings.batch_size)
     cases, slices = [s.case for s in samples], [s.index for s in samples]
     clean_example: Dict[str, np.ndarray] = {}
@@ -232,11 +272,12 @@ def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Se
                         clean = segmentation(model, x[j:j + 1])[0]
                     clean_example.update(image=x[j].cpu().numpy(),
                                          clean_prediction=clean.cpu().numpy().astype(np.int16))
-                example = {"image": clean_example["image"],
-                           "adversarial": x_adv[j].detach().cpu().numpy(),
-                           "prediction": pred[j].cpu().numpy().astype(np.int16),
-                           "clean_prediction": clean_example["clean_prediction"],
-                           "label": samples[show].label}
+                example = _example_view(
+                    {"image": clean_example["image"],
+                     "adversarial": x_adv[j].detach().cpu().numpy(),
+                     "prediction": pred[j].cpu().numpy().astype(np.int16),
+                     "clean_prediction": clean_example["clean_prediction"],
+                     "label": samples[show].label}, plane, samples[show].case)
             if progress is not None:
                 progress.update(len(idx))
         yield noise, NoiseResult(cases, slices, *counts, example)

@@ -1,4 +1,5 @@
-"""Test slices: 2D slices of held-out cases, as the network sees them (nnU-Net-preprocessed).
+"""Test samples of held-out cases, as the network sees them (nnU-Net-preprocessed): the 2D slices
+of each case for a 2D configuration, the whole case for a 3D one (:data:`WHOLE_CASE`).
 
 Cases come from ``test_cases.json`` (``nnunet-ima split``), the fold's validation cases (from
 the model's training record, else ``splits_final.json``), an explicit list, or raw ``imagesTs`` /
@@ -22,9 +23,16 @@ from nnunet_ima.nnunet.splits import (SPLITS_FILENAME, TEST_CASES_FILENAME, read
 from nnunet_ima.nnunet.training_record import read_training_record, record_path
 
 
+WHOLE_CASE = -1
+"""The ``index`` of a sample that is a whole preprocessed case (a 3D configuration's sample)."""
+
+
 @dataclass
 class SliceSample:
-    """One test slice: ``image`` ``(C, H, W)`` float32 z-scored, ``label`` ``(H, W)`` int16.
+    """One test sample, the scoring unit: a 2D slice, ``image`` ``(C, H, W)`` float32 z-scored
+    and ``label`` ``(H, W)`` int16, ``index`` its position on the case's axis 1; or, for a 3D
+    configuration, a whole case, ``image`` ``(C, D, H, W)``, ``label`` ``(D, H, W)`` and
+    ``index`` :data:`WHOLE_CASE`.
 
     ``label`` holds the classes ``0 .. K-1`` (and nnU-Net's ignore label, if the dataset has one).
     """
@@ -37,6 +45,27 @@ class SliceSample:
     @property
     def key(self) -> Tuple[str, int]:
         return self.case, self.index
+
+    @property
+    def is_volume(self) -> bool:
+        """A whole 3D case rather than a 2D slice."""
+        return self.index == WHOLE_CASE
+
+
+def configuration_dims(plans: dict, configuration: str) -> int:
+    """The spatial dimensions of ``configuration`` in ``plans``: the length of its patch size
+    (2 or 3), the configuration's own or, as nnU-Net resolves ``inherits_from``, that of the
+    nearest configuration it inherits from that sets one."""
+    configurations = plans["configurations"]
+    name, seen = configuration, set()
+    while "patch_size" not in configurations[name]:
+        parent = configurations[name].get("inherits_from")
+        if parent is None or parent in seen or parent not in configurations:
+            raise UserInputError(f"configuration {configuration!r} of the plans has no patch "
+                                 f"size; is plans.json intact?")
+        seen.add(name)
+        name = parent
+    return len(configurations[name]["patch_size"])
 
 
 def resolve_case_source(preprocessed_dataset: str, source: Optional[Sequence[str]]) -> List[str]:
@@ -136,6 +165,40 @@ def cases_from_source(preprocessed_dataset: str, source: Optional[Sequence[str]]
     return cases
 
 
+def _has_foreground(label: np.ndarray, ignore_label: Optional[int]) -> bool:
+    """Whether ``label`` (any shape) holds a foreground class (not the ignore label)."""
+    return bool((scored_labels(torch.from_numpy(label), ignore_label)[0] > 0).any())
+
+
+def _background_outside(seg: np.ndarray) -> np.ndarray:
+    """``seg`` as int16 with nnU-Net's ``-1`` (outside the nonzero region) as background, as in
+    nnU-Net's training."""
+    label = np.asarray(seg).astype(np.int16)
+    label[label == OUTSIDE_NONZERO] = 0
+    return label
+
+
+def _volume_of(case: str, data: np.ndarray, seg: np.ndarray, include_empty: bool,
+               ignore_label: Optional[int] = None) -> List[SliceSample]:
+    """The one sample of a case for a 3D configuration: ``data`` ``(C, D, H, W)`` and ``seg``
+    ``(1, D, H, W)`` as they are; none for a case without foreground unless ``include_empty``."""
+    label = np.ascontiguousarray(_background_outside(seg[0]))
+    if not include_empty and not _has_foreground(label, ignore_label):
+        return []
+    return [SliceSample(case, WHOLE_CASE, np.ascontiguousarray(data, dtype=np.float32), label)]
+
+
+def samples_of(case: str, data: np.ndarray, seg: np.ndarray, include_empty: bool,
+               ignore_label: Optional[int], spatial_dims: int) -> List[SliceSample]:
+    """The samples of one preprocessed case, ``data`` ``(C, D, H, W)``, ``seg`` ``(1, D, H, W)``:
+    its slices for a 2D configuration (``spatial_dims`` 2), the whole case for a 3D one."""
+    if spatial_dims == 3:
+        return _volume_of(case, data, seg, include_empty, ignore_label)
+    if spatial_dims != 2:
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    return _slices_of(case, data, seg, include_empty, ignore_label)
+
+
 def _slices_of(case: str, data: np.ndarray, seg: np.ndarray, include_empty: bool,
                ignore_label: Optional[int] = None) -> List[SliceSample]:
     """The 2D slices of one preprocessed case: ``data`` ``(C, D, H, W)``, ``seg`` ``(1, D, H, W)``.
@@ -146,10 +209,8 @@ def _slices_of(case: str, data: np.ndarray, seg: np.ndarray, include_empty: bool
     """
     samples = []
     for z in range(data.shape[1]):
-        label = np.asarray(seg[0, z]).astype(np.int16)
-        label[label == OUTSIDE_NONZERO] = 0
-        foreground = scored_labels(torch.from_numpy(label), ignore_label)[0] > 0
-        if not include_empty and not foreground.any():
+        label = _background_outside(seg[0, z])
+        if not include_empty and not _has_foreground(label, ignore_label):
             continue
         samples.append(SliceSample(case, z, np.ascontiguousarray(data[:, z], dtype=np.float32),
                                    np.ascontiguousarray(label)))
@@ -166,9 +227,10 @@ def data_folder(preprocessed_dataset: str, data_identifier: str, remedy: str) ->
 
 
 def load_preprocessed_slices(preprocessed_dataset: str, data_identifier: str, cases: Sequence[str],
-                             include_empty: bool, ignore_label: Optional[int] = None
-                             ) -> List[SliceSample]:
-    """Slices of ``cases`` from ``$nnUNet_preprocessed/Dataset/<data_identifier>``."""
+                             include_empty: bool, ignore_label: Optional[int] = None,
+                             spatial_dims: int = 2) -> List[SliceSample]:
+    """Samples of ``cases`` from ``$nnUNet_preprocessed/Dataset/<data_identifier>``: slices
+    (``spatial_dims`` 2) or whole cases (3), see :func:`samples_of`."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     folder = data_folder(preprocessed_dataset, data_identifier,
@@ -189,7 +251,8 @@ def load_preprocessed_slices(preprocessed_dataset: str, data_identifier: str, ca
                                  f"its raw image?): fix the raw image and rerun "
                                  f"nnUNetv2_plan_and_preprocess, or leave the case out "
                                  f"(--cases CASE ...)")
-        samples += _slices_of(case, data, np.asarray(seg), include_empty, ignore_label)
+        samples += samples_of(case, data, np.asarray(seg), include_empty, ignore_label,
+                              spatial_dims)
     return samples
 
 
@@ -322,8 +385,11 @@ def read_raw_case(reader, case: str, channels: Sequence[str], label: str
 
 def load_raw_slices(images: str, labels: str, plans: dict, configuration: str, dataset_json: dict,
                     include_empty: bool, cases: Optional[Sequence[str]] = None,
-                    ignore_label: Optional[int] = None) -> List[SliceSample]:
-    """Preprocess raw test images + labels with the model's plans and return their slices.
+                    ignore_label: Optional[int] = None,
+                    spatial_dims: Optional[int] = None) -> List[SliceSample]:
+    """Preprocess raw test images + labels with the model's plans and return their samples:
+    slices for a 2D configuration, whole cases for a 3D one (``spatial_dims``; ``None``: the
+    configuration's, :func:`configuration_dims`).
 
     The configuration's own preprocessor (``DefaultPreprocessor`` unless the plans name another)
     runs nnU-Net's ``run_case``: read with the plans' image reader, then transpose, crop to
@@ -338,18 +404,21 @@ def load_raw_slices(images: str, labels: str, plans: dict, configuration: str, d
     raw = select_raw_cases(images, labels, dataset_json, cases)
     preprocessor = config.preprocessor_class(verbose=False)
     reader = plans_manager.image_reader_writer_class()
+    if spatial_dims is None:
+        spatial_dims = len(config.patch_size)
     samples: List[SliceSample] = []
     for case, (channels, label) in raw.items():
         data, seg, properties = read_raw_case(reader, case, channels, label)
         data, seg, _ = preprocessor.run_case_npy(data, seg, properties, plans_manager, config,
                                                  dataset_json)
-        samples += _slices_of(case, data, seg, include_empty, ignore_label)
+        samples += samples_of(case, data, seg, include_empty, ignore_label, spatial_dims)
     return samples
 
 
 def limit_slices(samples: List[SliceSample], max_slices: Optional[int], seed: int
                  ) -> List[SliceSample]:
-    """At most ``max_slices`` slices, drawn evenly at random (seeded), in their original order."""
+    """At most ``max_slices`` samples (slices, or cases in 3D), drawn evenly at random (seeded),
+    in their original order."""
     if max_slices is None or len(samples) <= max_slices:
         return samples
     keep = np.sort(np.random.default_rng(seed).choice(len(samples), max_slices, replace=False))

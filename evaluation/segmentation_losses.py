@@ -3,6 +3,7 @@
 Each maps ``logits (B, K, H, W)`` and ``target (B, 1, H, W)`` (or ``(B, H, W)``) integer labels
 to ``(B,)``, the mean over the slice's scored pixels (ignore-label pixels count in neither the
 sum nor the number of pixels; nnU-Net's ``-1`` is background, see :mod:`nnunet_ima.label_mask`).
+Volumes, ``(B, K, D, H, W)``, work alike: each mean is over the volume's scored voxels.
 Which pixels are "correct" is read off the logits (argmax) and is not differentiated.
 
 * ``mask_ce``: the cross-entropy of the pixels still classified correctly. Once a pixel is
@@ -48,8 +49,9 @@ def _masked_ce(logits: torch.Tensor, target: torch.Tensor, ignore_label: Optiona
 
 def class_balance_weights(labels: torch.Tensor, scored: torch.Tensor,
                           num_classes: int) -> torch.Tensor:
-    """``(B, H, W)`` weights ``1 - n_c / n`` of each pixel (``c`` its label; see the module)."""
-    onehot = F.one_hot(labels, num_classes) * scored.unsqueeze(-1)            # (B, H, W, K)
+    """``(B, *spatial)`` weights ``1 - n_c / n`` of each pixel (``c`` its label; see the
+    module), counted over the whole sample (slice or volume)."""
+    onehot = F.one_hot(labels, num_classes) * scored.unsqueeze(-1)            # (B, *spatial, K)
     axes = tuple(range(1, labels.dim()))
     per_class = onehot.sum(axes).to(torch.float64)                              # (B, K)
     fraction = per_class / scored.sum(axes).clamp_min(1).unsqueeze(-1)          # (B, K)

@@ -1,5 +1,6 @@
 """What an evaluation scores: the model folders, the cases of each model (never, unless allowed,
-the cases its fold trained on) and their test slices."""
+the cases its fold trained on) and their test samples: 2D slices for a 2D configuration, whole
+cases for a 3D one (:func:`sample_dims`)."""
 from __future__ import annotations
 
 import json
@@ -12,9 +13,10 @@ from nnunet_ima.nnunet.paths import dataset_name, require_folder
 
 from nnunet_ima.evaluation.models import LoadedModel
 from nnunet_ima.evaluation.options import EvalOptions
-from nnunet_ima.evaluation.samples import (SliceSample, cases_from_source, limit_slices,
-                                           load_preprocessed_slices, load_raw_slices,
-                                           resolve_case_source, select_raw_cases)
+from nnunet_ima.evaluation.samples import (SliceSample, cases_from_source, configuration_dims,
+                                           limit_slices, load_preprocessed_slices,
+                                           load_raw_slices, resolve_case_source,
+                                           select_raw_cases)
 from nnunet_ima.evaluation.training_cases import (TrainingCases, refusal_message, trained_on,
                                                   training_cases)
 
@@ -121,25 +123,53 @@ def check_training_cases(models: Sequence[LoadedModel], cases: Dict[str, List[st
     return overlap
 
 
+def sample_dims(model: LoadedModel) -> int:
+    """3 when ``model`` is scored on whole cases (its ``spatial_dims`` is 3, or its
+    configuration's patch size in its plans has three entries), else 2 (slices)."""
+    if getattr(model, "spatial_dims", 2) == 3:
+        return 3
+    if model.configuration in (model.plans or {}).get("configurations", {}):
+        return 3 if configuration_dims(model.plans, model.configuration) == 3 else 2
+    return 2  # a model built without plans: its spatial_dims decides
+
+
+def check_same_dims(models: Sequence[LoadedModel]) -> None:
+    """Refuse to score 2D and 3D models in one run: their samples (slices, cases) are different
+    units, so their TVDI / ADI would stand in one table without being comparable."""
+    dims = {m.name: sample_dims(m) for m in models}
+    if len(set(dims.values())) > 1:
+        two = [n for n, d in dims.items() if d == 2]
+        three = [n for n, d in dims.items() if d == 3]
+        raise UserInputError(f"2D models ({', '.join(two)}) are scored per slice and 3D models "
+                             f"({', '.join(three)}) per case; evaluate them in two runs "
+                             f"(two -o folders)")
+
+
 def _load_samples(model: LoadedModel, cases: List[str], options: EvalOptions
                   ) -> List[SliceSample]:
+    dims = sample_dims(model)
     if options.images:
         samples = load_raw_slices(options.images, options.labels, model.plans,
                                   model.configuration, model.dataset_json, options.include_empty,
-                                  cases, model.ignore_label)
+                                  cases, model.ignore_label, dims)
     else:
         samples = load_preprocessed_slices(_preprocessed_dataset(model, options),
                                            model.data_identifier,
-                                           cases, options.include_empty, model.ignore_label)
+                                           cases, options.include_empty, model.ignore_label,
+                                           dims)
     if not samples:
-        raise UserInputError("no test slices: the cases have no foreground (use --include-empty)")
+        what = "cases" if dims == 3 else "slices"
+        raise UserInputError(f"no test {what}: the cases have no foreground (use "
+                             f"--include-empty)")
     return limit_slices(samples, options.max_slices, options.attack.seed)
 
 
 def samples_by_model(models: Sequence[LoadedModel], cases: Dict[str, List[str]],
                      options: EvalOptions) -> Dict[str, List[SliceSample]]:
-    """The test slices of every model, by model name; models that read the same data share one
-    copy."""
+    """The test samples of every model (slices, or whole cases for 3D models), by model name;
+    models that read the same data share one copy. 2D and 3D models together are refused
+    (:func:`check_same_dims`)."""
+    check_same_dims(models)
     cache: Dict[str, List[SliceSample]] = {}
     samples = {}
     for m in models:
@@ -148,6 +178,7 @@ def samples_by_model(models: Sequence[LoadedModel], cases: Dict[str, List[str]],
         key = json.dumps([m.dataset_name, m.data_identifier, cases[m.name]] if not options.images
                          else [m.plans, m.configuration, m.dataset_json, cases[m.name]],
                          sort_keys=True)
+        key += f"/{sample_dims(m)}d"
         if key not in cache:
             cache[key] = _load_samples(m, cases[m.name], options)
         samples[m.name] = cache[key]

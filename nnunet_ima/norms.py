@@ -1,7 +1,8 @@
 """Per-sample vector norms, gradient normalisation, projections and random starts.
 
 Every function treats dimension 0 as the batch and everything else (``C x H x W`` for an
-image or a 2D slice, ``D`` for a feature vector) as one sample vector. ``eps`` is always a
+image or a 2D slice, ``C x D x H x W`` for a 3D volume, ``D`` for a feature vector) as one
+sample vector: a volume's norm, projection and random start are the whole volume's. ``eps`` is always a
 ``(B,)`` tensor here; :func:`as_eps_tensor` turns a scalar into one.
 """
 from __future__ import annotations
