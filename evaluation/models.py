@@ -39,25 +39,31 @@ def checkpoint_choice(text: str) -> str:
 class PaddedNetwork(nn.Module):
     """Runs ``network`` on inputs zero-padded to a multiple of its total stride, then crops.
 
-    The attack perturbs the ``(B, C, H, W)`` slice itself, never the padding, so the noise
-    budget is spent on image pixels only; the logits come back as ``(B, K, H, W)``.
+    ``(B, C, *spatial) -> (B, K, *spatial)``, 2D (``(H, W)``) or 3D (``(D, H, W)``), one
+    divisor per spatial axis: each axis is padded at its end to the next multiple of its
+    divisor. The attack perturbs the input itself, never the padding, so the noise budget is
+    spent on image voxels only; the logits are cropped back to the input's spatial size.
     """
 
-    def __init__(self, network: nn.Module, divisor: Tuple[int, int]):
+    def __init__(self, network: nn.Module, divisor: Sequence[int]):
         super().__init__()
         self.network = network
         self.divisor = tuple(int(d) for d in divisor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        pad_h = (-h) % self.divisor[0]
-        pad_w = (-w) % self.divisor[1]
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        dims = len(self.divisor)
+        if x.ndim != dims + 2:
+            raise ValueError(f"expected (B, C) and {dims} spatial axes for a network of stride "
+                             f"divisor {self.divisor}, got shape {tuple(x.shape)}")
+        size = x.shape[2:]
+        pads = [(-s) % d for s, d in zip(size, self.divisor)]
+        if any(pads):
+            # F.pad lists (before, after) pairs from the last axis backwards.
+            x = F.pad(x, [p for pad in reversed(pads) for p in (0, pad)])
         out = self.network(x)
         if isinstance(out, (list, tuple)):
             out = out[0]
-        return out[..., :h, :w]
+        return out[(Ellipsis, *(slice(0, s) for s in size))]
 
 
 @dataclass
@@ -78,6 +84,10 @@ class LoadedModel:
         checkpoint: the file's :func:`.provenance.checkpoint_identity` (path, size, mtime,
             sha256) as it was loaded; every part records it.
         fold: the nnU-Net fold of the weights, a number or ``"all"``.
+        spatial_dims: 2 for a 2D configuration (samples are slices ``(C, H, W)``), 3 for a 3D
+            one (samples are whole preprocessed volumes ``(C, D, H, W)``): the length of the
+            configuration's patch size. ``network`` maps ``(B, C, *spatial)`` to
+            ``(B, K, *spatial)``.
     """
 
     name: str
@@ -94,6 +104,7 @@ class LoadedModel:
     checkpoint_sha256: str = ""
     fold: object = 0
     checkpoint: dict = field(default_factory=dict)
+    spatial_dims: int = 2
 
     @property
     def class_names(self) -> List[str]:
@@ -138,13 +149,29 @@ def configuration_of(folder: str) -> str:
     return parts[2]
 
 
-def stride_divisor(strides) -> Tuple[int, int]:
-    """The total downsampling of a 2D encoder: ``[[1, 1], [2, 2], [2, 1]]`` -> ``(4, 2)``.
+def stride_divisor(strides, spatial_dims: Optional[int] = None) -> Tuple[int, ...]:
+    """The total downsampling of an encoder, one entry per spatial axis:
+    ``[[1, 1], [2, 2], [2, 1]]`` -> ``(4, 2)``, ``[[1, 1, 1], [1, 2, 2], [2, 2, 2]]`` ->
+    ``(2, 4, 4)``.
 
-    A stage's stride is a pair or one int for both axes (both spellings occur in plans).
+    A stage's stride is a list (one entry per axis) or one int for every axis (both spellings
+    occur in plans). ``spatial_dims``: the number of axes, needed where every stage is one int;
+    by default the length of the listed strides, or 2 where none is listed.
+
+    Raises:
+        UserInputError: stages of different lengths, or not of ``spatial_dims`` entries.
     """
-    pairs = np.array([[s, s] if np.isscalar(s) else list(s) for s in strides], dtype=np.int64)
-    return tuple(int(v) for v in pairs.prod(axis=0))
+    listed = {len(s) for s in strides if not np.isscalar(s)}
+    if spatial_dims is None:
+        spatial_dims = listed.pop() if len(listed) == 1 else (2 if not listed else 0)
+    if spatial_dims not in (2, 3) or listed - {spatial_dims}:
+        raise UserInputError(f"the architecture's strides {list(strides)} do not give one entry "
+                             f"per spatial axis of a 2D or 3D network"
+                             f"{'' if not spatial_dims else f' ({spatial_dims} axes)'}; "
+                             f"is plans.json intact?")
+    stages = np.array([[s] * spatial_dims if np.isscalar(s) else list(s) for s in strides],
+                      dtype=np.int64).reshape(-1, spatial_dims)
+    return tuple(int(v) for v in stages.prod(axis=0))
 
 
 # Why a checkpoint is missing although the fold folder has others.
@@ -193,10 +220,28 @@ def fold_number(fold):
         raise UserInputError(f"a fold is a number or 'all', got {fold!r}") from None
 
 
+def check_configuration(folder: str, configuration: str, configuration_manager) -> int:
+    """The number of spatial axes of ``configuration`` (2 or 3, its patch size's length); a
+    :class:`UserInputError` for one the evaluator cannot attack: another patch length, or a
+    cascade stage (``3d_cascade_fullres``), whose input includes the previous stage's
+    segmentation, which a preprocessed case does not hold."""
+    patch_size = list(configuration_manager.patch_size)
+    if len(patch_size) not in (2, 3):
+        raise UserInputError(f"{folder}: configuration {configuration} has patch size "
+                             f"{patch_size}; nnunet-ima-eval attacks 2D and 3D configurations")
+    if configuration_manager.previous_stage_name is not None:
+        raise UserInputError(f"{folder} is a cascade stage ({configuration}, after "
+                             f"{configuration_manager.previous_stage_name}): its input includes "
+                             f"the previous stage's segmentation; audit 3d_lowres and 3d_fullres "
+                             f"models (-c 3d_lowres, -c 3d_fullres) instead")
+    return len(patch_size)
+
+
 def checked_model_folder(folder: str, fold, checkpoint: str) -> Tuple[str, str, dict]:
     """Everything about a model that can be checked before its weights are read: the folder,
     the checkpoint file of ``fold`` (``checkpoint``: ``final``, ``best``, ``latest`` or the file
-    name), a 2D configuration in ``plans.json``. Both inference paths load through it.
+    name), a 2D or 3D configuration in ``plans.json`` (:func:`check_configuration`). Both
+    inference paths load through it.
 
     Returns:
         ``(checkpoint path, configuration, plans)``.
@@ -218,18 +263,17 @@ def checked_model_folder(folder: str, fold, checkpoint: str) -> Tuple[str, str, 
     plans = read_json(os.path.join(folder, "plans.json"), "is the model folder complete?")
     if configuration not in plans.get("configurations", {}):
         raise UserInputError(f"configuration {configuration!r} is not in {folder}/plans.json")
-    patch_size = PlansManager(plans).get_configuration(configuration).patch_size
-    if len(patch_size) != 2:
-        raise UserInputError(f"{folder} is a 3D configuration ({configuration}, patch "
-                             f"{list(patch_size)}): nnunet-ima-eval attacks 2D models (-c 2d), "
-                             f"and --inference predictor supports 2D configurations only")
+    check_configuration(folder, configuration,
+                        PlansManager(plans).get_configuration(configuration))
     return path, configuration, plans
 
 
 def load_model(folder: str, fold, checkpoint: str, device: torch.device,
                name: str = None) -> LoadedModel:
     """Load ``folder/fold_{fold}/checkpoint_{checkpoint}.pth`` with the architecture of its plans;
-    ``fold`` is a number or ``"all"``."""
+    ``fold`` is a number or ``"all"``. A 2D or 3D configuration: ``network`` maps
+    ``(B, C, *spatial)`` to ``(B, K, *spatial)`` on the whole input (no tiles), padded to the
+    stride divisor of each axis."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -253,14 +297,16 @@ def load_model(folder: str, fold, checkpoint: str, device: torch.device,
     if "strides" not in config.network_arch_init_kwargs:
         raise UserInputError(f"{folder}/plans.json: the architecture has no 'strides'; cannot "
                              f"tell which input sizes the network accepts")
-    divisor = stride_divisor(config.network_arch_init_kwargs["strides"])
+    spatial_dims = len(config.patch_size)
+    divisor = stride_divisor(config.network_arch_init_kwargs["strides"], spatial_dims)
     padded = PaddedNetwork(network, divisor).to(device=device, dtype=torch.float32).eval()
     return LoadedModel(name=name or state.get("trainer_name") or os.path.basename(folder),
                        folder=folder, network=padded, num_classes=num_classes,
                        configuration=configuration, data_identifier=config.data_identifier,
                        dataset_name=plans["dataset_name"], ignore_label=label_manager.ignore_label,
                        plans=plans, dataset_json=dataset_json, checkpoint_path=path,
-                       checkpoint_sha256=identity["sha256"], fold=fold, checkpoint=identity)
+                       checkpoint_sha256=identity["sha256"], fold=fold, checkpoint=identity,
+                       spatial_dims=spatial_dims)
 
 
 def load_models(folders: Sequence[str], folds: Sequence, checkpoint: str,

@@ -268,11 +268,13 @@ def test_loading_errors_are_user_input_errors(tmp_path):
         f.write(b"not a checkpoint")
     with pytest.raises(UserInputError, match="is the file complete"):
         load_predictor_network(folder, 0, "checkpoint_final.pth", cpu)
-    folder_3d = _fake_model_folder(tmp_path, "3d_fullres", (16, 32, 32))
-    with open(os.path.join(folder_3d, "fold_0", "checkpoint_final.pth"), "wb") as f:
+    # A 3D configuration is attacked too (tests/test_predictor_path_3d.py); a 1D patch or a
+    # cascade stage is refused before the checkpoint is read.
+    folder_1d = _fake_model_folder(tmp_path, "1d", (32,))
+    with open(os.path.join(folder_1d, "fold_0", "checkpoint_final.pth"), "wb") as f:
         f.write(b"never read")
-    with pytest.raises(UserInputError, match="--inference predictor supports 2D configurations"):
-        load_predictor_network(folder_3d, 0, "final", cpu)
+    with pytest.raises(UserInputError, match="attacks 2D and 3D configurations"):
+        load_predictor_network(folder_1d, 0, "final", cpu)
 
 
 # ------------------------------------------------------- a really trained model (slow tier)
