@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ima.errors import UserInputError
-from nnunet_ima.label_mask import scored_label_maps
 from nnunet_ima.metrics import confusion_counts, slice_dice_from_counts, tvdi
 from nnunet_ima.nnunet.loss import PerSampleDiceCE
 from nnunet_ima.norms import per_sample_norm, project, random_in_ball
