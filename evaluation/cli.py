@@ -24,6 +24,19 @@ each with the record of what produced it: a rerun with the same arguments resume
 parts whose record is its own and recomputes the others). While it runs, an evaluation holds
 ``OUT/nnunet-ima-eval.lock``; a second evaluation into the same ``OUT`` is refused.
 
+Several processes (:mod:`.sharding`; docs/multi_gpu.md)::
+
+    torchrun --nproc_per_node 4 -m nnunet_ima.evaluation.cli -d 2 -tr nnUNetTrainerIMA -o OUT
+    nnunet-ima-eval -d 2 -tr nnUNetTrainerIMA --nproc 4 -o OUT      # the same, started for you
+    nnunet-ima-eval -d 2 -tr nnUNetTrainerIMA -o OUT \\
+        --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT         # one task of a SLURM array
+    nnunet-ima-eval merge OUT                                        # after the last task
+
+Under torchrun every rank computes its shard of the (model, noise level, member, batch) units
+on ``cuda:LOCAL_RANK`` and rank 0 writes the tables; ``--shard i/n`` computes one shard into
+``OUT/shards/<i>-of-<n>`` and writes no tables, which ``merge`` then writes from all the shards:
+the same files one process writes.
+
 This module only parses the command line: its options are built from the declarations of
 :class:`.options.EvalOptions`, :class:`.robustness.AttackSettings` and
 :class:`.masking.MaskingSettings` (help, default, type, choices), ``EvalOptions`` checks the
@@ -32,8 +45,9 @@ values, and :func:`.run.evaluate` does the work.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from nnunet_ima import installed_version
 from nnunet_ima.declared import InvalidSetting, add_option, option_arguments
@@ -47,7 +61,9 @@ from nnunet_ima.evaluation.models import checkpoint_choice
 from nnunet_ima.evaluation.options import EvalOptions, option_name
 from nnunet_ima.evaluation.report import print_tables
 from nnunet_ima.evaluation.robustness import AttackSettings
-from nnunet_ima.evaluation.run import evaluate
+from nnunet_ima.evaluation.run import (evaluate, evaluate_distributed, evaluate_shard, merge,
+                                       shard_summary)
+from nnunet_ima.evaluation.sharding import parse_shard, torchrun_launch
 from nnunet_ima.evaluation.training_cases import parse_fold
 
 
@@ -132,7 +148,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="discard results in OUTPUT made with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    several = p.add_argument_group(
+        "several processes (docs/multi_gpu.md); `nnunet-ima-eval merge OUT` merges shards")
+    several.add_argument("--shard", type=_argument_type(parse_shard), metavar="I/N",
+                         help="compute only shard I of N (0 <= I < N) of the (model, noise, "
+                              "member, batch) units into OUTPUT/shards/I-of-N, and no tables; "
+                              "once all N are done, `nnunet-ima-eval merge OUTPUT` writes them "
+                              "(under torchrun every rank is a shard by itself)")
+    several.add_argument("--shard-wait", type=float, default=0.0, metavar="SECONDS",
+                         help="--shard with --attack ensemble: how long a shard waits for the "
+                              "other shards' results of a member before the next member (whose "
+                              "samples depend on them); then it stops and a rerun continues")
+    several.add_argument("--nproc", type=int, default=1, metavar="N",
+                         help="run N processes on this machine through torchrun (one GPU each "
+                              "with --device cuda) and merge their results")
     p.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
+    return p
+
+
+def build_merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnunet-ima-eval merge",
+        description="Merge the shards of an evaluation (run with --shard I/N -o OUTPUT): check "
+                    "that every shard ran the same settings and finished, then write the tables, "
+                    "summary.json, per_slice.csv and figures one process would write.",
+        formatter_class=DefaultsHelpFormatter)
+    p.add_argument("output", metavar="OUTPUT", help="the -o of the shards")
+    p.add_argument("-device", "--device", dest="device",
+                   help="torch device for loading the models and the gradient-masking checks "
+                        "(default: the shards' where this machine has it, else cuda when "
+                        "available, else cpu)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results of other settings in OUTPUT (the shards' own results "
+                        "are never mixed with them)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -167,15 +216,70 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
 
 def _evaluate_and_print(args: argparse.Namespace) -> int:
     options = options_from_args(args)
+    if args.shard_wait < 0:
+        raise UserInputError(f"--shard-wait must be >= 0 seconds, got {args.shard_wait:g}")
+    launch = torchrun_launch()
+    if launch is not None:
+        if args.shard is not None:
+            raise UserInputError(f"--shard {args.shard} under torchrun: torchrun already makes "
+                                 f"each rank a shard (RANK/WORLD_SIZE); drop --shard")
+        if evaluate_distributed(options, launch) is not None:
+            print_tables(options.output)
+        return 0
+    if args.shard is not None:
+        report = evaluate_shard(options, args.shard, wait=args.shard_wait)
+        print(shard_summary(report, options.output), flush=True)
+        return 0
     evaluate(options)
     print_tables(options.output)
     return 0
 
 
+def _merge_and_print(args: argparse.Namespace) -> int:
+    merge(args.output, device=args.device, progress=not args.no_progress,
+          overwrite=args.overwrite)
+    print_tables(args.output)
+    return 0
+
+
+def _without_nproc(argv: Sequence[str]) -> List[str]:
+    """``argv`` without ``--nproc N`` (or ``--nproc=N``)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def _relaunch(argv: Sequence[str], nproc: int) -> int:
+    """This command again in ``nproc`` processes of this machine, through torchrun
+    (``torch.distributed.run --standalone``: a free port of its own); torchrun's exit code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+               "--nproc_per_node", str(nproc), "-m", "nnunet_ima.evaluation.cli",
+               *_without_nproc(argv)]
+    print("running python " + " ".join(command[1:]), flush=True)
+    return subprocess.call(command)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Bad input: one message, exit code 2; Ctrl-C: exit code 130, and the same command resumes
-    from the finished (model, noise) parts."""
+    from the finished (model, noise) parts. ``merge OUTPUT`` merges the shards in OUTPUT."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        merge_args = build_merge_parser().parse_args(argv[1:])
+        return run_command("nnunet-ima-eval merge", lambda: _merge_and_print(merge_args))
     args = build_parser().parse_args(argv)
+    if args.nproc < 1:
+        build_parser().error(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and torchrun_launch() is None:
+        if args.shard is not None:
+            build_parser().error("--nproc and --shard: --nproc makes its processes the shards; "
+                                 "drop --shard")
+        return _relaunch(argv, args.nproc)
     return run_command("nnunet-ima-eval", lambda: _evaluate_and_print(args))
 
 

@@ -8,7 +8,9 @@ refuses bad input with the message the command line gives (a :class:`UserInputEr
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
@@ -211,3 +213,46 @@ class EvalOptions:
     def noise_levels(self) -> List[float]:
         """The distinct noise levels, ascending: the order of the attacks and of the tables."""
         return sorted(set(float(n) for n in self.noise))
+
+
+def options_to_dict(options: EvalOptions) -> dict:
+    """``options`` as JSON-ready values (:func:`options_from_dict` reads them back), its paths
+    made absolute: a shard stores them so that ``nnunet-ima-eval merge`` (run from any folder)
+    loads the same models and data (:mod:`.sharding`)."""
+    values = json_ready(dataclasses.asdict(options))
+    for name in ("output", "images", "labels", "nnunet_results", "nnunet_preprocessed"):
+        if values[name]:
+            values[name] = os.path.abspath(values[name])
+    values["model_folders"] = [os.path.abspath(f) for f in values["model_folders"]]
+    return values
+
+
+def json_ready(value: Any) -> Any:
+    """Tuples as lists, recursively (what JSON would make of them)."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def options_from_dict(values: dict, **changes: Any) -> EvalOptions:
+    """The :class:`EvalOptions` of :func:`options_to_dict`'s ``values``, with ``changes`` (e.g.
+    another ``device``) applied.
+
+    Raises:
+        UserInputError: ``values`` names options this version does not know (written by a newer
+            one) or holds a bad value.
+    """
+    known = {f.name for f in dataclasses.fields(EvalOptions)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserInputError(f"unknown evaluation options {unknown} (written by another version "
+                             f"of nnunet-ima?)")
+    values = dict(values, **changes)
+    try:
+        values["attack"] = AttackSettings(**values.get("attack", {}))
+        values["masking"] = MaskingSettings(**values.get("masking", {}))
+    except (TypeError, InvalidSetting) as e:
+        raise UserInputError(f"bad stored attack or masking settings: {e}") from None
+    return EvalOptions(**values)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -234,11 +234,16 @@ def _attack(model: LoadedModel, x: torch.Tensor, y: torch.Tensor, noise: float,
 
 
 def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Sequence[float],
-                settings: AttackSettings, device: torch.device, progress: Optional[tqdm] = None
+                settings: AttackSettings, device: torch.device, progress: Optional[tqdm] = None,
+                only_batches: Optional[Collection[int]] = None
                 ) -> Iterator[Tuple[float, NoiseResult]]:
     """Attack every sample at each of ``noise_levels`` (0: clean) and count TP / FP / FN per
     sample; yields ``(noise, result)`` in increasing noise, each as soon as all its batches are
-    done."""
+    done.
+
+    ``only_batches``: compute only these batches (indices into :func:`_batches` of ``samples``,
+    which seed their random starts), a shard's share (:mod:`.sharding`); the other samples'
+    rows stay 0, and the example is set only if its sample's batch is among them."""
     if settings.attack not in ATTACKS:
         raise ValueError(f"attack must be one of {ATTACKS}, got {settings.attack!r}")
     loss_fn = attack_loss(settings.loss, model.ignore_label)
@@ -253,6 +258,8 @@ def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Se
         counts = tuple(np.zeros((n, k), dtype=np.int64) for _ in range(3))
         example: Dict[str, np.ndarray] = {}
         for b, idx in enumerate(batches):
+            if only_batches is not None and b not in only_batches:
+                continue
             x = torch.from_numpy(np.stack([samples[i].image for i in idx])).to(device)
             y = torch.from_numpy(np.stack([samples[i].label for i in idx])[:, None]
                                  .astype(np.int64)).to(device)
