@@ -50,7 +50,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from nnunet_ima import installed_version
-from nnunet_ima.declared import InvalidSetting, add_option, option_arguments
+from nnunet_ima.declared import InvalidSetting, add_option, declaration, option_arguments
 from nnunet_ima.devices import add_device_argument
 from nnunet_ima.errors import UserInputError, run_command
 from nnunet_ima.help_format import DefaultsHelpFormatter
@@ -81,7 +81,8 @@ def _argument_type(parse):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nnunet-ima-eval",
-        description="Attack trained nnU-Net 2D models with PGD (or SegPGD, APGD) at several noise "
+        description="Attack trained nnU-Net models (2D slices, or whole volumes of 3d_fullres / "
+                    "3d_lowres) with PGD (or SegPGD, APGD) at several noise "
                     "levels and report TVDI / ADI tables (Total Voxel Dice Index, Average Dice "
                     "Index).",
         formatter_class=DefaultsHelpFormatter)
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(inference, EvalOptions, "tile_step_size")
     inference.add_argument("--disable-tta", action="store_true",
                            help="predictor: no mirroring, as nnUNetv2_predict --disable_tta")
+    add_option(inference, EvalOptions, "tiles_per_pass")
+    inference.add_argument("--gradient-checkpointing", action="store_true",
+                           help=declaration(EvalOptions, "gradient_checkpointing").help)
     add_option(p, AttackSettings, "batch_size")
     add_device_argument(p, "-device", "--device")
     add_option(p, AttackSettings, "seed")
@@ -210,7 +214,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         attack=attack, ensemble=tuple(args.ensemble) if ensemble else (),
         masking_checks=args.masking_checks == "on" or (args.masking_checks == "auto" and ensemble),
         masking=masking, inference=args.inference, tile_step_size=args.tile_step_size,
-        disable_tta=args.disable_tta, device=args.device, overwrite=args.overwrite,
+        disable_tta=args.disable_tta, tiles_per_pass=args.tiles_per_pass,
+        gradient_checkpointing=args.gradient_checkpointing, device=args.device, overwrite=args.overwrite,
         progress=not args.no_progress)
 
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
-from nnunet_ima.declared import (Choice, Flag, InvalidSetting, Several, Text, UnitInterval,
+from nnunet_ima.declared import (Choice, Count, Flag, InvalidSetting, Several, Text, UnitInterval,
                                  flag_name, setting, validate_declared)
 from nnunet_ima.devices import default_device, resolve_device
 from nnunet_ima.errors import UserInputError
@@ -98,7 +98,8 @@ class EvalOptions:
             with ``masking`` (slices, queries).
         inference: ``network`` (the 2D network on whole slices, padded to its stride) or
             ``predictor`` (nnU-Net's sliding-window predictor, :mod:`.predictor_path`, with
-            ``tile_step_size`` and mirroring unless ``disable_tta``).
+            ``tile_step_size`` and mirroring unless ``disable_tta``; ``tiles_per_pass`` and
+            ``gradient_checkpointing`` bound the attack's memory).
         device: torch device name (``cpu``, ``cuda``, ``cuda:1``, ...).
         nnunet_results, nnunet_preprocessed: nnU-Net's folders of trained models and of
             preprocessed data; ``None``: those the environment variables ``nnUNet_results`` and
@@ -152,6 +153,16 @@ class EvalOptions:
     tile_step_size: float = setting(0.5, rule=UnitInterval(),
                                     help="predictor: nnUNetv2_predict's -step_size")
     disable_tta: bool = False
+    tiles_per_pass: Optional[int] = setting(
+        None, rule=Count(1), optional=True,
+        help="predictor: at most this many tiles (each with its mirrored copies) per network call "
+             "of the attack; default: all tiles of a batch at once. With "
+             "--gradient-checkpointing, 1 keeps one tile's activations alive at a time")
+    gradient_checkpointing: bool = setting(
+        False, rule=Flag(),
+        help="predictor: recompute each tile's activations in the backward pass instead of "
+             "keeping them (activation checkpointing; the same gradients at about 1.5x the "
+             "time), for 3D volumes whose tiles' activations do not fit in memory")
     device: str = field(default_factory=default_device)
     nnunet_results: Optional[str] = None
     nnunet_preprocessed: Optional[str] = None

@@ -115,7 +115,9 @@ def _prepare(options: EvalOptions, preflight: bool = True) -> Prepared:
     loader = None
     if options.inference == "predictor":
         loader = partial(load_predictor_model, use_mirroring=not options.disable_tta,
-                         tile_step_size=options.tile_step_size)
+                         tile_step_size=options.tile_step_size,
+                         tiles_per_pass=options.tiles_per_pass,
+                         checkpoint_tiles=options.gradient_checkpointing)
     models = load_models(model_folders(options), options.folds, options.checkpoint, device,
                          loader)
     cases = {m.name: cases_to_score(m, options) for m in models}
@@ -131,7 +133,9 @@ def _prepare(options: EvalOptions, preflight: bool = True) -> Prepared:
 def _print_samples(prepared: Prepared) -> None:
     for m in prepared.models:
         n_cases = len(prepared.config["models"][m.name]["cases"])
-        print(f"{m.name}: {len(prepared.samples[m.name])} slices of {n_cases} "
+        n = len(prepared.samples[m.name])
+        unit = "volume" if m.spatial_dims == 3 else "slice"
+        print(f"{m.name}: {n} {unit}{'s' * (n != 1)} of {n_cases} "
               f"case{'s' * (n_cases != 1)} "
               f"({' '.join(prepared.config['models'][m.name]['case_source'])})", flush=True)
 
@@ -384,8 +388,9 @@ def _attack(models: Sequence[LoadedModel], samples: Dict[str, List[SliceSample]]
     total = sum(len(samples[m.name]) * ((0.0 in noise) + len(attacked_levels) * len(members))
                 for m in models)
     levels: Levels = {}
-    desc = "attacking slices" + (" (ensemble)" if options.ensemble else "")
-    with tqdm(total=total, desc=desc, unit="slice",
+    unit = "volume" if any(m.spatial_dims == 3 for m in models) else "slice"
+    desc = f"attacking {unit}s" + (" (ensemble)" if options.ensemble else "")
+    with tqdm(total=total, desc=desc, unit=unit,
               disable=not options.progress or total == 0) as bar:
         for m in models:
             n_slices = len(samples[m.name])

@@ -68,4 +68,10 @@ def run_config(options: EvalOptions, models: Sequence[LoadedModel],
         config["inference"] = {"path": options.inference,
                                "tile_step_size": options.tile_step_size,
                                "mirroring": not options.disable_tta}
+        # Only when set: the batching of tiles may change the attack's last bits; checkpointing
+        # does not change a number but is recorded with it (folders written before resume).
+        if options.tiles_per_pass is not None:
+            config["inference"]["tiles_per_pass"] = options.tiles_per_pass
+        if options.gradient_checkpointing:
+            config["inference"]["gradient_checkpointing"] = True
     return config
