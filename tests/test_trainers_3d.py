@@ -1,15 +1,16 @@
 """Vanilla adversarial training in nnU-Net's 3D configuration, end to end; IMA refuses it.
 
 ``nnUNetTrainerAdv`` attacks whatever patch nnU-Net's data loader gives it, so ``3d_fullres``
-trains with one L2 budget per patch (a whole volume of the tiny fixture); IMA keeps its margins
-per 2D slice and says so when asked to train 3D.
+trains with one L2 budget per patch (a whole volume of the tiny fixture), and the 3D evaluator
+audits the model it gives; IMA keeps its margins per 2D slice and says so when asked to train 3D.
 """
 import csv
+import json
 import os
 
 import torch
 
-from conftest import train
+from conftest import _bin, train
 
 
 def test_adv_trains_3d_fullres_end_to_end(nnunet_workspace_3d):
@@ -33,6 +34,20 @@ def test_adv_trains_3d_fullres_end_to_end(nnunet_workspace_3d):
         # every patch of every step was attacked at the configured budget
         assert float(row["fraction_attacked"]) == 1.0 and float(row["adv_eps"]) == 5.0
         assert 0.0 <= float(row["adv_dice"]) <= 1.0
+    # the 3D evaluator audits it: one sample per held-out case, per-case Dice as nnU-Net's
+    out = os.path.join(ws.root, "adv_3d_audit")
+    ws.run([_bin("nnunet-ima-eval"), "-d", str(ws.dataset_id), "-c", "3d_fullres", "-tr",
+            "nnUNetTrainerAdv", "-f", "0", "--cases", "val", "--noise", "0", "5", "--steps", "2",
+            "--device", "cpu", "--no-progress", "-o", out])
+    with open(os.path.join(out, "summary.json")) as f:
+        levels = json.load(f)["models"]["nnUNetTrainerAdv"]["noise"]
+    with open(os.path.join(ws.preprocessed, ws.dataset_name, "splits_final.json")) as f:
+        validation = json.load(f)[0]["val"]
+    for level in ("0", "5"):
+        per_case = levels[level]["nnunet_per_case"]["metric_per_case"]
+        assert [c["case"] for c in per_case] == validation
+        assert levels[level]["n_cases"] == len(validation)
+    assert levels["5"]["tvdi"] <= levels["0"]["tvdi"] + 1e-9
 
 
 def test_ima_refuses_3d_configurations_and_names_the_2d_command(nnunet_workspace_3d):
