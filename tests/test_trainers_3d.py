@@ -8,6 +8,7 @@ import csv
 import json
 import os
 
+import pytest
 import torch
 
 from conftest import _bin, train
@@ -59,3 +60,14 @@ def test_ima_refuses_3d_configurations_and_names_the_2d_command(nnunet_workspace
     assert "trains nnU-Net's 2D configuration only" in result.stderr
     assert f"nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerIMA" in result.stderr
     assert not os.path.exists(ws.model_folder("nnUNetTrainerIMA", "3d_fullres"))
+
+
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerTRADES", "nnUNetTrainerNFGSM"])
+def test_the_baselines_train_3d_fullres_end_to_end(nnunet_workspace_3d, trainer):
+    ws = nnunet_workspace_3d
+    train(ws, trainer, {"num_epochs": 1, "num_iterations_per_epoch": 1,
+                        "num_val_iterations_per_epoch": 1, "adv_eps": 5.0, "pgd_steps": 1,
+                        "seed": 0}, configuration="3d_fullres")
+    fold = os.path.join(ws.model_folder(trainer, "3d_fullres"), "fold_0")
+    assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+    assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
