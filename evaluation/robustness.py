@@ -176,7 +176,7 @@ def _example_view(example: Dict[str, np.ndarray], plane: Optional[int], case: st
 def batch_size_for(samples: Sequence[SliceSample], batch_size: int) -> int:
     """``batch_size`` for slices, 1 for whole volumes: a 3D attack holds the activations of all
     of a volume's tiles, so volumes are attacked one at a time."""
-    return 1 if any(s.image.ndim == 4 for s in samples) else batch_size
+    return 1 if any(s.is_volume for s in samples) else batch_size
 
 
 def _batches(samples: List[SliceSample], batch_size: int) -> List[List[int]]:
@@ -250,7 +250,7 @@ def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Se
     n, k = len(samples), model.num_classes - 1
     show = example_index(samples)
     plane = (example_plane(samples[show].label, model.ignore_label)
-             if samples[show].image.ndim == 4 else None)
+             if samples[show].is_volume else None)
     batches = _batches(samples, settings.batch_size)
     cases, slices = [s.case for s in samples], [s.index for s in samples]
     clean_example: Dict[str, np.ndarray] = {}
