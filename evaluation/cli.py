@@ -55,7 +55,7 @@ from nnunet_ima.devices import add_device_argument
 from nnunet_ima.errors import UserInputError, run_command
 from nnunet_ima.help_format import DefaultsHelpFormatter
 
-from nnunet_ima.evaluation.ensemble import DEFAULT_ENSEMBLE
+from nnunet_ima.evaluation.ensemble import DEFAULT_ENSEMBLE, PRESETS
 from nnunet_ima.evaluation.masking import MaskingSettings
 from nnunet_ima.evaluation.models import checkpoint_choice
 from nnunet_ima.evaluation.options import EvalOptions, option_name
@@ -116,12 +116,27 @@ def build_parser() -> argparse.ArgumentParser:
     attack = p.add_argument_group("attack")
     add_option(attack, EvalOptions, "noise")
     declared_attack = option_arguments(AttackSettings, "attack")
+    # --attack, --ensemble, --steps and --restarts default to None here (their declared
+    # default is filled in by options_from_args), so that one given next to --preset, which
+    # sets them, is refused even at its default value.
+    add_option(attack, EvalOptions, "preset", metavar="PRESET")
     add_option(attack, AttackSettings, "attack", choices=declared_attack["choices"] + ("ensemble",),
+               default=None,
                help=declared_attack["help"] + "; ensemble: every --ensemble member in turn, the "
-                                              "headline being the per-slice worst case")
-    add_option(attack, EvalOptions, "ensemble", default=list(DEFAULT_ENSEMBLE), metavar="MEMBER")
+                                              "headline being the per-slice worst case (default: "
+                                              f"{declared_attack['default']}; with --preset: "
+                                              "ensemble)")
+    add_option(attack, EvalOptions, "ensemble", default=None, metavar="MEMBER",
+               help=declaration(EvalOptions, "ensemble").help
+               + f" (default: {' '.join(DEFAULT_ENSEMBLE)})")
     add_option(attack, AttackSettings, "norm")
-    add_option(attack, AttackSettings, "steps")
+    add_option(attack, AttackSettings, "steps", default=None,
+               help=declaration(AttackSettings, "steps").help
+               + f" (default: {option_arguments(AttackSettings, 'steps')['default']}, or the "
+                 f"--preset's)")
+    add_option(attack, AttackSettings, "restarts", default=None,
+               help=declaration(AttackSettings, "restarts").help
+               + f" (default: {option_arguments(AttackSettings, 'restarts')['default']})")
     add_option(attack, AttackSettings, "alpha")
     attack.add_argument("--no-random-start", action="store_true",
                         help="all attacks: start at the input instead of a seeded random point "
@@ -195,12 +210,19 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     Raises:
         UserInputError: a bad value, named by its option (``EvalOptions`` checks them all).
     """
-    ensemble = args.attack == "ensemble"
+    if args.preset is not None:
+        _refuse_preset_conflicts(args)
+    ensemble = args.attack == "ensemble" or args.preset is not None
+    declared = AttackSettings()
     try:
-        attack = AttackSettings(attack="pgd" if ensemble else args.attack, norm=args.norm,
-                                steps=args.steps, alpha=args.alpha,
-                                random_start=not args.no_random_start, loss=args.attack_loss,
-                                batch_size=args.batch_size, seed=args.seed)
+        attack = AttackSettings(attack="pgd" if ensemble else (args.attack or declared.attack),
+                                norm=args.norm,
+                                steps=declared.steps if args.steps is None else args.steps,
+                                alpha=args.alpha, random_start=not args.no_random_start,
+                                loss=args.attack_loss, batch_size=args.batch_size,
+                                seed=args.seed,
+                                restarts=declared.restarts if args.restarts is None
+                                else args.restarts)
         masking = MaskingSettings(slices=args.masking_slices, queries=args.masking_queries)
     except InvalidSetting as e:
         raise UserInputError(e.spelled(option_name)) from None
@@ -211,12 +233,34 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         checkpoint=args.checkpoint, cases=tuple(args.cases or ()),
         allow_train_cases=args.allow_train_cases, images=args.images, labels=args.labels,
         include_empty=args.include_empty, max_slices=args.max_slices, noise=tuple(args.noise),
-        attack=attack, ensemble=tuple(args.ensemble) if ensemble else (),
+        attack=attack, preset=args.preset,
+        ensemble=tuple(DEFAULT_ENSEMBLE if args.ensemble is None else args.ensemble)
+        if ensemble and args.preset is None else (),
         masking_checks=args.masking_checks == "on" or (args.masking_checks == "auto" and ensemble),
         masking=masking, inference=args.inference, tile_step_size=args.tile_step_size,
         disable_tta=args.disable_tta, tiles_per_pass=args.tiles_per_pass,
         gradient_checkpointing=args.gradient_checkpointing, device=args.device, overwrite=args.overwrite,
         progress=not args.no_progress)
+
+
+def _refuse_preset_conflicts(args: argparse.Namespace) -> None:
+    """``UserInputError`` for an option that ``--preset`` sets, given on the command line with
+    it (even at its default: the preset would silently override it)."""
+    given = [(f"--attack {args.attack}", "the attack (an ensemble)")
+             if args.attack not in (None, "ensemble") else None,
+             ("--ensemble " + " ".join(args.ensemble), "the members")
+             if args.ensemble is not None else None,
+             (f"--steps {args.steps}", "the steps") if args.steps is not None else None,
+             (f"--restarts {args.restarts}", "the restarts") if args.restarts is not None else None,
+             ("--no-random-start", "the random start") if args.no_random_start else None]
+    for option, what in filter(None, given):
+        preset = PRESETS[args.preset]
+        raise UserInputError(
+            f"--preset {args.preset} with {option}: the preset sets {what} (members "
+            f"{' '.join(preset.members)}, {preset.steps} steps, random start, "
+            f"{preset.restarts} restart{'s' if preset.restarts != 1 else ''}); drop "
+            f"{option.split()[0]}, or drop --preset and choose members and settings with "
+            f"--attack ensemble --ensemble")
 
 
 def _evaluate_and_print(args: argparse.Namespace) -> int:

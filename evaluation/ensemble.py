@@ -39,19 +39,84 @@ from nnunet_ima.evaluation.models import LoadedModel
 from nnunet_ima.evaluation.robustness import AttackSettings, NoiseResult, iter_levels
 from nnunet_ima.evaluation.samples import SliceSample
 
-MEMBERS: Dict[str, Tuple[str, str]] = {
-    "pgd": ("pgd", "dc_ce"),
-    "pgd-ce": ("pgd", "ce"),
-    "segpgd": ("segpgd", "ce"),
-    "apgd": ("apgd", "dc_ce"),
-    "apgd-mask-ce": ("apgd_sea", "mask_ce"),
-    "apgd-bal-mask-ce": ("apgd_sea", "bal_mask_ce"),
-    "apgd-js": ("apgd_sea", "js"),
+@dataclass(frozen=True)
+class MemberSpec:
+    """An ensemble member: an attack of :mod:`.attacks` with its loss, and where a suite fixes
+    them (rse's PAdam runs 200 steps whatever the others run), its own ``steps`` and
+    ``random_start``; ``None`` takes the run's (the base :class:`AttackSettings`)."""
+
+    attack: str
+    loss: str
+    steps: Optional[int] = None
+    random_start: Optional[bool] = None
+
+
+MEMBERS: Dict[str, MemberSpec] = {
+    "pgd": MemberSpec("pgd", "dc_ce"),
+    "pgd-ce": MemberSpec("pgd", "ce"),
+    "segpgd": MemberSpec("segpgd", "ce"),
+    "cospgd": MemberSpec("pgd", "cospgd"),
+    "apgd": MemberSpec("apgd", "dc_ce"),
+    "apgd-mask-ce": MemberSpec("apgd_sea", "mask_ce"),
+    "apgd-bal-mask-ce": MemberSpec("apgd_sea", "bal_mask_ce"),
+    "apgd-js": MemberSpec("apgd_sea", "js"),
+    "padam-ce": MemberSpec("padam", "ce"),
+    "padam-cos": MemberSpec("padam", "cos"),
+    # Its loss drives the search; its criterion is the slice Dice (run_attack's ``score``).
+    "minimal": MemberSpec("minimal", "ce"),
+    # rse (Halmosi et al. 2024): PAdam 200 steps, APGD at the plain radius, random starts.
+    "rse-padam-ce": MemberSpec("padam", "ce", steps=200, random_start=True),
+    "rse-padam-cos": MemberSpec("padam", "cos", steps=200, random_start=True),
+    "rse-apgd-mask-ce": MemberSpec("apgd", "mask_ce", random_start=True),
+    "rse-apgd-segpgd": MemberSpec("apgd_segpgd", "ce", random_start=True),
+    "rse-apgd-js": MemberSpec("apgd", "js", random_start=True),
+    "rse-apgd-mask-norm-logit": MemberSpec("apgd", "mask_norm_logit", random_start=True),
 }
-"""Ensemble member -> (attack of :mod:`.attacks`, its loss). ``segpgd`` has its own loss."""
+"""Ensemble member -> :class:`MemberSpec`. ``segpgd`` and ``apgd_segpgd`` have their own loss
+(SegPGD's weighted CE); ``apgd-*`` run at SEA's shrinking radius (``apgd_sea``), ``rse-apgd-*``
+at the plain radius (``apgd``)."""
 
 DEFAULT_ENSEMBLE = ("pgd", "segpgd", "apgd-mask-ce", "apgd-bal-mask-ce", "apgd-js")
 """PGD on Dice + CE, SegPGD, and APGD with SEA's three losses at SEA's shrinking radius."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named protocol, like AutoAttack's ``version=``: the ensemble members, the base steps,
+    random start and restarts it runs (``--preset``); ``note`` goes into the tables' caption."""
+
+    members: Tuple[str, ...]
+    steps: int
+    random_start: bool = True
+    restarts: int = 1
+    note: str = ""
+
+
+SEA_NOTE = ("SEA's protocol (Croce et al. 2024: APGD, its three losses, radius 2 / 1.5 / 1 x "
+            "noise, 300 iterations, 1 restart)")
+RSE_NOTE = ("rse's protocol (Halmosi et al. 2024: PAdam on CE and cos 200 steps, APGD with four "
+            "losses 300 iterations); minimal, clamped to the ball, stands in for its DAG / "
+            "PDPGD / ALMA-prox")
+
+PRESETS: Dict[str, Preset] = {
+    "quick": Preset(DEFAULT_ENSEMBLE, 20, note="the default members at 20 steps, for the CPU"),
+    "standard": Preset(("pgd", "segpgd", "cospgd", "apgd", "apgd-mask-ce", "apgd-bal-mask-ce",
+                        "apgd-js", "padam-ce", "padam-cos", "minimal"), 100),
+    "sea": Preset(("apgd-mask-ce", "apgd-bal-mask-ce", "apgd-js"), 300, note=SEA_NOTE),
+    "rse": Preset(("rse-padam-ce", "rse-padam-cos", "rse-apgd-mask-ce", "rse-apgd-segpgd",
+                   "rse-apgd-js", "rse-apgd-mask-norm-logit", "minimal"), 300, note=RSE_NOTE),
+}
+"""``--preset`` -> :class:`Preset`. A preset resolves to ordinary members and settings
+(:meth:`.options.EvalOptions`), so its parts, resume and shards are those of any ensemble."""
+
+
+def preset_note(preset: str, norm: str) -> str:
+    """What ``preset`` reproduces, for the caption; in L2 a protocol its paper ran in Linf
+    (SEA's, rse's) says that it is carried over."""
+    note = PRESETS[preset].note
+    if preset in ("sea", "rse") and norm == "l2":
+        note += f"; L2: {'SEA' if preset == 'sea' else 'rse'}'s protocol carried over"
+    return note
 
 
 SINGLE: Tuple[Optional[str]] = (None,)
@@ -70,12 +135,15 @@ def check_members(members: Sequence[Optional[str]]) -> None:
 
 
 def member_settings(base: AttackSettings, member: Optional[str]) -> AttackSettings:
-    """``base`` (norm, steps, alpha, random start, batch size, seed) with ``member``'s attack;
+    """``base`` (norm, steps, alpha, random start, restarts, batch size, seed) with
+    ``member``'s attack and loss, and its own steps and random start where it fixes them;
     ``base`` itself for the member ``None`` of a single attack."""
     if member is None:
         return base
-    attack, loss = MEMBERS[member]
-    return replace(base, attack=attack, loss=loss)
+    spec = MEMBERS[member]
+    overrides = {name: value for name in ("steps", "random_start")
+                 if (value := getattr(spec, name)) is not None}
+    return replace(base, attack=spec.attack, loss=spec.loss, **overrides)
 
 
 # ------------------------------------------------------------------------- worst-case choice

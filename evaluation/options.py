@@ -19,7 +19,7 @@ from nnunet_ima.declared import (Choice, Count, Flag, InvalidSetting, Several, T
 from nnunet_ima.devices import default_device, resolve_device
 from nnunet_ima.errors import UserInputError
 
-from nnunet_ima.evaluation.ensemble import MEMBERS, SINGLE
+from nnunet_ima.evaluation.ensemble import MEMBERS, PRESETS, SINGLE
 from nnunet_ima.evaluation.masking import MaskingSettings
 from nnunet_ima.evaluation.models import CHECKPOINTS, checkpoint_choice
 from nnunet_ima.evaluation.robustness import AttackSettings
@@ -94,6 +94,12 @@ class EvalOptions:
             per-slice worst case (``attack`` then gives only the shared norm, steps, alpha,
             random start, batch size and seed); empty: ``attack`` alone, an ensemble of that
             one member (:attr:`members`).
+        preset: a protocol of :data:`.ensemble.PRESETS` (``quick``, ``standard``, ``sea``,
+            ``rse``), like AutoAttack's ``version=``: it fixes the ensemble members and the
+            attack's steps, random start and restarts, and the instance holds them resolved
+            (``ensemble`` and ``attack`` as the preset sets them), so a preset run is an
+            ordinary ensemble run with the preset's name recorded. Given with other members or
+            non-default steps / random start / restarts it is refused.
         masking_checks: run the gradient-masking checks of :mod:`.masking` after the attacks,
             with ``masking`` (slices, queries).
         inference: ``network`` (the 2D network on whole slices, padded to its stride) or
@@ -141,6 +147,16 @@ class EvalOptions:
         (), rule=Several(Choice(tuple(MEMBERS)), minimum=0),
         help=f"members of --attack ensemble, in order ({', '.join(MEMBERS)}); apgd-* use SEA's "
              f"losses and shrinking radius")
+    preset: Optional[str] = setting(
+        None, rule=Choice(tuple(PRESETS)), optional=True,
+        help="a protocol, like AutoAttack's version=: quick (the default members, 20 steps); "
+             "standard (pgd, segpgd, cospgd, apgd, SEA's three apgd members, PAdam on CE and "
+             "cos, minimal; 100 steps); sea (SEA's: its three APGD losses at its shrinking "
+             "radius, 300 steps; published in Linf, carried over to L2); rse (rse's: PAdam on "
+             "CE and cos at 200 steps, APGD with four losses at 300 steps, and minimal clamped "
+             "to the ball, the closest stand-in for its DAG / PDPGD / ALMA-prox). Each with a "
+             "random start and 1 restart; it sets --attack ensemble, --ensemble, --steps, "
+             "--restarts, so those are not given with it")
     masking_checks: bool = setting(False, rule=Flag(),
                                    help="run the gradient-masking checks after the attacks")
     masking: MaskingSettings = MaskingSettings()
@@ -172,6 +188,8 @@ class EvalOptions:
     def __post_init__(self):
         for name in ("trainers", "model_folders", "folds", "cases", "noise", "ensemble"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.preset is not None:
+            self._resolve_preset()
         if isinstance(self.dataset, int) and not isinstance(self.dataset, bool):
             object.__setattr__(self, "dataset", str(self.dataset))  # an id, as -d takes it
         try:
@@ -179,6 +197,35 @@ class EvalOptions:
         except ValueError as e:
             raise UserInputError(f"{option_name('checkpoint')}: {e}") from None
         self._check()
+
+    def _resolve_preset(self) -> None:
+        """Set ``ensemble`` and ``attack`` to what ``preset`` fixes; refuse other members or
+        other non-default steps, random start or restarts (the command line also refuses them
+        given at their defaults, :func:`.cli.options_from_args`)."""
+        if self.preset not in PRESETS or not isinstance(self.attack, AttackSettings):
+            return  # _check names the bad value
+        preset, attack, default = PRESETS[self.preset], self.attack, AttackSettings()
+        instead = ("or drop --preset and choose members and settings with --attack ensemble "
+                   "--ensemble")
+        if self.ensemble and self.ensemble != preset.members:
+            raise UserInputError(
+                f"--preset {self.preset} runs the members {' '.join(preset.members)}: drop "
+                f"--ensemble {' '.join(self.ensemble)}, {instead}")
+        for name, value in (("steps", preset.steps), ("restarts", preset.restarts)):
+            given = getattr(attack, name)
+            if given not in (value, getattr(default, name)):
+                raise UserInputError(
+                    f"--preset {self.preset} runs {value} {name[:-1] if value == 1 else name}, "
+                    f"not {option_name(name)} "
+                    f"{given}: drop {option_name(name)}, {instead}")
+        if attack.random_start != preset.random_start:
+            raise UserInputError(
+                f"--preset {self.preset} starts every attack at a random point of the ball: "
+                f"drop {option_name('random_start')}, {instead}")
+        object.__setattr__(self, "attack", dataclasses.replace(
+            attack, steps=preset.steps, random_start=preset.random_start,
+            restarts=preset.restarts))
+        object.__setattr__(self, "ensemble", preset.members)
 
     def _check(self) -> None:
         if self.max_slices is not None and self.max_slices < 1:

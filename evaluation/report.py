@@ -218,20 +218,38 @@ NORM_NAMES = {"l2": "L2", "linf": "Linf"}
 
 def attack_caption(config: Optional[dict]) -> str:
     """The attack of a run in words, e.g. ``pgd (L2, 100 steps, alpha 5, random start, loss
-    Dice + CE)``; ``""`` when ``config`` does not name it."""
+    Dice + CE)``; ``""`` when ``config`` does not name it. Under a ``--preset``: ``preset sea:``,
+    the members (those that fix their own steps with them), steps, restarts and norm, and what
+    the preset reproduces (:func:`.ensemble.preset_note`)."""
+    from nnunet_ima.evaluation.ensemble import MEMBERS, preset_note  # report is imported early
     if not config or "steps" not in config:
         return ""
-    attack = config.get("attack", "pgd")
+    attack, preset = config.get("attack", "pgd"), config.get("preset")
+    restarts = config.get("restarts", 1)
+    # Said when set, and always under a preset (whose protocol names its restarts).
+    restarts_part = (f"{restarts} restart{'s' if restarts != 1 else ''}"
+                     if restarts != 1 or preset else "")
     if attack == "ensemble":
+        members = [f"{m} ({MEMBERS[m].steps} steps)"
+                   if m in MEMBERS and MEMBERS[m].steps not in (None, config["steps"]) else m
+                   for m in config["ensemble"]]
         parts = [NORM_NAMES.get(config.get("norm"), config.get("norm")),
-                 f"{config['steps']} steps each", f"pgd / segpgd alpha {config['alpha']:g}",
-                 "random start" if config.get("random_start") else "no random start"]
-        return (f"the per-slice worst case of {', '.join(config['ensemble'])} "
-                f"({', '.join(p for p in parts if p)})")
+                 f"{config['steps']} steps "
+                 + ("for the others" if members != list(config["ensemble"]) else "each"),
+                 f"pgd / segpgd alpha {config['alpha']:g}",
+                 "random start" if config.get("random_start") else "no random start",
+                 restarts_part]
+        caption = (f"the per-slice worst case of {', '.join(members)} "
+                   f"({', '.join(p for p in parts if p)})")
+        if preset:
+            note = preset_note(preset, config.get("norm"))
+            caption = f"preset {preset}: {caption}" + (f"; {note}" if note else "")
+        return caption
     parts = [NORM_NAMES.get(config.get("norm"), config.get("norm")), f"{config['steps']} steps"]
     if config.get("alpha") is not None:
         parts.append(f"alpha {config['alpha']:g}")
     parts.append("random start" if config.get("random_start") else "no random start")
+    parts.append(restarts_part)
     if attack == "segpgd":
         parts.append("loss SegPGD's weighted CE")
     elif config.get("attack_loss"):

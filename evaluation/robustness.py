@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nnunet_ima.declared import Choice, Count, Flag, Integer, Positive, setting, validate_declared
+from nnunet_ima.declared import (Choice, Count, Flag, Integer, InvalidSetting, Positive, setting,
+                                 validate_declared)
 from nnunet_ima.label_mask import label_map, scored_label_maps, scored_labels, scored_mean
 from nnunet_ima.metrics import confusion_counts, dice_from_counts, slice_dice_from_counts
 from nnunet_ima.nnunet.loss import PerSampleDiceCE
@@ -75,9 +76,20 @@ class AttackSettings:
                               help="slices per attack batch (3D volumes: one at a time)")
     seed: int = setting(0, rule=Integer(),
                         help="random starts of the attacks and the --max-slices draw")
+    restarts: int = setting(
+        1, rule=Count(1),
+        help="runs of every attack from different random starts, keeping per slice the run "
+             "with the lowest slice Dice (the first run starts where a run of 1 does); needs "
+             "the random start")
 
     def __post_init__(self):
         validate_declared(self)
+        if self.restarts > 1 and not self.random_start:
+            # Without a random start every run repeats the first: the cost without the gain.
+            raise InvalidSetting("restarts", f"must be 1 without a random start, got "
+                                 f"{self.restarts}: every restart would repeat the same attack; "
+                                 f"turn the random start on (drop --no-random-start) or run 1 "
+                                 f"restart")
 
 
 @dataclass
@@ -187,10 +199,12 @@ def _batches(samples: List[SliceSample], batch_size: int) -> List[List[int]]:
     return [idx[k:k + batch_size] for idx in by_shape.values() for k in range(0, len(idx), batch_size)]
 
 
-def _generator(seed: int, noise: float, batch_index: int) -> torch.Generator:
+def _generator(seed: int, noise: float, batch_index: int, restart: int = 0) -> torch.Generator:
     # A CPU generator on every device: the core draws random starts on the CPU (the same start
-    # on CPU and GPU runs) and moves them to the input's device.
-    key = zlib.crc32(f"{seed}/{noise!r}/{batch_index}".encode())
+    # on CPU and GPU runs) and moves them to the input's device. Restart 0 keeps the key runs
+    # have always had, so a run of one restart draws the start it always drew.
+    key = f"{seed}/{noise!r}/{batch_index}" + (f"/{restart}" if restart else "")
+    key = zlib.crc32(key.encode())
     return torch.Generator(device="cpu").manual_seed(key)
 
 
@@ -216,21 +230,43 @@ def full_precision():
          torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
 
 
+SCORED_ATTACKS = ("apgd_sea", "minimal")
+"""Attacks that take the slice Dice as their criterion (``run_attack``'s ``score``)."""
+
+
 def _attack(model: LoadedModel, x: torch.Tensor, y: torch.Tensor, noise: float,
             settings: AttackSettings, batch_index: int, loss_fn: Callable):
     """Attack the samples ``x`` ``(B, C, *spatial)`` (labels ``y`` ``(B, 1, *spatial)``) at
     ``noise``: the ``(B, C, *spatial)`` adversarial inputs and their ``(B, K, *spatial)``
-    logits. The start is drawn from the generator of ``(seed, noise, batch_index)``."""
+    logits. Restart ``r`` starts from the generator of ``(seed, noise, batch_index, r)``
+    (restart 0: of ``(seed, noise, batch_index)``, the start of a run without restarts); with
+    several, each sample keeps the restart of lowest slice Dice, the earlier one on ties."""
     eps = torch.full((x.shape[0],), float(noise), dtype=x.dtype, device=x.device)
-    start = (random_in_ball(x, eps, settings.norm, _generator(settings.seed, noise, batch_index))
-             if settings.random_start else None)
-    score = (slice_dice_score(model.num_classes, model.ignore_label)
-             if settings.attack == "apgd_sea" else None)
-    adv = run_attack(settings.attack, model.network, x, y, eps, start, norm=settings.norm,
-                     steps=settings.steps, alpha=settings.alpha, loss=loss_fn,
-                     ignore_label=model.ignore_label, score=score)
-    with torch.no_grad():
-        return adv, model.network(adv)
+    dice = slice_dice_score(model.num_classes, model.ignore_label)
+    score = dice if settings.attack in SCORED_ATTACKS else None
+    best_adv = best_logits = best_dice = None
+    for restart in range(settings.restarts):
+        start = (random_in_ball(x, eps, settings.norm,
+                                _generator(settings.seed, noise, batch_index, restart))
+                 if settings.random_start else None)
+        adv = run_attack(settings.attack, model.network, x, y, eps, start, norm=settings.norm,
+                         steps=settings.steps, alpha=settings.alpha, loss=loss_fn,
+                         ignore_label=model.ignore_label, score=score)
+        with torch.no_grad():
+            logits = model.network(adv)
+        if settings.restarts == 1:
+            return adv, logits
+        with torch.no_grad():
+            value = dice(logits, y)                                            # (B,)
+        if best_adv is None:
+            best_adv, best_logits, best_dice = adv.detach(), logits, value
+            continue
+        better = value < best_dice                           # strictly: ties keep the earlier
+        best_adv = torch.where(better.view(-1, *[1] * (adv.dim() - 1)), adv.detach(), best_adv)
+        best_logits = torch.where(better.view(-1, *[1] * (logits.dim() - 1)), logits,
+                                  best_logits)
+        best_dice = torch.where(better, value, best_dice)
+    return best_adv, best_logits
 
 
 def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Sequence[float],

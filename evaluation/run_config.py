@@ -60,7 +60,12 @@ def run_config(options: EvalOptions, models: Sequence[LoadedModel],
             "attack_loss": None if settings.attack == "segpgd" else settings.loss,
             "seed": settings.seed,
             "batch_size": settings.batch_size}
-    # Only when used, so that folders written before ensembles and the predictor path resume.
+    # Only when used, so that folders written before ensembles, restarts, presets and the
+    # predictor path resume.
+    if settings.restarts != 1:
+        config["restarts"] = settings.restarts
+    if options.preset is not None:
+        config["preset"] = options.preset
     if options.ensemble:
         config.update(attack="ensemble", ensemble=list(options.ensemble), alpha=settings.alpha,
                       attack_loss=None)
