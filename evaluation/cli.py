@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(inference, EvalOptions, "tiles_per_pass")
     inference.add_argument("--gradient-checkpointing", action="store_true",
                            help=declaration(EvalOptions, "gradient_checkpointing").help)
+    add_option(p, EvalOptions, "size_bins", metavar="VOXELS")
     add_option(p, AttackSettings, "batch_size")
     add_device_argument(p, "-device", "--device")
     add_option(p, AttackSettings, "seed")
@@ -239,7 +240,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         masking_checks=args.masking_checks == "on" or (args.masking_checks == "auto" and ensemble),
         masking=masking, inference=args.inference, tile_step_size=args.tile_step_size,
         disable_tta=args.disable_tta, tiles_per_pass=args.tiles_per_pass,
-        gradient_checkpointing=args.gradient_checkpointing, device=args.device, overwrite=args.overwrite,
+        gradient_checkpointing=args.gradient_checkpointing, size_bins=tuple(args.size_bins),
+        device=args.device, overwrite=args.overwrite,
         progress=not args.no_progress)
 
 

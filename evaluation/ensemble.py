@@ -36,6 +36,7 @@ from tqdm import tqdm
 from nnunet_ima.metrics import dice_from_counts
 
 from nnunet_ima.evaluation.models import LoadedModel
+from nnunet_ima.evaluation.objects import DEFAULT_SIZE_BINS
 from nnunet_ima.evaluation.robustness import AttackSettings, NoiseResult, iter_levels
 from nnunet_ima.evaluation.samples import SliceSample
 
@@ -149,14 +150,18 @@ def member_settings(base: AttackSettings, member: Optional[str]) -> AttackSettin
 # ------------------------------------------------------------------------- worst-case choice
 
 def select(results: Sequence[NoiseResult], choice: np.ndarray) -> NoiseResult:
-    """The result whose slice ``i`` comes from ``results[choice[i]]`` (counts and example)."""
+    """The result whose slice ``i`` comes from ``results[choice[i]]`` (counts, object counts
+    and example). Object counts only where every result has them (a part written before them
+    has none)."""
     rows = np.arange(len(choice))
     tp, fp, fn = (np.stack([getattr(r, name) for r in results])[choice, rows]
                   for name in ("tp", "fp", "fn"))
+    objects = (np.stack([r.objects for r in results])[choice, rows]     # (N, K, B, 5)
+               if all(r.objects is not None for r in results) else None)
     first = results[0]
     # The example slice shows the member that did worst on it.
     example = results[int(choice[example_row(first)])].example if len(choice) else first.example
-    return NoiseResult(list(first.cases), list(first.slices), tp, fp, fn, example)
+    return NoiseResult(list(first.cases), list(first.slices), tp, fp, fn, example, objects)
 
 
 def example_row(result: NoiseResult) -> int:
@@ -247,12 +252,17 @@ def combine(members: Dict[str, NoiseResult], attacked: Dict[str, int],
 
 
 def _subset(result: NoiseResult, idx: Sequence[int], part: NoiseResult) -> NoiseResult:
-    """``result`` with the rows ``idx`` replaced by ``part``'s rows (in order)."""
+    """``result`` with the rows ``idx`` replaced by ``part``'s rows (in order); object counts
+    only where both have them."""
     tp, fp, fn = result.tp.copy(), result.fp.copy(), result.fn.copy()
     tp[list(idx)], fp[list(idx)], fn[list(idx)] = part.tp, part.fp, part.fn
+    objects = None
+    if result.objects is not None and part.objects is not None:
+        objects = result.objects.copy()
+        objects[list(idx)] = part.objects
     # The example slice has the most foreground of all, so of any subset holding it too.
     example = part.example if example_row(result) in idx else result.example
-    return NoiseResult(list(result.cases), list(result.slices), tp, fp, fn, example)
+    return NoiseResult(list(result.cases), list(result.slices), tp, fp, fn, example, objects)
 
 
 MemberDone = Callable[[float, Optional[str], NoiseResult, int, float], None]
@@ -268,10 +278,13 @@ def iter_ensemble(model: LoadedModel, samples: List[SliceSample], noise_levels: 
                   base: AttackSettings, members: Sequence[Optional[str]], device: torch.device,
                   finished: Optional[Finished] = None,
                   on_member_done: Optional[MemberDone] = None,
-                  progress: Optional[tqdm] = None) -> Iterator[Tuple[float, EnsembleLevel]]:
+                  progress: Optional[tqdm] = None,
+                  size_bins: Sequence[int] = DEFAULT_SIZE_BINS
+                  ) -> Iterator[Tuple[float, EnsembleLevel]]:
     """Run the ensemble on ``samples`` at each noise level (ascending); yields
     ``(noise, EnsembleLevel)``. ``members``: names of :data:`MEMBERS`, or :data:`SINGLE` for
-    ``base`` alone.
+    ``base`` alone. ``size_bins``: the object-size bins of the results' object counts
+    (:mod:`.objects`).
 
     ``finished``: member results of an interrupted run, ``(noise, member) -> (result, attacked,
     seconds)``, reused instead of recomputed. Noise 0 is the clean prediction, shared by all
@@ -289,7 +302,8 @@ def iter_ensemble(model: LoadedModel, samples: List[SliceSample], noise_levels: 
                 clean, _, took = finished[key]
             else:
                 began = perf_counter()
-                clean = next(iter_levels(model, samples, [0.0], base, device, progress))[1]
+                clean = next(iter_levels(model, samples, [0.0], base, device, progress,
+                                         size_bins=size_bins))[1]
                 took = perf_counter() - began
                 if on_member_done is not None:
                     on_member_done(0.0, members[0], clean, 0, took)
@@ -308,10 +322,12 @@ def iter_ensemble(model: LoadedModel, samples: List[SliceSample], noise_levels: 
                 began = perf_counter()
                 if worst is None:
                     result = next(iter_levels(model, samples, [noise],
-                                              member_settings(base, member), device, progress))[1]
+                                              member_settings(base, member), device, progress,
+                                              size_bins=size_bins))[1]
                 elif idx:
                     part = next(iter_levels(model, [samples[i] for i in idx], [noise],
-                                            member_settings(base, member), device, progress))[1]
+                                            member_settings(base, member), device, progress,
+                                            size_bins=size_bins))[1]
                     result = _subset(worst, idx, part)
                 else:
                     result = worst

@@ -22,6 +22,7 @@ from nnunet_ima.errors import UserInputError
 from nnunet_ima.evaluation.ensemble import MEMBERS, PRESETS, SINGLE
 from nnunet_ima.evaluation.masking import MaskingSettings
 from nnunet_ima.evaluation.models import CHECKPOINTS, checkpoint_choice
+from nnunet_ima.evaluation.objects import DEFAULT_SIZE_BINS, check_size_bins
 from nnunet_ima.evaluation.robustness import AttackSettings
 from nnunet_ima.evaluation.training_cases import Fold, parse_fold
 
@@ -69,6 +70,20 @@ class NoiseLevels:
 
 
 @dataclass(frozen=True)
+class SizeBins:
+    """Object-size bin edges in voxels: positive integers, strictly ascending, at least one
+    (:func:`.objects.check_size_bins`)."""
+
+    value_type: type = int
+
+    def check(self, name: str, value: Any) -> None:
+        try:
+            check_size_bins(value)
+        except ValueError as e:
+            raise InvalidSetting(name, f"holds bad edges: {e}") from None
+
+
+@dataclass(frozen=True)
 class EvalOptions:
     """One evaluation: the models, the test slices, the attack and the output folder.
 
@@ -102,6 +117,8 @@ class EvalOptions:
             non-default steps / random start / restarts it is refused.
         masking_checks: run the gradient-masking checks of :mod:`.masking` after the attacks,
             with ``masking`` (slices, queries).
+        size_bins: edges (voxels, ascending) of the object-size bins of the size breakdown
+            (:mod:`.objects`).
         inference: ``network`` (the 2D network on whole slices, padded to its stride) or
             ``predictor`` (nnU-Net's sliding-window predictor, :mod:`.predictor_path`, with
             ``tile_step_size`` and mirroring unless ``disable_tta``; ``tiles_per_pass`` and
@@ -160,6 +177,12 @@ class EvalOptions:
     masking_checks: bool = setting(False, rule=Flag(),
                                    help="run the gradient-masking checks after the attacks")
     masking: MaskingSettings = MaskingSettings()
+    size_bins: Tuple[int, ...] = setting(
+        DEFAULT_SIZE_BINS, rule=SizeBins(),
+        help="edges of the object-size bins, in voxels, ascending, of the size breakdown "
+             "(summary.json's size_breakdown, size_breakdown.csv): Dice under attack per class "
+             "and ground-truth object (connected component) size; 64 256 1024 4096 make the bins "
+             "<64, 64-255, 256-1023, 1024-4095, >=4096")
     inference: str = setting(
         "network", rule=Choice(INFERENCE_PATHS),
         help="network: the 2D network on whole slices (padded to its stride); predictor: what "
@@ -186,7 +209,8 @@ class EvalOptions:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("trainers", "model_folders", "folds", "cases", "noise", "ensemble"):
+        for name in ("trainers", "model_folders", "folds", "cases", "noise", "ensemble",
+                     "size_bins"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.preset is not None:
             self._resolve_preset()

@@ -27,6 +27,7 @@ from nnunet_ima.errors import UserInputError
 from nnunet_ima.io import replace_atomically, write_text
 from nnunet_ima.metrics import adi, robustness_auc, tvdi
 
+from nnunet_ima.evaluation.objects import breakdown
 from nnunet_ima.evaluation.robustness import NoiseResult
 from nnunet_ima.evaluation.samples import WHOLE_CASE
 from nnunet_ima.evaluation.training_cases import footnote
@@ -65,6 +66,8 @@ def save_part(path: str, result: NoiseResult, meta: Optional[dict] = None,
     extra = {} if meta is None else {"meta_json": np.array(json.dumps(meta))}
     if record is not None:
         extra["record_json"] = np.array(json.dumps(record))
+    if result.objects is not None:
+        extra["objects"] = result.objects  # (N, K, B, 5); absent for a result without them
     np.savez_compressed(buffer, cases=np.array(result.cases), slices=np.array(result.slices),
                         tp=result.tp, fp=result.fp, fn=result.fn,
                         **{f"example_{k}": v for k, v in result.example.items()}, **extra)
@@ -89,12 +92,15 @@ def load_part_record(path: str) -> Optional[dict]:
 
 def load_part(path: str, expected_keys: Optional[Sequence[Tuple[str, int]]] = None) -> NoiseResult:
     """Read a part; with ``expected_keys`` (the ``(case, slice)`` list of this run) a part made
-    on other slices is refused instead of being mixed into the tables."""
+    on other slices is refused instead of being mixed into the tables. A part written before
+    object counts existed is read with ``objects`` ``None``: it is still reused (a resume of an
+    old folder recomputes nothing), and its level simply has no size breakdown."""
     try:
         with np.load(path) as z:
             example = {k[len("example_"):]: z[k] for k in z.files if k.startswith("example_")}
             result = NoiseResult([str(c) for c in z["cases"]], [int(s) for s in z["slices"]],
-                                 z["tp"], z["fp"], z["fn"], example)
+                                 z["tp"], z["fp"], z["fn"], example,
+                                 z["objects"] if "objects" in z.files else None)
     except Exception as e:  # written atomically, so only a foreign or damaged file gets here
         raise UserInputError(f"cannot read the partial result {path} ({type(e).__name__}: {e}); "
                              f"delete it to recompute it") from None
@@ -171,10 +177,15 @@ def nnunet_case_summary(result: NoiseResult, class_names: Sequence[str]) -> dict
             "foreground_mean": {m: _json_number(np.mean(means[m])) for m in NNUNET_METRICS}}
 
 
-def summarise(results: Dict[float, NoiseResult], class_names: Sequence[str]) -> dict:
+def summarise(results: Dict[float, NoiseResult], class_names: Sequence[str],
+              size_bins: Optional[Sequence[int]] = None) -> dict:
     """The ``summary.json`` entry of one model: TVDI, ADI, per-class values per noise, AUCs;
     for whole cases (3D) also ``n_cases`` and nnU-Net's per-case metrics
-    (:func:`nnunet_case_summary`) at each noise level."""
+    (:func:`nnunet_case_summary`) at each noise level. With ``size_bins`` (the run's object-size
+    edges), each level whose result has object counts also holds ``size_breakdown``: per class
+    and size bin ``{objects, voxels, object_dice, detected_fraction}``
+    (:func:`.objects.breakdown`); a level read from a part written before object counts has
+    none."""
     noise_entries = {}
     for noise in sorted(results):
         r = results[noise]
@@ -187,6 +198,9 @@ def summarise(results: Dict[float, NoiseResult], class_names: Sequence[str]) -> 
         if whole_cases(r):
             noise_entries[noise_key(noise)].update(
                 n_cases=len(r.cases), nnunet_per_case=nnunet_case_summary(r, class_names))
+        if size_bins is not None and r.objects is not None:
+            noise_entries[noise_key(noise)]["size_breakdown"] = breakdown(r.objects, class_names,
+                                                                          size_bins)
     entry = {"noise": noise_entries}
     levels = sorted(results)
     if len(levels) >= 2 and levels[-1] > 0:
@@ -197,11 +211,13 @@ def summarise(results: Dict[float, NoiseResult], class_names: Sequence[str]) -> 
 
 
 def summarise_ensemble(worst: Dict[float, NoiseResult], worst_tvdi: Dict[float, NoiseResult],
-                       class_names: Sequence[str]) -> dict:
+                       class_names: Sequence[str],
+                       size_bins: Optional[Sequence[int]] = None) -> dict:
     """The ``summary.json`` entry of a model under an ensemble: ADI (and per-class ADI, AUC)
     of the per-slice worst case, TVDI (and per-class TVDI, AUC) of the TVDI worst case (see
-    :mod:`.ensemble`: each metric is the worst the members' per-slice results allow)."""
-    entry = summarise(worst, class_names)
+    :mod:`.ensemble`: each metric is the worst the members' per-slice results allow). The size
+    breakdown (with ``size_bins``) is the per-slice worst case's, like the per-slice values."""
+    entry = summarise(worst, class_names, size_bins)
     by_tvdi = summarise(worst_tvdi, class_names)
     for key, level in entry["noise"].items():
         level["tvdi"] = by_tvdi["noise"][key]["tvdi"]
@@ -371,6 +387,66 @@ def per_slice_rows(model: str, results: Dict[float, NoiseResult], class_names: S
     return rows
 
 
+SIZE_BREAKDOWN_FIELDS = ("model", "noise", "class", "bin", "objects", "object_dice",
+                         "detected_fraction")
+"""The columns of ``size_breakdown.csv``."""
+
+
+def size_breakdown_rows(summary: dict) -> List[dict]:
+    """The rows of ``size_breakdown.csv``: one per (model, noise level, class, size bin) of the
+    levels with a ``size_breakdown`` (:func:`summarise`); ``object_dice`` and
+    ``detected_fraction`` empty for a bin without objects."""
+    def number(value) -> str:
+        return "" if value is None else f"{value:.6f}"
+    rows = []
+    for model, entry in summary["models"].items():
+        for noise, level in entry["noise"].items():
+            for name, bins in level.get("size_breakdown", {}).items():
+                for bin_name, cell in bins.items():
+                    rows.append({"model": model, "noise": noise, "class": name, "bin": bin_name,
+                                 "objects": cell["objects"],
+                                 "object_dice": number(cell["object_dice"]),
+                                 "detected_fraction": number(cell["detected_fraction"])})
+    return rows
+
+
+def size_breakdown_table(summary: dict, noise_levels: Sequence[float]) -> str:
+    """Object Dice (and the detected share) per model, class and object-size bin, one column
+    per noise level (``""`` when no level has a breakdown); bins without objects are left
+    out."""
+    keys = [noise_key(n) for n in noise_levels]
+    header = "| model | class | object size (voxels) | objects | " \
+             + " | ".join(f"noise {k}" for k in keys) + " |"
+    lines = []
+    for model, entry in summary["models"].items():
+        levels = [entry["noise"].get(k, {}).get("size_breakdown") for k in keys]
+        known = [level for level in levels if level]
+        if not known:
+            continue
+        for name, bins in known[0].items():
+            for bin_name, cell in bins.items():
+                if not cell["objects"]:
+                    continue
+                cells = []
+                for level in levels:
+                    value = level[name][bin_name] if level else None
+                    cells.append("" if value is None else
+                                 f"{100 * value['object_dice']:.2f} "
+                                 f"({100 * value['detected_fraction']:.0f})")
+                lines.append(f"| {model} | {name} | {bin_name} | {cell['objects']} | "
+                             + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    caption = attack_caption(summary.get("config"))
+    return "\n".join(
+        [f"Object Dice (%) by ground-truth object size, pooled per bin, with the share of "
+         f"objects detected (object Dice >= 0.5, %) in brackets"
+         + (f", under {caption}" if caption else ""),
+         "", "Each object is a connected component of one class; its Dice counts the predicted "
+             "components that touch it (a false positive elsewhere does not lower it).",
+         "", header, "|" + "---|" * (header.count("|") - 1)] + lines) + "\n"
+
+
 def write_outputs(out: str, summary: dict, rows: List[dict], noise_levels: Sequence[float]) -> None:
     write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
     buffer = io.StringIO()
@@ -384,6 +460,17 @@ def write_outputs(out: str, summary: dict, rows: List[dict], noise_levels: Seque
     for metric in ("tvdi", "adi"):
         write_text(os.path.join(out, f"{metric}.md"),
                    markdown_table(summary, metric, noise_levels))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SIZE_BREAKDOWN_FIELDS)
+    writer.writeheader()
+    writer.writerows(size_breakdown_rows(summary))
+    write_text(os.path.join(out, "size_breakdown.csv"), buffer.getvalue())
+    table = size_breakdown_table(summary, noise_levels)
+    path = os.path.join(out, "size_breakdown.md")
+    if table:
+        write_text(path, table)
+    elif os.path.isfile(path):  # results without object counts: no table of older ones
+        os.remove(path)
 
 
 def print_tables(output: str) -> None:

@@ -28,7 +28,8 @@ from nnunet_ima.evaluation.report import (CONFIG_FILENAME, load_part, load_part_
 from nnunet_ima.evaluation.robustness import NoiseResult
 from nnunet_ima.evaluation.samples import SliceSample
 
-OUTPUT_FILES = ("summary.json", "per_slice.csv", "tvdi.md", "adi.md", "curves.png", "examples.png")
+OUTPUT_FILES = ("summary.json", "per_slice.csv", "tvdi.md", "adi.md", "curves.png", "examples.png",
+                "size_breakdown.csv", "size_breakdown.md")
 
 
 def can_resume(out: str, config: dict, overwrite: bool) -> bool:

@@ -36,6 +36,7 @@ from nnunet_ima.evaluation.attacks import ATTACKS, run_attack
 from nnunet_ima.evaluation.segmentation_losses import SEA_LOSSES, sea_loss
 
 from nnunet_ima.evaluation.models import LoadedModel
+from nnunet_ima.evaluation.objects import DEFAULT_SIZE_BINS, batch_object_counts, empty_counts
 from nnunet_ima.evaluation.predictor_path import segmentation
 from nnunet_ima.evaluation.samples import SliceSample
 
@@ -100,7 +101,10 @@ class NoiseResult:
     ``example``: the example sample (:func:`example_index`): ``image`` and ``adversarial``
     ``(C, H, W)``, ``prediction`` (of the adversarial input), ``clean_prediction`` and ``label``
     ``(H, W)``; of a volume, its slice with the most foreground (:func:`example_plane`), whose
-    index along ``D`` is ``example["plane"]`` (a 0-d int array).
+    index along ``D`` is ``example["plane"]`` (a 0-d int array);
+    ``objects``: ``(N, K, B, 5)`` per-sample object counts per class and size bin
+    (:mod:`.objects`, the size breakdown), carried row by row like ``tp``; ``None`` for a result
+    without them (a part written before they existed: its breakdown is absent).
     """
 
     cases: List[str]
@@ -109,6 +113,7 @@ class NoiseResult:
     fp: np.ndarray
     fn: np.ndarray
     example: Dict[str, np.ndarray]
+    objects: Optional[np.ndarray] = None
 
     @property
     def per_class_dice(self) -> np.ndarray:
@@ -271,11 +276,13 @@ def _attack(model: LoadedModel, x: torch.Tensor, y: torch.Tensor, noise: float,
 
 def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Sequence[float],
                 settings: AttackSettings, device: torch.device, progress: Optional[tqdm] = None,
-                only_batches: Optional[Collection[int]] = None
+                only_batches: Optional[Collection[int]] = None,
+                size_bins: Sequence[int] = DEFAULT_SIZE_BINS
                 ) -> Iterator[Tuple[float, NoiseResult]]:
     """Attack every sample at each of ``noise_levels`` (0: clean) and count TP / FP / FN per
-    sample; yields ``(noise, result)`` in increasing noise, each as soon as all its batches are
-    done.
+    sample, and its objects per class and size bin (edges ``size_bins``, :mod:`.objects`: one
+    CPU labelling per sample and class of the prediction already made); yields ``(noise,
+    result)`` in increasing noise, each as soon as all its batches are done.
 
     ``only_batches``: compute only these batches (indices into :func:`_batches` of ``samples``,
     which seed their random starts), a shard's share (:mod:`.sharding`); the other samples'
@@ -292,6 +299,7 @@ def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Se
     clean_example: Dict[str, np.ndarray] = {}
     for noise in sorted(set(float(n) for n in noise_levels)):
         counts = tuple(np.zeros((n, k), dtype=np.int64) for _ in range(3))
+        objects = empty_counts(n, model.num_classes, size_bins)
         example: Dict[str, np.ndarray] = {}
         for b, idx in enumerate(batches):
             if only_batches is not None and b not in only_batches:
@@ -308,6 +316,8 @@ def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Se
             for c, store in zip(scored_counts(pred, y[:, 0], model.num_classes,
                                               model.ignore_label), counts):
                 store[idx] = c.numpy()
+            objects[idx] = batch_object_counts(pred, y[:, 0], model.num_classes, size_bins,
+                                               model.ignore_label)
             if show in idx:
                 j = idx.index(show)
                 if not clean_example:
@@ -323,7 +333,7 @@ def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Se
                      "label": samples[show].label}, plane, samples[show].case)
             if progress is not None:
                 progress.update(len(idx))
-        yield noise, NoiseResult(cases, slices, *counts, example)
+        yield noise, NoiseResult(cases, slices, *counts, example, objects)
 
 
 def evaluate_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Sequence[float],

@@ -171,11 +171,13 @@ def _finish(prepared: Prepared, finished: FinishedParts,
     results: Results = {name: {n: level.worst for n, level in by_noise.items()}
                         for name, by_noise in levels.items()}
     if options.ensemble:
-        summary = {"config": config, "models": _ensemble_entries(levels, models),
+        summary = {"config": config,
+                   "models": _ensemble_entries(levels, models, options.size_bins),
                    "ensemble": _ensemble_summary(levels, models, options.ensemble)}
     else:
         summary = {"config": config,
-                   "models": {m.name: summarise(results[m.name], m.class_names) for m in models}}
+                   "models": {m.name: summarise(results[m.name], m.class_names, options.size_bins)
+                              for m in models}}
     summary["peak_memory"] = measured if peaks is None else peaks
     if options.masking_checks:
         summary["masking_checks"] = _masking_checks(models, samples, results, options, device)
@@ -243,7 +245,7 @@ def _start_shard(prepared: Prepared, shard: Shard, quiet: bool = False) -> UnitP
     if not quiet:
         _print_samples(prepared)
     return UnitPlan(out, shard.count, prepared.models, prepared.samples, options.noise_levels,
-                    options.attack, options.members, prepared.records)
+                    options.attack, options.members, prepared.records, options.size_bins)
 
 
 def merge(out: str, device: Optional[str] = None, progress: bool = True,
@@ -297,7 +299,7 @@ def _merge_prepared(prepared: Prepared, count: int) -> dict:
     options = prepared.options
     out = options.output
     plan = UnitPlan(out, count, prepared.models, prepared.samples, options.noise_levels,
-                    options.attack, options.members, prepared.records)
+                    options.attack, options.members, prepared.records, options.size_bins)
     try:
         finished = plan.finished_parts()
     except MissingUnits as e:
@@ -411,16 +413,19 @@ def _attack(models: Sequence[LoadedModel], samples: Dict[str, List[SliceSample]]
 
             with measure_peak(device, peaks, m.name):
                 levels[m.name] = dict(iter_ensemble(m, samples[m.name], noise, options.attack,
-                                                    members, device, done, save, bar))
+                                                    members, device, done, save, bar,
+                                                    size_bins=options.size_bins))
     return levels
 
 
-def _ensemble_entries(levels: Levels, models: Sequence[LoadedModel]) -> dict:
-    """``summary["models"]`` under an ensemble: the headline entry of every model."""
+def _ensemble_entries(levels: Levels, models: Sequence[LoadedModel],
+                      size_bins: Optional[Sequence[int]] = None) -> dict:
+    """``summary["models"]`` under an ensemble: the headline entry of every model (with the
+    size breakdown of ``size_bins``)."""
     return {m.name: summarise_ensemble(
                 {n: level.worst for n, level in levels[m.name].items()},
                 {n: level.worst_tvdi for n, level in levels[m.name].items()},
-                m.class_names)
+                m.class_names, size_bins)
             for m in models}
 
 

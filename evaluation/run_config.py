@@ -6,6 +6,7 @@ import os
 from typing import Dict, List, Sequence
 
 from nnunet_ima.evaluation.models import LoadedModel
+from nnunet_ima.evaluation.objects import DEFAULT_SIZE_BINS
 from nnunet_ima.evaluation.options import EvalOptions
 from nnunet_ima.evaluation.samples import SliceSample
 from nnunet_ima.evaluation.selection import case_source, training_cases_note
@@ -60,6 +61,10 @@ def run_config(options: EvalOptions, models: Sequence[LoadedModel],
             "attack_loss": None if settings.attack == "segpgd" else settings.loss,
             "seed": settings.seed,
             "batch_size": settings.batch_size}
+    # Only when not the default, so that folders written before the size breakdown resume;
+    # other edges change the parts' object counts, so their records differ.
+    if tuple(options.size_bins) != DEFAULT_SIZE_BINS:
+        config["size_bins"] = list(options.size_bins)
     # Only when used, so that folders written before ensembles, restarts, presets and the
     # predictor path resume.
     if settings.restarts != 1:

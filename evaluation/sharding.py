@@ -58,6 +58,7 @@ from nnunet_ima.io import write_text
 from nnunet_ima.evaluation.ensemble import _subset, lowest_dice_choice, member_settings, select
 from nnunet_ima.evaluation.memory import measure_peak
 from nnunet_ima.evaluation.models import LoadedModel
+from nnunet_ima.evaluation.objects import DEFAULT_SIZE_BINS, empty_counts
 from nnunet_ima.evaluation.provenance import PartRecords, compared_config, differences, \
     record_mismatch
 from nnunet_ima.evaluation.report import (CONFIG_FILENAME, load_part, load_part_meta,
@@ -208,12 +209,15 @@ class UnitPlan:
         noise_levels: its noise levels; ``base``: its attack settings; ``members``: its
             ensemble's members (:data:`.ensemble.SINGLE` for a single attack).
         records: the run's :class:`.provenance.PartRecords`; a unit carries its part's record.
+        size_bins: the object-size bins of the results' object counts (:mod:`.objects`).
     """
 
     def __init__(self, out: str, count: int, models: Sequence[LoadedModel],
                  samples: Dict[str, List[SliceSample]], noise_levels: Sequence[float],
-                 base: AttackSettings, members: Sequence[Optional[str]], records: PartRecords):
+                 base: AttackSettings, members: Sequence[Optional[str]], records: PartRecords,
+                 size_bins: Sequence[int] = DEFAULT_SIZE_BINS):
         self.out, self.count = out, count
+        self.size_bins = tuple(size_bins)
         self.models = {m.name: m for m in models}
         self.samples = samples
         self.noise = sorted(set(float(n) for n in noise_levels))
@@ -335,10 +339,11 @@ class UnitPlan:
         began = perf_counter()
         result = next(iter_levels(self.models[unit.model], self._chosen(unit), [unit.noise],
                                   self.settings(unit.noise, unit.position), device, progress,
-                                  only_batches={unit.batch}))[1]
+                                  only_batches={unit.batch}, size_bins=self.size_bins))[1]
         rows = list(unit.rows)
         own = NoiseResult([result.cases[r] for r in rows], [result.slices[r] for r in rows],
-                          result.tp[rows], result.fp[rows], result.fn[rows], result.example)
+                          result.tp[rows], result.fp[rows], result.fn[rows], result.example,
+                          result.objects[rows])
         save_part(unit_path(folder, unit), own,
                   {"unit": self._unit_meta(unit), "seconds": perf_counter() - began},
                   record=self.record(unit))
@@ -373,16 +378,21 @@ class UnitPlan:
                 chosen = [self.samples[name][i] for i in rows]
                 k = model.num_classes - 1
                 tp, fp, fn = (np.zeros((len(chosen), k), dtype=np.int64) for _ in range(3))
+                # Object counts only if every unit has them (units of an older version do not).
+                objects = (empty_counts(len(chosen), model.num_classes, self.size_bins)
+                           if all(loaded[u.key][0].objects is not None for u in mine) else None)
                 example: Dict[str, np.ndarray] = {}
                 seconds = 0.0
                 for unit in mine:
                     result, took = loaded[unit.key]
                     for store, counts in zip((tp, fp, fn), (result.tp, result.fp, result.fn)):
                         store[list(unit.rows)] = counts
+                    if objects is not None:
+                        objects[list(unit.rows)] = result.objects
                     example = result.example or example  # only the example's batch has one
                     seconds += took
                 part = NoiseResult([s.case for s in chosen], [s.index for s in chosen],
-                                   tp, fp, fn, example)
+                                   tp, fp, fn, example, objects)
                 if phase == 0:
                     result = part
                 else:

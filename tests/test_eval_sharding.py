@@ -114,8 +114,9 @@ def _plan(tmp_path, count, model, samples, base):
 
 def _same(a, b):
     assert a.cases == b.cases and a.slices == b.slices
-    for name in ("tp", "fp", "fn"):
+    for name in ("tp", "fp", "fn", "objects"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a.objects is not None  # the size breakdown's counts travel through the units
     assert a.example.keys() == b.example.keys()
     for key in a.example:
         assert np.array_equal(a.example[key], b.example[key]), key
