@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
                dest="masking_queries")
     inference = p.add_argument_group("inference path")
     add_option(inference, EvalOptions, "inference")
+    minimal = p.add_argument_group("minimal noise (after the attacks, every sample)")
+    minimal.add_argument("--minimal-noise", action="store_true",
+                         help=declaration(EvalOptions, "minimal_noise").help)
+    add_option(minimal, EvalOptions, "dice_threshold", metavar="DICE")
+    add_option(minimal, EvalOptions, "minimal_noise_steps", metavar="STEPS")
     add_option(inference, EvalOptions, "tile_step_size")
     inference.add_argument("--disable-tta", action="store_true",
                            help="predictor: no mirroring, as nnUNetv2_predict --disable_tta")
@@ -240,6 +245,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         masking_checks=args.masking_checks == "on" or (args.masking_checks == "auto" and ensemble),
         masking=masking, inference=args.inference, tile_step_size=args.tile_step_size,
         disable_tta=args.disable_tta, tiles_per_pass=args.tiles_per_pass,
+        minimal_noise=args.minimal_noise, dice_threshold=args.dice_threshold,
+        minimal_noise_steps=args.minimal_noise_steps,
         gradient_checkpointing=args.gradient_checkpointing, size_bins=tuple(args.size_bins),
         device=args.device, overwrite=args.overwrite,
         progress=not args.no_progress)

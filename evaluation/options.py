@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
-from nnunet_ima.declared import (Choice, Count, Flag, InvalidSetting, Several, Text, UnitInterval,
-                                 flag_name, setting, validate_declared)
+from nnunet_ima.declared import (Choice, Count, Flag, InvalidSetting, OpenUnitInterval, Several,
+                                 Text, UnitInterval, flag_name, setting, validate_declared)
 from nnunet_ima.devices import default_device, resolve_device
 from nnunet_ima.errors import UserInputError
 
@@ -117,6 +117,10 @@ class EvalOptions:
             non-default steps / random start / restarts it is refused.
         masking_checks: run the gradient-masking checks of :mod:`.masking` after the attacks,
             with ``masking`` (slices, queries).
+        minimal_noise: after the attacks, each sample's minimal noise that brings its Dice
+            below ``dice_threshold`` (:mod:`.minimal_noise`), the minimal-perturbation attack
+            running ``minimal_noise_steps`` iterations (``None``: ``attack.steps``); needs a
+            noise level > 0.
         size_bins: edges (voxels, ascending) of the object-size bins of the size breakdown
             (:mod:`.objects`).
         inference: ``network`` (the 2D network on whole slices, padded to its stride) or
@@ -177,6 +181,19 @@ class EvalOptions:
     masking_checks: bool = setting(False, rule=Flag(),
                                    help="run the gradient-masking checks after the attacks")
     masking: MaskingSettings = MaskingSettings()
+    minimal_noise: bool = setting(
+        False, rule=Flag(),
+        help="after the attacks, each sample's minimal noise that brings its Dice below "
+             "--dice-threshold: the smaller of a minimal-perturbation attack's and the smallest "
+             "noise level at which the attacks broke it (an upper bound on the true minimum); "
+             "written to minimal_noise.csv, summary.json and curves.png. With --shard, "
+             "`nnunet-ima-eval merge` computes it (it loads the models), under torchrun rank 0")
+    dice_threshold: float = setting(
+        0.5, rule=OpenUnitInterval(),
+        help="--minimal-noise: a sample counts as broken when its Dice is below this")
+    minimal_noise_steps: Optional[int] = setting(
+        None, rule=Count(1), optional=True,
+        help="--minimal-noise: iterations of the minimal-perturbation attack; default: --steps")
     size_bins: Tuple[int, ...] = setting(
         DEFAULT_SIZE_BINS, rule=SizeBins(),
         help="edges of the object-size bins, in voxels, ascending, of the size breakdown "
@@ -268,6 +285,9 @@ class EvalOptions:
             raise UserInputError("--images and --labels go together (labels are needed for "
                                  "Dice)")
         resolve_device(self.device)
+        if self.minimal_noise and not any(n > 0 for n in self.noise):
+            raise UserInputError("--minimal-noise starts its search at the smallest noise level "
+                                 "> 0: add one to --noise")
         if not self.model_folders and not self.dataset:
             raise UserInputError("name the models: -d DATASET -tr TRAINER ... or -m FOLDER ...")
         if self.model_folders and self.dataset:
@@ -292,6 +312,12 @@ class EvalOptions:
         return self.ensemble or SINGLE
 
     @property
+    @property
+    def minimal_steps(self) -> int:
+        """The minimal-perturbation attack's iterations: ``minimal_noise_steps``, else the
+        attack's steps."""
+        return self.minimal_noise_steps or self.attack.steps
+
     def noise_levels(self) -> List[float]:
         """The distinct noise levels, ascending: the order of the attacks and of the tables."""
         return sorted(set(float(n) for n in self.noise))

@@ -1,7 +1,8 @@
-"""``curves.png`` (Dice vs noise per model) and ``examples.png`` (the paper's Figures 12-14)."""
+"""``curves.png`` (Dice vs noise per model, and with ``--minimal-noise`` the survival curve
+of the minimal noise) and ``examples.png`` (the paper's Figures 12-14)."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -11,23 +12,52 @@ from nnunet_ima.evaluation.report import noise_key
 from nnunet_ima.evaluation.robustness import NoiseResult
 
 
-def plot_curves(summary: dict, noise_levels: Sequence[float], path: str) -> None:
-    """TVDI and ADI against the noise level, one line per model."""
+def plot_curves(summary: dict, noise_levels: Sequence[float], path: str,
+                minimal_noise: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None) -> None:
+    """TVDI and ADI against the noise level, one line per model; with ``minimal_noise`` (per
+    model the survival curve ``(e, fraction)`` of :func:`.minimal_noise.survival_curve`) a
+    third panel: the fraction of samples whose minimal noise exceeds ``e``, against ``e``."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    panels = 2 if minimal_noise is None else 3
+    # Dice and the fraction of samples share [0, 1]: one y axis for all panels.
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), sharey=True)
+    norm = summary['config']['norm'].upper()
     for ax, metric in zip(axes, ("tvdi", "adi")):
         for name, entry in summary["models"].items():
             ax.plot(noise_levels, [entry["noise"][noise_key(n)][metric] for n in noise_levels],
                     marker="o", label=name)
-        ax.set_xlabel(f"noise level ({summary['config']['norm'].upper()}, "
-                      f"{summary['config'].get('attack', 'pgd')})")
+        ax.set_xlabel(f"noise level ({norm}, {summary['config'].get('attack', 'pgd')})")
         ax.set_title(metric.upper())
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Dice")
     axes[0].legend(fontsize=8)
+    if minimal_noise is not None:
+        _plot_minimal_noise(axes[2], summary, minimal_noise, norm)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def _plot_minimal_noise(ax, summary: dict, curves: Dict[str, Tuple[np.ndarray, np.ndarray]],
+                        norm: str) -> None:
+    """The survival curves of the minimal noise, and where the search stopped (censoring)."""
+    entries = summary.get("minimal_noise", {})
+    censored = False
+    for name, (e, fraction) in curves.items():
+        line, = ax.step(e, fraction, where="post", label=name)
+        if entries.get(name, {}).get("censored_at") is not None:
+            ax.axvline(entries[name]["censored_at"], color=line.get_color(), ls=":", lw=0.8,
+                       label=None if censored else "censored beyond")
+            censored = True
+    threshold = next(iter(entries.values()))["threshold"] if entries else None
+    ax.set_xlabel(f"noise e ({norm})")
+    ax.set_ylabel("fraction with minimal noise > e")
+    ax.set_title("minimal noise" + (f" (Dice < {threshold:g})" if threshold else ""))
+    if censored:
+        ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
 
 
 def _clean_prediction(by_noise: Dict[float, NoiseResult]) -> Optional[np.ndarray]:

@@ -51,9 +51,14 @@ def noise_key(noise: float) -> str:
 def part_path(out: str, model: str, noise: float, member: Optional[str] = None) -> str:
     """The part of one (model, noise level), and of one ensemble ``member`` (``None``: the
     single attack's)."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model)
     suffix = f"__{member}" if member is not None else ""
-    return os.path.join(out, "parts", f"{safe}__noise{noise_key(noise)}{suffix}.npz")
+    return os.path.join(out, "parts",
+                        f"{safe_model_name(model)}__noise{noise_key(noise)}{suffix}.npz")
+
+
+def safe_model_name(model: str) -> str:
+    """``model`` as a file name: characters other than letters, digits, ``_.-`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", model)
 
 
 def save_part(path: str, result: NoiseResult, meta: Optional[dict] = None,
@@ -473,9 +478,34 @@ def write_outputs(out: str, summary: dict, rows: List[dict], noise_levels: Seque
         os.remove(path)
 
 
+MINIMAL_NOISE_FILES = ("minimal_noise.csv", "minimal_noise.md")
+"""The minimal-noise outputs (``--minimal-noise``, :mod:`.minimal_noise`)."""
+
+
+def write_minimal_noise(out: str, rows: Optional[List[dict]], table: Optional[str]) -> None:
+    """Write ``minimal_noise.csv`` (``rows``) and ``minimal_noise.md`` (``table``); ``None``
+    (a run without ``--minimal-noise``) removes those of an earlier run in ``out`` instead, so
+    that they never sit beside results they were not computed with."""
+    if rows is None:
+        for name in MINIMAL_NOISE_FILES:
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["model", "case", "slice", "minimal_noise",
+                                                "source", "censored"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(os.path.join(out, "minimal_noise.csv"), buffer.getvalue())
+    write_text(os.path.join(out, "minimal_noise.md"), table or "")
+
+
 def print_tables(output: str) -> None:
-    """Print the TVDI and ADI tables of a finished evaluation in ``output``, and where it is."""
-    for metric in ("tvdi", "adi"):
-        with open(os.path.join(output, f"{metric}.md")) as f:
+    """Print the TVDI and ADI tables of a finished evaluation in ``output`` (and its
+    minimal-noise table, if any), and where it is."""
+    for name in ("tvdi.md", "adi.md", "minimal_noise.md"):
+        if name == "minimal_noise.md" and not os.path.isfile(os.path.join(output, name)):
+            continue
+        with open(os.path.join(output, name)) as f:
             print("\n" + f.read(), end="")
     print(f"\nresults in {os.path.abspath(output)}")

@@ -35,6 +35,11 @@ from nnunet_ima.io import check_output_folder, write_text
 from nnunet_ima.evaluation.ensemble import EnsembleLevel, iter_ensemble, member_settings
 from nnunet_ima.evaluation.lock import output_lock
 from nnunet_ima.evaluation.memory import measure_peak
+from nnunet_ima.evaluation.minimal_noise import markdown_table as minimal_markdown
+from nnunet_ima.evaluation.minimal_noise import minimal_noise, minimal_settings
+from nnunet_ima.evaluation.minimal_noise import rows as minimal_rows
+from nnunet_ima.evaluation.minimal_noise import summarise as summarise_minimal
+from nnunet_ima.evaluation.minimal_noise import survival_curve
 from nnunet_ima.evaluation.masking import run_masking_checks
 from nnunet_ima.evaluation.models import LoadedModel, load_models
 from nnunet_ima.evaluation.options import EvalOptions, options_from_dict, options_to_dict
@@ -45,7 +50,8 @@ from nnunet_ima.evaluation.provenance import (PartRecords, clear_checkpoint_hash
                                               compared_config, differences, produced_by,
                                               slices_digest)
 from nnunet_ima.evaluation.report import (CONFIG_FILENAME, noise_key, part_path, per_slice_rows,
-                                          save_part, summarise, summarise_ensemble, write_outputs)
+                                          save_part, summarise, summarise_ensemble,
+                                          write_minimal_noise, write_outputs)
 from nnunet_ima.evaluation.resume import (FinishedParts, can_resume, finished_parts, member_record,
                                           prepare_output, report_reused, report_stale)
 from nnunet_ima.evaluation.robustness import NoiseResult, full_precision
@@ -179,11 +185,20 @@ def _finish(prepared: Prepared, finished: FinishedParts,
                    "models": {m.name: summarise(results[m.name], m.class_names, options.size_bins)
                               for m in models}}
     summary["peak_memory"] = measured if peaks is None else peaks
+    minimal = _minimal_noise(prepared, results) if options.minimal_noise else None
+    if minimal is not None:
+        summary["minimal_noise"] = {name: entry for name, (entry, _, _) in minimal.items()}
     if options.masking_checks:
         summary["masking_checks"] = _masking_checks(models, samples, results, options, device)
     rows = [r for m in models for r in per_slice_rows(m.name, results[m.name], m.class_names)]
     write_outputs(options.output, summary, rows, noise)
-    plot_curves(summary, noise, os.path.join(options.output, "curves.png"))
+    if minimal is None:
+        write_minimal_noise(options.output, None, None)
+    else:
+        write_minimal_noise(options.output, [r for _, rs, _ in minimal.values() for r in rs],
+                            minimal_markdown(summary["minimal_noise"], noise))
+    plot_curves(summary, noise, os.path.join(options.output, "curves.png"),
+                None if minimal is None else {name: c for name, (_, _, c) in minimal.items()})
     plot_examples(results, noise, os.path.join(options.output, "examples.png"))
     return summary
 
@@ -443,6 +458,32 @@ def _ensemble_summary(levels: Levels, models: Sequence[LoadedModel],
         seconds[m.name] = {noise_key(n): level.seconds for n, level in by_noise.items()}
     return {"members": list(members), "per_attack": per_attack, "attacked": attacked,
             "seconds": seconds}
+
+
+def _minimal_noise(prepared: Prepared, results: Results) -> Dict[str, tuple]:
+    """Per model ``(summary entry, csv rows, survival curve)`` of its minimal noise
+    (:mod:`.minimal_noise`): the attack's part reused where it is this run's, else computed
+    and saved; combined with the grid of ``results`` (the headline per level). A merge (of
+    shards or torchrun ranks) computes it here too, with the models it loaded."""
+    options = prepared.options
+    noise = options.noise_levels
+    settings = minimal_settings(options.dice_threshold, options.attack.norm,
+                                options.minimal_steps, noise)
+    outcome: Dict[str, tuple] = {}
+    reused = []
+    for m in prepared.models:
+        found, was_reused = minimal_noise(m, prepared.samples[m.name], results[m.name],
+                                          settings, prepared.records, options.output,
+                                          options.attack.batch_size, prepared.device,
+                                          options.progress)
+        if was_reused:
+            reused.append(m.name)
+        outcome[m.name] = (summarise_minimal(found, noise), minimal_rows(m.name, found),
+                           survival_curve(found))
+    if reused:
+        print(f"resuming: reused the minimal noise of {', '.join(reused)} from "
+              f"{os.path.join(options.output, 'parts')}", flush=True)
+    return outcome
 
 
 def _masking_checks(models: Sequence[LoadedModel], samples: Dict[str, List[SliceSample]],
