@@ -150,13 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(checks, MaskingSettings, "slices", option_name("slices"), dest="masking_slices")
     add_option(checks, MaskingSettings, "queries", option_name("queries"),
                dest="masking_queries")
-    inference = p.add_argument_group("inference path")
-    add_option(inference, EvalOptions, "inference")
     minimal = p.add_argument_group("minimal noise (after the attacks, every sample)")
     minimal.add_argument("--minimal-noise", action="store_true",
                          help=declaration(EvalOptions, "minimal_noise").help)
     add_option(minimal, EvalOptions, "dice_threshold", metavar="DICE")
     add_option(minimal, EvalOptions, "minimal_noise_steps", metavar="STEPS")
+    inference = p.add_argument_group("inference path")
+    add_option(inference, EvalOptions, "inference")
     add_option(inference, EvalOptions, "tile_step_size")
     inference.add_argument("--disable-tta", action="store_true",
                            help="predictor: no mirroring, as nnUNetv2_predict --disable_tta")
@@ -243,10 +243,10 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         ensemble=tuple(DEFAULT_ENSEMBLE if args.ensemble is None else args.ensemble)
         if ensemble and args.preset is None else (),
         masking_checks=args.masking_checks == "on" or (args.masking_checks == "auto" and ensemble),
-        masking=masking, inference=args.inference, tile_step_size=args.tile_step_size,
-        disable_tta=args.disable_tta, tiles_per_pass=args.tiles_per_pass,
         minimal_noise=args.minimal_noise, dice_threshold=args.dice_threshold,
         minimal_noise_steps=args.minimal_noise_steps,
+        masking=masking, inference=args.inference, tile_step_size=args.tile_step_size,
+        disable_tta=args.disable_tta, tiles_per_pass=args.tiles_per_pass,
         gradient_checkpointing=args.gradient_checkpointing, size_bins=tuple(args.size_bins),
         device=args.device, overwrite=args.overwrite,
         progress=not args.no_progress)

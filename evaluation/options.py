@@ -180,7 +180,6 @@ class EvalOptions:
              "--restarts, so those are not given with it")
     masking_checks: bool = setting(False, rule=Flag(),
                                    help="run the gradient-masking checks after the attacks")
-    masking: MaskingSettings = MaskingSettings()
     minimal_noise: bool = setting(
         False, rule=Flag(),
         help="after the attacks, each sample's minimal noise that brings its Dice below "
@@ -194,6 +193,7 @@ class EvalOptions:
     minimal_noise_steps: Optional[int] = setting(
         None, rule=Count(1), optional=True,
         help="--minimal-noise: iterations of the minimal-perturbation attack; default: --steps")
+    masking: MaskingSettings = MaskingSettings()
     size_bins: Tuple[int, ...] = setting(
         DEFAULT_SIZE_BINS, rule=SizeBins(),
         help="edges of the object-size bins, in voxels, ascending, of the size breakdown "
@@ -284,10 +284,10 @@ class EvalOptions:
         if bool(self.images) != bool(self.labels):
             raise UserInputError("--images and --labels go together (labels are needed for "
                                  "Dice)")
-        resolve_device(self.device)
         if self.minimal_noise and not any(n > 0 for n in self.noise):
             raise UserInputError("--minimal-noise starts its search at the smallest noise level "
                                  "> 0: add one to --noise")
+        resolve_device(self.device)
         if not self.model_folders and not self.dataset:
             raise UserInputError("name the models: -d DATASET -tr TRAINER ... or -m FOLDER ...")
         if self.model_folders and self.dataset:
@@ -312,12 +312,12 @@ class EvalOptions:
         return self.ensemble or SINGLE
 
     @property
-    @property
     def minimal_steps(self) -> int:
         """The minimal-perturbation attack's iterations: ``minimal_noise_steps``, else the
         attack's steps."""
         return self.minimal_noise_steps or self.attack.steps
 
+    @property
     def noise_levels(self) -> List[float]:
         """The distinct noise levels, ascending: the order of the attacks and of the tables."""
         return sorted(set(float(n) for n in self.noise))
