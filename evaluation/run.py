@@ -9,6 +9,9 @@ an interrupted run resumes from the parts that are its own (:mod:`.resume`).
 A single attack is an ensemble of one member (:data:`.ensemble.SINGLE`): both run through
 :func:`.ensemble.iter_ensemble`, save a part per (model, noise level, member) and resume alike.
 
+With ``--minimal-noise`` each sample's minimal adversarial noise follows the attacks
+(:mod:`.minimal_noise`), its attack saved as a part of its own per model.
+
 Several processes share one evaluation (:mod:`.sharding`): :func:`evaluate_shard` computes one
 shard's units (``--shard i/n``) under the lock of its own folder ``OUT/shards/<i>-of-<n>``,
 :func:`merge` assembles them into the parts one process writes and writes the same tables, and
