@@ -12,6 +12,8 @@ Examples::
         --inference predictor -o robustness_heart_worst_case
     nnunet-ima-eval -d 2 -tr nnUNetTrainerIMA -f 0 1 2 3 4 -chk checkpoint_best.pth -device cuda \\
         -o robustness_heart_folds
+    nnunet-ima-eval -d 2 -tr nnUNetTrainerAdv nnUNetTrainerIMA --preset sea --norm linf \\
+        --noise 0 0.1 0.2 -o robustness_heart_sea        # SEA's protocol; also quick, standard, rse
 
 nnU-Net's spellings ``-device``, ``-chk checkpoint_best.pth`` and ``-f`` with several folds
 work too; each fold is one model (``nnUNetTrainerIMA_fold1``). A case that a model's fold

@@ -167,7 +167,8 @@ class EvalOptions:
     ensemble: Tuple[str, ...] = setting(
         (), rule=Several(Choice(tuple(MEMBERS)), minimum=0),
         help=f"members of --attack ensemble, in order ({', '.join(MEMBERS)}); apgd-* use SEA's "
-             f"losses and shrinking radius")
+             f"losses and shrinking radius, rse-* are rse's (PAdam at 200 steps whatever "
+             f"--steps says, APGD at the plain radius, a random start)")
     preset: Optional[str] = setting(
         None, rule=Choice(tuple(PRESETS)), optional=True,
         help="a protocol, like AutoAttack's version=: quick (the default members, 20 steps); "
