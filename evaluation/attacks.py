@@ -1,11 +1,12 @@
-"""The evaluator's attacks on 2D slices and 3D volumes: PGD, SegPGD and APGD, each from a given
-start offset.
+"""The evaluator's attacks on 2D slices and 3D volumes: PGD, SegPGD, APGD (plain, at SEA's
+shrinking radius, on SegPGD's loss), rse's PAdam and a minimal-perturbation attack, each from a
+given start offset.
 
 Shapes are written for slices, ``(B, C, H, W)``; a batch of volumes ``(B, C, D, H, W)`` works
 the same way, every norm, projection, step size and loss taken per sample over all its axes (a
 volume's budget is its own; the evaluator attacks one volume per batch).
 
-All three take per-sample budgets ``eps`` ``(B,)`` and a start offset ``start`` ``(B, C, H, W)``
+All of them take per-sample budgets ``eps`` ``(B,)`` and a start offset ``start`` ``(B, C, H, W)``
 with ``||start[i]|| <= eps[i]`` (``None``: start at ``x``). The caller draws the offset so that
 one slice attacked at several noise levels in one batch starts exactly where it starts when each
 level runs alone (one seeded generator per level, see ``robustness.py``) and hands it to the
@@ -33,11 +34,34 @@ a slice's iterates do not depend on the other slices of the batch.
   stages at radii ``2 eps``, ``1.5 eps``, ``eps`` (30 / 30 / 40 % of the steps), each started
   from the previous stage's lowest-Dice iterate, returning the last stage's lowest-Dice iterate
   (:func:`apgd_shrinking_radius`); meant for SEA's losses (:mod:`.segmentation_losses`).
+* ``apgd_segpgd``: APGD on SegPGD's loss with ``lambda_k = k / (2 steps)`` at iterate ``k = 0..
+  steps`` (rse's "segpgd-loss" APGD; :func:`apgd_segpgd`), through APGD's ``loss_schedule``.
+* ``padam``: rse's PAdam (Halmosi, Mohos and Jelasity, ECCV 2024): Adam with AMSGrad maximising
+  the loss over the offset, ``lr = eps / 4`` (Linf; ``eps / (4 sqrt(n))`` in L2), the offset
+  projected onto the ball after each step, the last iterate (:func:`padam`).
+* ``minimal``: :func:`minimal_perturbation` run unbounded with success ``Dice <``
+  :data:`MINIMAL_MEMBER_THRESHOLD` and its result projected onto the ``eps``-ball, as rse runs
+  DAG, PDPGD and ALMA-prox (:func:`minimal_member`).
+
+Minimal perturbations (:func:`minimal_perturbation`, per slice the smallest noise whose Dice falls
+below a threshold) follow FMN (Pintor et al., NeurIPS 2021), itself DDN's radius rule (Rony et
+al., CVPR 2019) made norm-generic: a per-slice radius ``eps_k`` grows by ``(1 + gamma_k)`` while
+the iterate is not adversarial and shrinks to ``(1 - gamma_k) min(eps_k, ||delta_k||)`` once it
+is; the iterate ascends the loss by ``alpha_k eps_k h(grad)`` and is projected onto the radius'
+ball; ``gamma_k`` and ``alpha_k`` are cosine annealed and the smallest-norm adversarial iterate is
+kept. Adapted to segmentation by the criterion (the slice Dice below a threshold instead of a
+wrong class) and by steps relative to the radius (nnU-Net's inputs are z-scores, not ``[0, 1]``).
+Chosen over ALMA-prox (rse's strongest minimal attack): ALMA-prox is an augmented Lagrangian
+with a penalty per pixel, a penalty growth rate, a multiplier step and a constraint threshold to
+tune, and a proximal step per iteration; FMN has no penalty parameter, takes one gradient per
+step, and works the same in L2 and Linf. On a linear model it reaches the analytic margin to
+within ``gamma``'s last value, from above (tests/test_minimal_perturbation.py).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +70,10 @@ from torch import nn
 from nnunet_ima.attacks import run_pgd, start_point
 from nnunet_ima.label_mask import label_map, scored_labels, scored_mean
 from nnunet_ima.model_mode import attack_mode
-from nnunet_ima.norms import (as_eps_tensor, check_norm, per_sample_view, project,
-                              steepest_ascent_direction)
+from nnunet_ima.norms import (as_eps_tensor, check_norm, per_sample_norm, per_sample_view,
+                              project, steepest_ascent_direction)
 
-ATTACKS = ("pgd", "segpgd", "apgd", "apgd_sea")
+ATTACKS = ("pgd", "segpgd", "apgd", "apgd_sea", "padam", "apgd_segpgd", "minimal")
 
 APGD_MOMENTUM = 0.75  # the paper's alpha: weight of the new step, 1 - 0.75 on the previous one
 APGD_RHO = 0.75  # checkpoint rule; the classification evaluator passes it to torchattacks' APGD
@@ -91,7 +115,8 @@ def segpgd_loss(logits: torch.Tensor, target: torch.Tensor, lam: float,
     pixel_ce = F.cross_entropy(logits, safe, reduction="none")
     with torch.no_grad():
         correct = logits.argmax(dim=1) == safe
-        weight = torch.where(correct, 1.0 - lam, lam).to(pixel_ce.dtype)
+        # The weights in the loss' own precision: python floats would make them float32.
+        weight = torch.where(correct, pixel_ce.new_tensor(1.0 - lam), pixel_ce.new_tensor(lam))
     return scored_mean(pixel_ce * weight, valid)
 
 
@@ -155,7 +180,8 @@ class APGDRun:
 def apgd(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
          start: Optional[torch.Tensor], *, norm: str, steps: int, loss: LossFn,
          rho: float = APGD_RHO, momentum: float = APGD_MOMENTUM,
-         score: Optional[ScoreFn] = None) -> APGDRun:
+         score: Optional[ScoreFn] = None,
+         loss_schedule: Optional[Callable[[int], LossFn]] = None) -> APGDRun:
     """Auto-PGD maximising ``loss`` per slice (see the module docstring for the schedule).
 
     ``steps`` gradient steps: the loss is evaluated at the start and at each of the ``steps``
@@ -170,6 +196,9 @@ def apgd(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
             given, each slice's lowest-score iterate is kept too. SEA's masked losses need it:
             their value falls as pixels flip, so the highest-loss iterate is not the one that
             broke the most.
+        loss_schedule: ``k -> loss`` of iterate ``k = 0..steps`` (0 the start), where the
+            objective changes along the way (SegPGD's weights, :func:`apgd_segpgd`); replaces
+            ``loss``. An iterate's value and gradient both come from its own ``k``'s loss.
 
     Returns:
         :class:`APGDRun`.
@@ -184,16 +213,17 @@ def apgd(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
 
     x_low = s_low = None
 
-    def evaluate(point: torch.Tensor, with_grad: bool):
+    def evaluate(point: torch.Tensor, with_grad: bool, k: int):
         nonlocal x_low, s_low
+        loss_k = loss if loss_schedule is None else loss_schedule(k)
         if not with_grad:
             with torch.no_grad():
                 output = model(point)
-                value, grad = loss(output, y).detach(), None
+                value, grad = loss_k(output, y).detach(), None
         else:
             point = point.clone().requires_grad_(True)
             output = model(point)
-            value = loss(output, y)
+            value = loss_k(output, y)
             (grad,) = torch.autograd.grad(value.sum(), point)
             value, point = value.detach(), point.detach()
         if score is not None:
@@ -209,7 +239,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
 
     with attack_mode(model):
         x_k = start_point(x, start)
-        f_k, g_k = evaluate(x_k, steps > 0)
+        f_k, g_k = evaluate(x_k, steps > 0, 0)
         x_prev = x_k
         eta = APGD_FIRST_STEP * eps
         x_best, f_best, g_best = x_k.clone(), f_k.clone(), g_k
@@ -225,7 +255,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
                 x_new = z
             else:
                 x_new = ball(x_k + momentum * (z - x_k) + (1 - momentum) * (x_k - x_prev))
-            f_new, g_new = evaluate(x_new, k + 1 < steps)
+            f_new, g_new = evaluate(x_new, k + 1 < steps, k + 1)
             increases += (f_new > f_k).long()
             better = f_new > f_best
             x_best[better] = x_new[better]
@@ -284,18 +314,243 @@ def apgd_shrinking_radius(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.
     return point
 
 
+def apgd_segpgd_lambda(k: int, steps: int) -> float:
+    """SegPGD's weight of the wrongly classified pixels at APGD's iterate ``k`` of ``steps``
+    (``k = 0`` the start): ``k / (2 * steps)``, from 0 to 1/2 (rse's "segpgd-loss" APGD, and the
+    ``cospgd`` package's ``segpgd_scale`` with its 0-based iteration)."""
+    if not 0 <= k <= steps:
+        raise ValueError(f"k must be in [0, {steps}], got {k}")
+    return k / (2 * steps) if steps else 0.0
+
+
+def apgd_segpgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
+                start: Optional[torch.Tensor], *, norm: str, steps: int,
+                ignore_label: Optional[int] = None, score: Optional[ScoreFn] = None) -> APGDRun:
+    """APGD (:func:`apgd`) on SegPGD's loss (:func:`segpgd_loss`) with ``lambda_k =``
+    :func:`apgd_segpgd_lambda` at iterate ``k``. Shapes as in :func:`apgd`."""
+    def loss_at(k: int) -> LossFn:
+        lam = apgd_segpgd_lambda(k, steps)
+        return lambda logits, target: segpgd_loss(logits, target, lam, ignore_label)
+    return apgd(model, x, y, eps, start, norm=norm, steps=steps, loss=loss_at(0), score=score,
+                loss_schedule=loss_at)
+
+
+# ----------------------------------------------------------------------------- PAdam
+
+PADAM_LR = 0.25
+"""PAdam's learning rate over the budget: rse runs ``lr = 2/255`` at ``eps = 8/255`` in Linf."""
+PADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which rse keeps
+PADAM_EPSILON = 1e-8
+
+
+def padam_learning_rate(eps: torch.Tensor, norm: str, numel: int) -> torch.Tensor:
+    """``(B,)`` PAdam's learning rate: ``eps / 4`` in Linf; ``eps / (4 sqrt(n))`` in L2 (``n``
+    elements per sample), so that a step of Adam, whose update is about ``lr`` in every
+    coordinate, is about ``eps / 4`` long in L2 as it is in Linf."""
+    norm = check_norm(norm)
+    rate = PADAM_LR * eps
+    return rate if norm == "linf" else rate / math.sqrt(numel)
+
+
+def padam(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
+          start: Optional[torch.Tensor], *, norm: str, steps: int, loss: LossFn) -> torch.Tensor:
+    """rse's PAdam (Halmosi, Mohos and Jelasity, ECCV 2024): Adam with AMSGrad maximising
+    ``loss`` over the offset ``delta`` (from ``start``, or 0), ``delta`` projected onto the
+    ``eps``-ball after every step; the last iterate. No step size to tune: Adam's update is about
+    ``lr`` (:func:`padam_learning_rate`) per coordinate whatever the gradient's scale.
+
+    Each slice is its own parameter group of ``torch.optim.Adam`` (its own ``lr``, from its own
+    ``eps``) and the gradient is that of the sum of the per-slice losses, so a slice's iterates
+    do not depend on the batch (rse differentiates a batch mean: the same iterates up to Adam's
+    ``1e-8``).
+
+    Args:
+        x: ``(B, C, H, W)`` clean slices; y: ``(B, 1, H, W)`` labels; eps: ``(B,)`` budgets.
+        start: ``(B, C, H, W)`` offset inside the ball, or ``None``.
+        loss: ``(logits, y) -> (B,)``, maximised.
+
+    Returns:
+        ``(B, C, H, W)`` the last iterate, inside the ball.
+    """
+    norm = check_norm(norm)
+    x = x.detach()
+    eps = as_eps_tensor(eps, x)
+    lr = padam_learning_rate(eps, norm, x[0].numel())
+    offset = start_point(x, start) - x
+    deltas = [offset[i].clone().requires_grad_(True) for i in range(x.shape[0])]
+    optimizer = torch.optim.Adam([{"params": [d], "lr": float(r)} for d, r in zip(deltas, lr)],
+                                 betas=PADAM_BETAS, eps=PADAM_EPSILON, amsgrad=True,
+                                 maximize=True)
+    with attack_mode(model):
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss(model(x + torch.stack(deltas)), y).sum().backward()
+            optimizer.step()
+            with torch.no_grad():
+                projected = project(torch.stack(deltas), eps, norm)
+                for d, p in zip(deltas, projected):
+                    d.copy_(p)
+    return (x + torch.stack(deltas)).detach()
+
+
+# ----------------------------------------------------------------------------- minimal noise
+
+MINIMAL_MEMBER_THRESHOLD = 0.01
+"""The ``minimal`` member's success: slice Dice below 0.01 (ALMA-prox's 99 % of pixels wrong)."""
+MINIMAL_GAMMA = (0.1, 0.001)
+"""The radius' relative change per step, at the first and the last step (cosine annealed)."""
+MINIMAL_ALPHA = (1.0, 0.01)
+"""The step over the current radius, at the first and the last step (cosine annealed)."""
+
+
+def cosine_annealed(k: int, steps: int, first: float, last: float) -> float:
+    """``last + (first - last) (1 + cos(pi k / steps)) / 2``: ``first`` at ``k = 0``, falling to
+    ``last`` at ``k = steps``."""
+    return last + (first - last) * (1 + math.cos(math.pi * k / max(steps, 1))) / 2
+
+
+@dataclass
+class MinimalRun:
+    """The outcome of :func:`minimal_perturbation`.
+
+    Attributes:
+        x_adv: ``(B, ...)`` each sample's smallest-norm iterate with ``score < threshold``, or its
+            last iterate where none was found.
+        norm: ``(B,)`` the norm of ``x_adv - x`` where found, ``inf`` elsewhere; 0 where the
+            clean input already scores below the threshold.
+        found: ``(B,)`` bool, whether an iterate scored below the threshold.
+    """
+
+    x_adv: torch.Tensor
+    norm: torch.Tensor
+    found: torch.Tensor
+
+
+def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """:func:`~nnunet_ima.norms.steepest_ascent_direction` that survives tiny gradients: the L2
+    gradient is scaled by its largest entry before it is normalised, so a saturated loss (CE on
+    a confident slice far from its boundary, gradients below 1e-12) still points somewhere."""
+    if norm == "linf":
+        return grad.sign()
+    peak = grad.flatten(1).abs().amax(dim=1).clamp_min(torch.finfo(grad.dtype).tiny)
+    return steepest_ascent_direction(grad / per_sample_view(peak, grad), norm)
+
+
+def minimal_perturbation(model: nn.Module, x: torch.Tensor, y: Any, *, norm: str, steps: int,
+                         score: ScoreFn, threshold: float, loss: LossFn,
+                         init_eps: Union[float, torch.Tensor],
+                         max_eps: Optional[Union[float, torch.Tensor]] = None,
+                         start: Optional[torch.Tensor] = None,
+                         gamma: Tuple[float, float] = MINIMAL_GAMMA,
+                         alpha: Tuple[float, float] = MINIMAL_ALPHA) -> MinimalRun:
+    """Each sample's smallest perturbation with ``score < threshold`` (FMN-style, see the module
+    docstring), every quantity per sample.
+
+    At step ``k = 0..steps-1`` the iterate ``x_k`` (``x + start``, or ``x``, at ``k = 0``) is
+    scored; the radius becomes ``(1 - gamma_k) min(eps, ||x_k - x||)`` when ``x_k`` scores below
+    ``threshold``, ``(1 + gamma_k) eps`` otherwise (at most ``max_eps``); then
+    ``x_{k+1} = x + P_eps(x_k + alpha_k eps h(grad loss(x_k)) - x)``. ``gamma_k`` and ``alpha_k``
+    are cosine annealed (:func:`cosine_annealed`, :data:`MINIMAL_GAMMA`, :data:`MINIMAL_ALPHA`).
+    ``steps`` gradients, ``steps + 1`` forward passes (one more for the clean input when
+    ``start`` is given).
+
+    Args:
+        x: ``(B, C, H, W)`` clean slices; y: ``(B, 1, H, W)`` labels.
+        norm: ``"l2"`` or ``"linf"``; steps: gradient steps.
+        score: ``(logits, y) -> (B,)`` (the slice Dice); threshold: success is ``score <
+            threshold``.
+        loss: ``(logits, y) -> (B,)``, maximised to drive the score down.
+        init_eps: ``(B,)`` or scalar first radius, ``> 0``; max_eps: cap of the radius, or
+            ``None``. start: ``(B, C, H, W)`` first offset, or ``None``.
+
+    Returns:
+        :class:`MinimalRun`.
+    """
+    norm = check_norm(norm)
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    x = x.detach()
+    radius = as_eps_tensor(init_eps, x, "init_eps").clone()
+    if (radius <= 0).any():
+        raise ValueError("init_eps must be > 0 for every sample: the radius grows by a factor "
+                         "and would stay at 0; pass the smallest noise level of interest")
+    cap = None if max_eps is None else as_eps_tensor(max_eps, x, "max_eps")
+    if cap is not None:
+        radius = torch.minimum(radius, cap)
+    best = x.clone()
+    best_norm = torch.full_like(radius, math.inf)
+
+    def record(point: torch.Tensor, scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        nonlocal best_norm
+        size = per_sample_norm(point - x, norm)
+        adversarial = scores.to(x.device) < threshold
+        smaller = adversarial & (size < best_norm)
+        best[smaller] = point[smaller]
+        best_norm = torch.where(smaller, size, best_norm)
+        return adversarial, size
+
+    with attack_mode(model):
+        if start is not None:
+            with torch.no_grad():
+                record(x, score(model(x), y))
+        point = start_point(x, start)
+        for k in range(steps + 1):
+            last = k == steps
+            current = point.clone().requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
+                output = model(current)
+            with torch.no_grad():
+                adversarial, size = record(point, score(output.detach(), y))
+            if last:
+                break
+            (grad,) = torch.autograd.grad(loss(output, y).sum(), current)
+            g = cosine_annealed(k, steps, *gamma)
+            a = cosine_annealed(k, steps, *alpha)
+            radius = torch.where(adversarial, (1 - g) * torch.minimum(radius, size),
+                                 (1 + g) * radius)
+            if cap is not None:
+                radius = torch.minimum(radius, cap)
+            stepped = point + per_sample_view(a * radius, x) * _ascent_direction(grad, norm)
+            point = x + project(stepped - x, radius, norm)
+    found = torch.isfinite(best_norm)
+    x_adv = torch.where(per_sample_view(found, x), best, point)
+    return MinimalRun(x_adv.detach(), best_norm, found)
+
+
+def minimal_member(model: nn.Module, x: torch.Tensor, y: Any, eps: torch.Tensor,
+                   start: Optional[torch.Tensor], *, norm: str, steps: int, loss: LossFn,
+                   score: ScoreFn) -> torch.Tensor:
+    """The ``minimal`` member: :func:`minimal_perturbation` (success: ``score <``
+    :data:`MINIMAL_MEMBER_THRESHOLD`), unbounded, from the radius ``eps``, its result projected
+    onto the ``eps``-ball (rse's convention for minimal attacks). ``(B, C, H, W)``."""
+    norm = check_norm(norm)
+    x = x.detach()
+    eps = as_eps_tensor(eps, x)
+    # A zero budget projects everything to x; any positive first radius will do there.
+    first = torch.where(eps > 0, eps, torch.ones_like(eps))
+    run = minimal_perturbation(model, x, y, norm=norm, steps=steps, score=score,
+                               threshold=MINIMAL_MEMBER_THRESHOLD, loss=loss, init_eps=first,
+                               start=start)
+    return x + project(run.x_adv - x, eps, norm)
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
                start: Optional[torch.Tensor], *, norm: str, steps: int, alpha: float,
                loss: LossFn, ignore_label: Optional[int] = None,
                score: Optional[ScoreFn] = None) -> torch.Tensor:
-    """The adversarial slices ``(B, C, H, W)`` of attack ``name`` (one of :data:`ATTACKS`).
+    """The adversarial slices ``(B, C, H, W)`` of attack ``name`` (one of :data:`ATTACKS`),
+    inside the ``eps``-ball.
 
-    ``alpha`` does not apply to ``apgd`` and ``apgd_sea`` (their step size adapts, starting at
-    ``2 eps``); ``loss`` does not apply to ``segpgd`` (it maximises its own weighted CE);
-    ``ignore_label`` is SegPGD's (``loss`` carries its own). ``apgd_sea`` is
-    :func:`apgd_shrinking_radius` and needs ``score``.
+    ``alpha`` applies to ``pgd`` and ``segpgd`` only (APGD's step size adapts, starting at
+    ``2 eps``; PAdam's is ``eps / 4``; ``minimal`` anneals its own); ``loss`` does not apply to
+    ``segpgd`` and ``apgd_segpgd`` (they maximise SegPGD's weighted CE); ``ignore_label`` is
+    SegPGD's (``loss`` carries its own). ``apgd_sea`` is :func:`apgd_shrinking_radius` and
+    needs ``score``; ``apgd_segpgd`` returns the lowest-``score`` iterate when ``score`` is
+    given (rse keeps the lowest-accuracy one: the loss changes with ``k``, so its highest value
+    is no better a pick), otherwise the highest-loss one; ``padam`` is :func:`padam`;
+    ``minimal`` is :func:`minimal_member` and needs ``score``.
     """
     if name == "pgd":
         return run_pgd(model, x, y, eps, norm=norm, steps=steps, alpha=alpha, loss=loss,
@@ -310,4 +565,15 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
             raise ValueError("apgd_sea needs a score (the slice Dice) to pick its iterates")
         return apgd_shrinking_radius(model, x, y, eps, start, norm=norm, steps=steps, loss=loss,
                                      score=score)
+    if name == "padam":
+        return padam(model, x, y, eps, start, norm=norm, steps=steps, loss=loss)
+    if name == "apgd_segpgd":
+        run = apgd_segpgd(model, x, y, eps, start, norm=norm, steps=steps,
+                          ignore_label=ignore_label, score=score)
+        return run.x_best if score is None else run.x_lowest_score
+    if name == "minimal":
+        if score is None:
+            raise ValueError("minimal needs a score (the slice Dice): it is its success criterion")
+        return minimal_member(model, x, y, eps, start, norm=norm, steps=steps, loss=loss,
+                              score=score)
     raise ValueError(f"attack must be one of {ATTACKS}, got {name!r}")

@@ -1,4 +1,5 @@
-"""The per-slice losses of the ensemble's APGD members: SEA's (Croce, Singh and Hein, ECCV 2024).
+"""The per-slice losses of the ensemble's members: SEA's (Croce, Singh and Hein, ECCV 2024), rse's
+(Halmosi, Mohos and Jelasity, ECCV 2024) and CosPGD's (Agnihotri, Jung and Keuper, ICML 2024).
 
 Each maps ``logits (B, K, H, W)`` and ``target (B, 1, H, W)`` (or ``(B, H, W)``) integer labels
 to ``(B,)``, the mean over the slice's scored pixels (ignore-label pixels count in neither the
@@ -16,6 +17,18 @@ Which pixels are "correct" is read off the logits (argmax) and is not differenti
 * ``js``: the Jensen-Shannon divergence between the softmax and the one-hot label, summed over
   classes. It is bounded (by ``log 2``), so a pixel already far on the wrong side adds no more
   than a pixel just across.
+
+:data:`EXTRA_LOSSES`, the other suites' losses:
+
+* ``cos`` (rse's cosine loss): ``1 - cos(z, onehot(y))``, the cosine taken over the class axis
+  between the raw logits ``z`` and the one-hot label. Unlike CE it is bounded (in ``[0, 2]``) and
+  does not grow without end on a pixel already pushed far across.
+* ``cospgd`` (CosPGD's pixel weighting on CE): ``cos(softmax(z), onehot(y)) * CE``, the cosine
+  detached (a weight, not differentiated). Pixels whose softmax still points at their label weigh
+  about 1, pixels already flipped little, a soft version of ``mask_ce``.
+* ``mask_norm_logit`` (rse's "mask-norm-corrlog"): ``-z_y / ||z||_2`` (the label's logit after
+  dividing the logits by their L2 norm over classes) on the correctly classified pixels, 0 on the
+  others: scale-free, so a network cannot hide behind large logits.
 """
 from __future__ import annotations
 
@@ -89,9 +102,59 @@ SEA_LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
 """The three APGD losses of the default ensemble, by the name used in tables and summaries."""
 
 
+def cosine_loss(logits: torch.Tensor, target: torch.Tensor,
+                ignore_label: Optional[int] = None) -> torch.Tensor:
+    """``(B,)`` mean over scored pixels of ``1 - cos(logits, onehot(target))`` over the class axis
+    (rse's "cos" loss)."""
+    labels, scored = scored_labels(label_map(target, logits), ignore_label)
+    onehot = F.one_hot(labels, logits.shape[1]).movedim(-1, 1).to(logits.dtype)  # (B, K, H, W)
+    pixel = 1 - F.cosine_similarity(logits, onehot, dim=1)
+    return scored_mean(pixel, scored)
+
+
+def cospgd_loss(logits: torch.Tensor, target: torch.Tensor,
+                ignore_label: Optional[int] = None) -> torch.Tensor:
+    """``(B,)`` mean over scored pixels of CosPGD's weighted CE: ``cos(softmax(logits),
+    onehot(target))`` (over the class axis, detached) times the pixel's CE, as the ``cospgd``
+    package's ``Attack.cospgd_scale`` weights a pixel loss."""
+    labels, scored = scored_labels(label_map(target, logits), ignore_label)
+    pixel_ce = F.cross_entropy(logits, labels, reduction="none")
+    with torch.no_grad():
+        onehot = F.one_hot(labels, logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+        weight = F.cosine_similarity(logits.softmax(dim=1), onehot, dim=1)
+    return scored_mean(pixel_ce * weight, scored)
+
+
+def masked_norm_logit(logits: torch.Tensor, target: torch.Tensor,
+                      ignore_label: Optional[int] = None) -> torch.Tensor:
+    """``(B,)`` mean over scored pixels of ``-z_y / ||z||_2`` (norm over the class axis) on the
+    correctly classified pixels, 0 on the wrongly classified ones (rse's "mask-norm-corrlog")."""
+    labels, scored = scored_labels(label_map(target, logits), ignore_label)
+    length = logits.norm(p=2, dim=1).clamp_min(torch.finfo(logits.dtype).tiny)  # (B, H, W)
+    label_logit = torch.gather(logits, 1, labels.unsqueeze(1)).squeeze(1)      # (B, H, W)
+    with torch.no_grad():
+        correct = (logits.argmax(dim=1) == labels).to(logits.dtype)
+    return scored_mean(-label_logit / length * correct, scored)
+
+
+EXTRA_LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
+    "cos": cosine_loss, "cospgd": cospgd_loss, "mask_norm_logit": masked_norm_logit}
+"""rse's and CosPGD's losses (see the module docstring), by the name used in tables."""
+
+
 def sea_loss(name: str, ignore_label: Optional[int]) -> SegmentationLoss:
     """``(logits, target) -> (B,)`` loss ``name`` of :data:`SEA_LOSSES` with ``ignore_label``."""
     if name not in SEA_LOSSES:
         raise ValueError(f"loss must be one of {tuple(SEA_LOSSES)}, got {name!r}")
     function = SEA_LOSSES[name]
+    return lambda logits, target: function(logits, target, ignore_label)
+
+
+def segmentation_loss(name: str, ignore_label: Optional[int]) -> SegmentationLoss:
+    """``(logits, target) -> (B,)`` loss ``name`` of :data:`SEA_LOSSES` or :data:`EXTRA_LOSSES`
+    with ``ignore_label``."""
+    losses = {**SEA_LOSSES, **EXTRA_LOSSES}
+    if name not in losses:
+        raise ValueError(f"loss must be one of {tuple(losses)}, got {name!r}")
+    function = losses[name]
     return lambda logits, target: function(logits, target, ignore_label)
