@@ -33,14 +33,14 @@ from nnunet_ima.nnunet.loss import PerSampleDiceCE
 from nnunet_ima.norms import NORMS, random_in_ball
 
 from nnunet_ima.evaluation.attacks import ATTACKS, run_attack
-from nnunet_ima.evaluation.segmentation_losses import SEA_LOSSES, sea_loss
+from nnunet_ima.evaluation.segmentation_losses import EXTRA_LOSSES, SEA_LOSSES, segmentation_loss
 
 from nnunet_ima.evaluation.models import LoadedModel
 from nnunet_ima.evaluation.objects import DEFAULT_SIZE_BINS, batch_object_counts, empty_counts
 from nnunet_ima.evaluation.predictor_path import segmentation
 from nnunet_ima.evaluation.samples import SliceSample
 
-ATTACK_LOSSES = ("dc_ce", "ce") + tuple(SEA_LOSSES)
+ATTACK_LOSSES = ("dc_ce", "ce") + tuple(SEA_LOSSES) + tuple(EXTRA_LOSSES)
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,8 @@ def attack_loss(name: str, ignore_label) -> Callable:
             return (pixel.mean(dim=tuple(range(1, pixel.dim()))) if ignore_label is None
                     else scored_mean(pixel, scored))
         return ce
-    if name in SEA_LOSSES:
-        return sea_loss(name, ignore_label)
+    if name in SEA_LOSSES or name in EXTRA_LOSSES:
+        return segmentation_loss(name, ignore_label)
     raise ValueError(f"attack loss must be one of {ATTACK_LOSSES}, got {name!r}")
 
 
