@@ -21,6 +21,7 @@ trained on is refused (:mod:`.training_cases`) unless ``--allow-train-cases``, a
 tables say so.
 
 Outputs in ``-o OUT``: ``summary.json``, ``per_slice.csv``, ``tvdi.md``, ``adi.md``,
+``size_breakdown.csv`` and ``.md`` (Dice per class and object size, :mod:`.objects`),
 ``curves.png``, ``examples.png``, and ``parts/`` (one file per finished (model, noise level),
 each with the record of what produced it: a rerun with the same arguments resumes from the
 parts whose record is its own and recomputes the others). While it runs, an evaluation holds

@@ -5,6 +5,10 @@ noise level of ``summary.json`` also holds the per-case per-class metrics in the
 nnU-Net's ``summary.json`` (:func:`nnunet_case_summary`), and ``per_slice.csv`` has one row per
 case (``slice`` reads ``volume``) with nnU-Net's Dice beside the evaluator's.
 
+Every noise level of a model (under an ensemble: of its per-slice worst case) also holds
+``size_breakdown``, Dice per class and ground-truth object size (:mod:`.objects`), written as a
+table to ``size_breakdown.csv`` and ``size_breakdown.md`` as well.
+
 Every file is written to a temporary name and renamed, so an interrupted run leaves either the
 old file or the new one, never a truncated one. A part (``parts/<model>__<noise>.npz``) holds
 the per-slice counts of one (model, noise level), its example slice and the record of what

@@ -302,3 +302,19 @@ def test_ensemble_end_to_end_on_a_trained_model(nnunet_workspace, trained_clean_
     assert "size_breakdown" not in member
     with open(out / "size_breakdown.csv") as f:
         assert {r["noise"] for r in csv.DictReader(f)} == {"0", "8"}
+
+
+def test_other_size_bins_make_other_records_and_the_default_is_not_recorded():
+    """Edges other than the default change every part's object counts, so their records differ
+    (and such parts are recomputed); the default is not recorded, so a folder written before the
+    breakdown existed still resumes."""
+    from nnunet_ima.evaluation.provenance import record_mismatch
+    from test_eval_provenance import _options, _records
+    default = _records()
+    assert "size_bins" not in default.settings
+    same = _records(_options(size_bins=DEFAULT_SIZE_BINS)).record("IMA", 5.0)
+    assert record_mismatch(same, default.record("IMA", 5.0)) is None
+    other = _records(_options(size_bins=(10, 100)))
+    assert other.settings["size_bins"] == [10, 100]
+    assert "settings.size_bins" in record_mismatch(other.record("IMA", 5.0),
+                                                   default.record("IMA", 5.0))
