@@ -148,8 +148,8 @@ class MinimalNoise:
 
     @property
     def censored_at(self) -> Optional[float]:
-        """The smallest budget searched among the censored samples (``None``: none is): each
-        censored sample's minimal noise exceeds it."""
+        """The smallest budget searched among the censored samples (``None``: none is): every
+        censored sample withstood the search up to at least this noise ("> X")."""
         return float(self.value[self.censored].min()) if self.censored.any() else None
 
     @property

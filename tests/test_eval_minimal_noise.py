@@ -330,3 +330,24 @@ def test_under_an_ensemble_the_grid_is_the_per_slice_worst_case(tiny_evaluator, 
         else:
             assert (r["source"], r["censored"]) == ("none", "1")
     assert any(r["source"] == "grid" for r in _rows(out))   # the attacks broke some slice
+
+
+def test_minimal_noise_of_a_trained_nnunet_model_through_its_predictor(nnunet_workspace,
+                                                                        trained_clean_model,
+                                                                        tmp_path):
+    # nnU-Net's predictor segments in its own precision: every attack witness is scored again
+    # through it, and a value from the attack is a perturbation that breaks the slice there.
+    ws = nnunet_workspace
+    out = tmp_path / "predictor"
+    assert main(["-d", str(ws.dataset_id), "-c", "2d", "-f", "0", "-tr", "nnUNetTrainerClean",
+                 "--device", "cpu", "--no-progress", "-o", str(out), "--inference", "predictor",
+                 "--noise", "0", "3", "--steps", "2", "--max-slices", "3", "--minimal-noise",
+                 "--minimal-noise-steps", "40"]) == 0
+    entry = json.loads((out / "summary.json").read_text())["minimal_noise"]["nnUNetTrainerClean"]
+    assert entry["n"] == 3 and entry["max_eps"] == 12.0 and entry["steps"] == 40
+    rows = _rows(out)
+    assert len(rows) == 3 and all(r["source"] in mn.SOURCES for r in rows)
+    for r in rows:
+        assert (r["censored"] == "1") == (r["source"] == "none")
+        if r["source"] == "attack":
+            assert 0 < float(r["minimal_noise"]) <= 12.0 * (1 + 1e-6)
