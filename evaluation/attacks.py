@@ -30,6 +30,8 @@ a slice's iterates do not depend on the other slices of the batch.
   ``rho = 0.75`` of the steps since the previous checkpoint increased its loss, or when its step
   size was not halved at the previous checkpoint and its best loss has not changed since. It
   returns each slice's best (highest-loss) iterate.
+* ``apgd_lowest``: ``apgd``'s iterates, returning each slice's lowest-Dice iterate instead of
+  its highest-loss one, as rse's APGD keeps its lowest-accuracy iterate.
 * ``apgd_sea``: APGD as SEA runs it for segmentation (Croce, Singh and Hein, ECCV 2024): three
   stages at radii ``2 eps``, ``1.5 eps``, ``eps`` (30 / 30 / 40 % of the steps), each started
   from the previous stage's lowest-Dice iterate, returning the last stage's lowest-Dice iterate
@@ -73,7 +75,8 @@ from nnunet_ima.model_mode import attack_mode
 from nnunet_ima.norms import (as_eps_tensor, check_norm, per_sample_norm, per_sample_view,
                               project, steepest_ascent_direction)
 
-ATTACKS = ("pgd", "segpgd", "apgd", "apgd_sea", "padam", "apgd_segpgd", "minimal")
+ATTACKS = ("pgd", "segpgd", "apgd", "apgd_sea", "padam", "apgd_segpgd", "minimal",
+           "apgd_lowest")
 
 APGD_MOMENTUM = 0.75  # the paper's alpha: weight of the new step, 1 - 0.75 on the previous one
 APGD_RHO = 0.75  # checkpoint rule; the classification evaluator passes it to torchattacks' APGD
@@ -549,8 +552,8 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
     SegPGD's (``loss`` carries its own). ``apgd_sea`` is :func:`apgd_shrinking_radius` and
     needs ``score``; ``apgd_segpgd`` returns the lowest-``score`` iterate when ``score`` is
     given (rse keeps the lowest-accuracy one: the loss changes with ``k``, so its highest value
-    is no better a pick), otherwise the highest-loss one; ``padam`` is :func:`padam`;
-    ``minimal`` is :func:`minimal_member` and needs ``score``.
+    is no better a pick), otherwise the highest-loss one; ``apgd_lowest`` is :func:`apgd`
+    returning each slice's lowest-``score`` iterate (rse's APGD) and needs ``score``; ``padam`` is :func:`padam`; ``minimal`` is :func:`minimal_member` and needs ``score``.
     """
     if name == "pgd":
         return run_pgd(model, x, y, eps, norm=norm, steps=steps, alpha=alpha, loss=loss,
@@ -560,6 +563,13 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
                       ignore_label=ignore_label)
     if name == "apgd":
         return apgd(model, x, y, eps, start, norm=norm, steps=steps, loss=loss).x_best
+    if name == "apgd_lowest":
+        # rse's APGD: the same iterates, returning each slice's lowest-score one (rse keeps the
+        # lowest pixel accuracy; the evaluator's score is the slice Dice it reports).
+        if score is None:
+            raise ValueError("apgd_lowest needs a score (the slice Dice) to pick its iterate")
+        return apgd(model, x, y, eps, start, norm=norm, steps=steps, loss=loss,
+                    score=score).x_lowest_score
     if name == "apgd_sea":
         if score is None:
             raise ValueError("apgd_sea needs a score (the slice Dice) to pick its iterates")

@@ -68,14 +68,15 @@ MEMBERS: Dict[str, MemberSpec] = {
     # rse (Halmosi et al. 2024): PAdam 200 steps, APGD at the plain radius, random starts.
     "rse-padam-ce": MemberSpec("padam", "ce", steps=200, random_start=True),
     "rse-padam-cos": MemberSpec("padam", "cos", steps=200, random_start=True),
-    "rse-apgd-mask-ce": MemberSpec("apgd", "mask_ce", random_start=True),
+    "rse-apgd-mask-ce": MemberSpec("apgd_lowest", "mask_ce", random_start=True),
     "rse-apgd-segpgd": MemberSpec("apgd_segpgd", "ce", random_start=True),
-    "rse-apgd-js": MemberSpec("apgd", "js", random_start=True),
-    "rse-apgd-mask-norm-logit": MemberSpec("apgd", "mask_norm_logit", random_start=True),
+    "rse-apgd-js": MemberSpec("apgd_lowest", "js", random_start=True),
+    "rse-apgd-mask-norm-logit": MemberSpec("apgd_lowest", "mask_norm_logit", random_start=True),
 }
 """Ensemble member -> :class:`MemberSpec`. ``segpgd`` and ``apgd_segpgd`` have their own loss
 (SegPGD's weighted CE); ``apgd-*`` run at SEA's shrinking radius (``apgd_sea``), ``rse-apgd-*``
-at the plain radius (``apgd``)."""
+at the plain radius keeping each slice's lowest-Dice iterate (``apgd_lowest``, ``apgd_segpgd``),
+as rse keeps its lowest-accuracy one."""
 
 DEFAULT_ENSEMBLE = ("pgd", "segpgd", "apgd-mask-ce", "apgd-bal-mask-ce", "apgd-js")
 """PGD on Dice + CE, SegPGD, and APGD with SEA's three losses at SEA's shrinking radius."""

@@ -59,8 +59,11 @@ class AttackSettings:
              "2022), PGD on a CE that shifts weight from correctly to wrongly classified pixels "
              "over the steps; apgd: Auto-PGD (Croce & Hein 2020), momentum and a per-slice step "
              "size halved when the loss stalls, keeping each slice's highest-loss iterate; "
+             "apgd_lowest: APGD keeping the lowest-Dice iterate (rse's APGD); "
              "apgd_sea: APGD at radii 2, 1.5, 1 x noise keeping the lowest-Dice iterate (SEA, "
-             "Croce et al. 2024)")
+             "Croce et al. 2024); apgd_segpgd: APGD on SegPGD's loss, lowest-Dice iterate; "
+             "padam: projected AMSGrad Adam, lr noise / 4 (rse's PAdam); minimal: a "
+             "minimal-perturbation attack (FMN-style) clamped to the ball")
     norm: str = setting("l2", rule=Choice(NORMS), help="all attacks")
     steps: int = setting(100, rule=Count(1), help="iterations (gradient steps) of every attack")
     alpha: float = setting(5.0, rule=Positive(),
@@ -235,7 +238,7 @@ def full_precision():
          torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
 
 
-SCORED_ATTACKS = ("apgd_sea", "minimal")
+SCORED_ATTACKS = ("apgd_sea", "minimal", "apgd_lowest", "apgd_segpgd")
 """Attacks that take the slice Dice as their criterion (``run_attack``'s ``score``)."""
 
 

@@ -181,6 +181,26 @@ def test_apgd_segpgd_member_returns_the_lowest_score_iterate_when_scored():
     assert torch.equal(unscored, run.x_best)
 
 
+def test_apgd_lowest_keeps_each_slices_lowest_score_iterate():
+    """rse's APGD: the iterates of plain APGD, returning per slice the iterate of lowest score
+    (checked against every input the network saw), not the highest-loss one."""
+    net, x, y = _net_and_slices()
+    eps = torch.full((3,), 0.3, dtype=torch.float64)
+    score = lambda logits, target: (logits.argmax(1) == target[:, 0]).double().mean((1, 2))  # noqa
+    recorder = Recorder(net)
+    member = run_attack("apgd_lowest", recorder, x, y, eps, None, norm="linf", steps=6,
+                        alpha=1.0, loss=_ce, score=score)
+    assert len(recorder.seen) == 7                     # the start and the 6 iterates
+    with torch.no_grad():
+        seen = torch.stack([score(net(p), y) for p in recorder.seen])        # (7, B)
+        assert torch.equal(score(net(member), y), seen.min(dim=0).values)
+    highest = apgd(net, x, y, eps, None, norm="linf", steps=6, loss=_ce).x_best
+    with torch.no_grad():
+        assert (score(net(member), y) <= score(net(highest), y)).all()
+    with pytest.raises(ValueError, match="score"):
+        run_attack("apgd_lowest", net, x, y, eps, None, norm="linf", steps=2, alpha=1.0, loss=_ce)
+
+
 # ----------------------------------------------------------------------------- PAdam
 
 def _amsgrad_by_hand(net, x, y, eps, start, norm, steps, loss):

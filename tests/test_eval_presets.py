@@ -51,9 +51,10 @@ def test_rse_members_fix_their_steps_and_random_start():
     assert (padam.attack, padam.loss, padam.steps, padam.random_start) == ("padam", "cos", 200,
                                                                           True)
     apgd = member_settings(base, "rse-apgd-mask-norm-logit")
-    # rse's APGD runs at the plain radius (apgd, not SEA's apgd_sea), the run's steps.
+    # rse's APGD runs at the plain radius (not SEA's apgd_sea), the run's steps, and keeps
+    # each slice's lowest-Dice iterate (apgd_lowest).
     assert (apgd.attack, apgd.loss, apgd.steps, apgd.random_start) == \
-        ("apgd", "mask_norm_logit", 7, True)
+        ("apgd_lowest", "mask_norm_logit", 7, True)
     assert MEMBERS["rse-apgd-segpgd"].attack == "apgd_segpgd"
     assert member_settings(base, "padam-ce").steps == 7  # the plain PAdam member: the run's
     assert MEMBERS["cospgd"] == MemberSpec("pgd", "cospgd")
