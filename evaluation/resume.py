@@ -29,7 +29,7 @@ from nnunet_ima.evaluation.robustness import NoiseResult
 from nnunet_ima.evaluation.samples import SliceSample
 
 OUTPUT_FILES = ("summary.json", "per_slice.csv", "tvdi.md", "adi.md", "curves.png", "examples.png",
-                "size_breakdown.csv", "size_breakdown.md")
+                "size_breakdown.csv", "size_breakdown.md", "minimal_noise.csv", "minimal_noise.md")
 
 
 def can_resume(out: str, config: dict, overwrite: bool) -> bool:
