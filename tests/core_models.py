@@ -77,3 +77,17 @@ def tiny_segmentation_problem(network: nn.Module = None):
                         ignore_label=None, plans={}, dataset_json={})
     samples = [SliceSample(f"case{i}", 0, images[i], labels[i]) for i in range(6)]
     return model, samples
+
+
+class Recorder(nn.Module):
+    """Passes inputs to ``net`` and keeps a copy of every input it was called with
+    (``seen``, in call order): the iterates an attack evaluated."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.net(x)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_ima.evaluation.attacks import apgd, apgd_checkpoints
+from core_models import Recorder
 
 torchattacks = pytest.importorskip(
     "torchattacks", reason="the APGD oracle is torchattacks' APGD: "
@@ -21,17 +22,6 @@ torchattacks = pytest.importorskip(
 STEPS = 100
 
 
-class Recorder(torch.nn.Module):
-    """Passes inputs to ``net`` and keeps every ``(B, 1, 4, 4)`` input it was called with."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-        self.seen = []
-
-    def forward(self, x):
-        self.seen.append(x.detach().clone())
-        return self.net(x)
 
 
 class Sine(torch.nn.Module):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from nnunet_ima.evaluation.attacks import run_attack
 from nnunet_ima.evaluation.segmentation_losses import segmentation_loss
+from core_models import Recorder
 
 cospgd = pytest.importorskip(
     "cospgd", reason="the SegPGD / CosPGD oracle is the cospgd package: "
@@ -32,17 +33,6 @@ ALPHA = 2.5
 CLASSES = 3
 
 
-class Recorder(torch.nn.Module):
-    """Passes inputs to ``net`` and keeps a copy of every input it was called with."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-        self.seen = []
-
-    def forward(self, x):
-        self.seen.append(x.detach().clone())
-        return self.net(x)
 
 
 def _problem():

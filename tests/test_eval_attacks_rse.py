@@ -15,6 +15,7 @@ from nnunet_ima.evaluation.segmentation_losses import (EXTRA_LOSSES, SEA_LOSSES,
                                                        cospgd_loss, masked_norm_logit,
                                                        segmentation_loss)
 from nnunet_ima.norms import per_sample_norm, project, random_in_ball
+from core_models import Recorder
 
 # ----------------------------------------------------------------------------- losses by hand
 
@@ -96,17 +97,6 @@ def test_the_new_losses_are_registered_and_reach_attack_loss():
 
 # ----------------------------------------------------------------------------- small networks
 
-class Recorder(torch.nn.Module):
-    """Passes inputs to ``net`` and keeps a copy of every input it was called with."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-        self.seen = []
-
-    def forward(self, x):
-        self.seen.append(x.detach().clone())
-        return self.net(x)
 
 
 def _net_and_slices(batch=3, classes=3, seed=0):
