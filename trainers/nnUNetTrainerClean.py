@@ -34,6 +34,7 @@ This file is imported by nnU-Net's trainer lookup as a top-level module: absolut
 import os
 import random
 import sys
+from datetime import timedelta
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -72,6 +73,27 @@ def compile_requested() -> bool:
 def _rank() -> int:
     """This process's DDP rank (0 outside DDP); usable before nnU-Net's constructor sets it."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+REFUSAL_BARRIER_SECONDS = 120
+"""How long a refusing DDP rank waits for the others before rank 0 cleans up without them."""
+
+
+def _wait_for_every_rank() -> None:
+    """Under DDP, return once every rank got here (at most :data:`REFUSAL_BARRIER_SECONDS` on
+    gloo); outside DDP at once. A refusal waits here before rank 0 removes the folders nnU-Net's
+    constructor made: a slower rank still inside that constructor would make them again after
+    the cleanup, and torch's spawn stops it as soon as rank 0 exits. Every rank runs the same
+    checks, so all of them arrive; a rank that does not only delays the refusal."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=REFUSAL_BARRIER_SECONDS))
+        else:
+            dist.barrier()
+    except RuntimeError:
+        pass  # a rank that never came: refuse anyway, the message matters more
 
 
 def results_folder_problem() -> Optional[str]:
@@ -170,9 +192,11 @@ class nnUNetTrainerClean(nnUNetTrainer):
         removed: the log file nnU-Net's constructor began with its citation banner, and the
         folders it made for a run that never started.
 
-        Every DDP rank stops the same way (they run the same checks); rank 0 speaks and cleans
-        up, and torch's spawn then reports the exit code of the ranks.
+        Every DDP rank stops the same way (they run the same checks); they wait for each other
+        (:func:`_wait_for_every_rank`), then rank 0 speaks and cleans up, and torch's spawn
+        reports the exit code of the ranks.
         """
+        _wait_for_every_rank()
         if _rank() == 0:
             log_file = getattr(self, "log_file", None)
             if log_file and os.path.isfile(log_file):
