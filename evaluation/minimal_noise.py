@@ -51,8 +51,8 @@ from nnunet_ima.evaluation.predictor_path import segmentation
 from nnunet_ima.evaluation.provenance import PartRecords, record_mismatch
 from nnunet_ima.evaluation.report import (VOLUME, atomic_write_bytes, load_part_record,
                                           noise_key, safe_model_name)
-from nnunet_ima.evaluation.robustness import (NoiseResult, _batches, attack_loss, scored_counts,
-                                              slice_dice_score)
+from nnunet_ima.evaluation.robustness import (NoiseResult, _batches, attack_loss, batch_tensors,
+                                              scored_counts, slice_dice_score)
 from nnunet_ima.evaluation.samples import WHOLE_CASE, SliceSample
 
 MINIMAL_LOSS = "bal_mask_ce"
@@ -301,9 +301,7 @@ def attack_minimal(model: LoadedModel, samples: List[SliceSample], settings: Min
     loss = attack_loss(settings.loss, model.ignore_label)
     noise, reach = np.full(len(samples), np.inf), np.zeros(len(samples))
     for idx in _batches(samples, batch_size):
-        x = torch.from_numpy(np.stack([samples[i].image for i in idx])).to(device)
-        y = torch.from_numpy(np.stack([samples[i].label for i in idx])[:, None]
-                             .astype(np.int64)).to(device)
+        x, y = batch_tensors(samples, idx, device)
         run = attacks.minimal_perturbation(
             model.network, x, y, norm=settings.norm, steps=settings.steps, score=score,
             threshold=settings.threshold, loss=loss, init_eps=settings.init_eps,

@@ -207,6 +207,15 @@ def _batches(samples: List[SliceSample], batch_size: int) -> List[List[int]]:
     return [idx[k:k + batch_size] for idx in by_shape.values() for k in range(0, len(idx), batch_size)]
 
 
+def batch_tensors(samples: Sequence[SliceSample], idx: Sequence[int], device: torch.device
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The samples ``idx`` as a batch on ``device``: images ``(B, C, *spatial)`` and int64
+    labels ``(B, 1, *spatial)``, as the attacks take them."""
+    x = torch.from_numpy(np.stack([samples[i].image for i in idx])).to(device)
+    y = torch.from_numpy(np.stack([samples[i].label for i in idx])[:, None].astype(np.int64))
+    return x, y.to(device)
+
+
 def _generator(seed: int, noise: float, batch_index: int, restart: int = 0) -> torch.Generator:
     # A CPU generator on every device: the core draws random starts on the CPU (the same start
     # on CPU and GPU runs) and moves them to the input's device. Restart 0 keeps the key runs
@@ -307,9 +316,7 @@ def iter_levels(model: LoadedModel, samples: List[SliceSample], noise_levels: Se
         for b, idx in enumerate(batches):
             if only_batches is not None and b not in only_batches:
                 continue
-            x = torch.from_numpy(np.stack([samples[i].image for i in idx])).to(device)
-            y = torch.from_numpy(np.stack([samples[i].label for i in idx])[:, None]
-                                 .astype(np.int64)).to(device)
+            x, y = batch_tensors(samples, idx, device)
             if noise == 0:
                 with torch.no_grad():
                     x_adv, pred = x, segmentation(model, x)
